@@ -1,0 +1,292 @@
+//! The contract between the kernel programs (`mesh-ebpf`) and the daemon (`mesh-user`).
+//!
+//! Everything both sides must agree on lives here and only here: map names, map sizes, the
+//! layout of every key and value, flag bits and the pass/drop reason codes. All types are
+//! `#[repr(C)]` with explicit padding so the byte layout is the same on both sides and no
+//! uninitialised padding ever reaches a map.
+//!
+//! Byte order: addresses are stored as they appear on the wire (network order bytes); ports are
+//! `u16` values holding the *network-order* bytes (i.e. `u16::from_ne_bytes(wire_bytes)`), so the
+//! kernel can compare them with packet fields without swapping. Use [`port_to_wire`] and
+//! [`port_from_wire`] on the user side.
+#![no_std]
+
+/// Map names, as they appear in the object file and under the bpffs pin directory.
+pub mod map_names {
+    /// Single-entry array holding the active rule generation (0 or 1).
+    pub const ACTIVE_GENERATION: &str = "ACTIVE_GENERATION";
+    /// Hash: [`ServiceKey`](crate::ServiceKey) -> [`ServiceInfo`](crate::ServiceInfo).
+    pub const SERVICES: &str = "SERVICES";
+    /// Array: backend id -> [`Backend`](crate::Backend).
+    pub const BACKENDS: &str = "BACKENDS";
+    /// Array: Maglev lookup table pool; entries are backend ids.
+    pub const MAGLEV: &str = "MAGLEV";
+    /// LRU hash: client-side [`FlowKey`](crate::FlowKey) -> [`FlowState`](crate::FlowState).
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// LRU hash: backend-side [`FlowKey`](crate::FlowKey) -> [`FlowState`](crate::FlowState)
+    /// holding the service address to restore on replies.
+    pub const REVERSE_NAT: &str = "REVERSE_NAT";
+    /// Per-CPU array: service id -> [`TrafficCounters`](crate::TrafficCounters).
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    /// Per-CPU array: backend id -> [`TrafficCounters`](crate::TrafficCounters).
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// Per-CPU array: reason code -> packet count.
+    pub const REASON_STATS: &str = "REASON_STATS";
+}
+
+/// Name of the XDP program in the object file.
+pub const XDP_PROGRAM_NAME: &str = "mesh_xdp";
+/// Name of the trivial XDP_PASS program (used on veth peers so redirected frames are accepted,
+/// and as the baseline in benchmarks).
+pub const XDP_PASS_PROGRAM_NAME: &str = "mesh_xdp_pass";
+
+/// Number of rule generations kept in the maps (double buffering).
+pub const GENERATIONS: u32 = 2;
+/// Capacity of [`map_names::SERVICES`] per generation.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of [`map_names::BACKENDS`] (backend ids are shared by both generations).
+pub const MAX_BACKENDS: u32 = 131_072;
+/// Default number of Maglev entries per generation (the `MAGLEV` map holds
+/// `GENERATIONS * maglev_pool_entries`; meshd may resize it at load time).
+pub const DEFAULT_MAGLEV_POOL_ENTRIES: u32 = 1 << 22;
+/// Default capacity of each connection-tracking LRU map (meshd may resize it at load time).
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+/// Default Maglev table size per service when the rules do not give one (prime).
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 4_093;
+/// Largest Maglev table size per service (prime, as in Envoy/Istio).
+pub const MAX_MAGLEV_TABLE_SIZE: u32 = 65_537;
+/// Sentinel backend id: "no backend".
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Address family tags used in keys.
+pub const FAMILY_IPV4: u8 = 4;
+/// Address family tag for IPv6.
+pub const FAMILY_IPV6: u8 = 6;
+
+/// IP protocol numbers used in keys.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// [`ServiceInfo::flags`]: pick the backend by hashing only the client address
+/// (`consistentHash.useSourceIp`), not the whole 5-tuple.
+pub const SERVICE_FLAG_HASH_SOURCE_IP: u32 = 1 << 0;
+/// [`ServiceInfo::flags`]: the service is served by the L7 proxy inside meshd; the kernel
+/// program passes its packets to the stack untouched.
+pub const SERVICE_FLAG_L7_PROXY: u32 = 1 << 1;
+
+/// Pass/drop/forward reason codes: the index into [`map_names::REASON_STATS`].
+pub mod reason {
+    /// Not IPv4 or IPv6 (ARP, LLDP, VLAN-tagged, ...).
+    pub const PASS_NOT_IP: u32 = 0;
+    /// A header ended before its declared length; the kernel decides what to do.
+    pub const PASS_TRUNCATED: u32 = 1;
+    /// An IP fragment: ports are unknown for non-first fragments, so all fragments go to the stack.
+    pub const PASS_FRAGMENT: u32 = 2;
+    /// IP traffic that is neither to a service address nor a reply of a tracked flow.
+    pub const PASS_NOT_SERVICE: u32 = 3;
+    /// Not TCP or UDP, or an IPv6 extension header chain we do not walk.
+    pub const PASS_UNSUPPORTED_PROTOCOL: u32 = 4;
+    /// TTL / hop limit would expire: the stack sends the ICMP error.
+    pub const PASS_TTL_EXPIRED: u32 = 5;
+    /// Translated, but the next hop's neighbour entry is not resolved: the stack resolves and sends.
+    pub const PASS_NO_NEIGHBOUR: u32 = 6;
+    /// Translated, but the FIB said the packet is not forwardable from XDP (local, blackhole,
+    /// forwarding disabled, ...): handed to the stack.
+    pub const PASS_FIB_OTHER: u32 = 7;
+    /// A service served by the L7 proxy in meshd.
+    pub const PASS_L7_PROXY: u32 = 8;
+    /// A service with no backend in its table (all weights zero or no endpoints).
+    pub const DROP_NO_BACKEND: u32 = 9;
+    /// A service lookup hit an inconsistent table (should never happen).
+    pub const DROP_INTERNAL: u32 = 10;
+    /// Forwarded out of the interface it came in on (XDP_TX).
+    pub const FORWARD_TX: u32 = 11;
+    /// Forwarded to another interface (XDP_REDIRECT).
+    pub const FORWARD_REDIRECT: u32 = 12;
+    /// Number of reason codes.
+    pub const COUNT: u32 = 13;
+
+    /// Stable, lower-case names for reason codes (metrics labels, `meshctl status`).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_ip",
+        "pass_truncated",
+        "pass_fragment",
+        "pass_not_service",
+        "pass_unsupported_protocol",
+        "pass_ttl_expired",
+        "pass_no_neighbour",
+        "pass_fib_other",
+        "pass_l7_proxy",
+        "drop_no_backend",
+        "drop_internal",
+        "forward_tx",
+        "forward_redirect",
+    ];
+}
+
+/// Key of [`map_names::SERVICES`]: a service address in one rule generation.
+///
+/// IPv4 addresses occupy `addr[0..4]`, the rest is zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    /// Service address (VIP or node address for a Gateway), wire order.
+    pub addr: [u8; 16],
+    /// Service port, network order (see the crate docs).
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Rule generation this entry belongs to (0 or 1).
+    pub generation: u8,
+}
+
+/// Value of [`map_names::SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceInfo {
+    /// Stable id: index into [`map_names::SERVICE_STATS`].
+    pub service_id: u32,
+    /// Index of this service's first Maglev entry in [`map_names::MAGLEV`].
+    pub table_offset: u32,
+    /// Number of Maglev entries (prime), 0 when the service has no backend.
+    pub table_size: u32,
+    /// `SERVICE_FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// Value of [`map_names::BACKENDS`]: where a backend listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend {
+    /// Backend address, wire order; IPv4 in `addr[0..4]`.
+    pub addr: [u8; 16],
+    /// Backend port (targetPort), network order.
+    pub port: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`]; 0 marks an unused slot.
+    pub family: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
+}
+
+/// Key of the connection-tracking maps: one direction of a flow as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Source address, wire order; IPv4 in `[0..4]`.
+    pub src_addr: [u8; 16],
+    /// Destination address, wire order; IPv4 in `[0..4]`.
+    pub dst_addr: [u8; 16],
+    /// Source port, network order.
+    pub src_port: u16,
+    /// Destination port, network order.
+    pub dst_port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
+}
+
+/// Value of the connection-tracking maps.
+///
+/// In [`map_names::CONNTRACK`] (key: client -> service address) `addr`/`port` are the chosen
+/// backend; in [`map_names::REVERSE_NAT`] (key: backend -> client) they are the service address
+/// to restore as the source of replies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowState {
+    /// Address to write (backend for requests, service address for replies), wire order.
+    pub addr: [u8; 16],
+    /// Port to write, network order.
+    pub port: u16,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
+    /// Service id (for counters).
+    pub service_id: u32,
+    /// Backend id (for counters).
+    pub backend_id: u32,
+    /// Explicit padding, always zero.
+    pub _pad2: u32,
+    /// `bpf_ktime_get_ns()` when the flow was created.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last packet seen, refreshed at most about once a second.
+    pub last_seen_ns: u64,
+}
+
+/// Counters kept per service and per backend (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounters {
+    /// Packets from clients towards the service.
+    pub packets: u64,
+    /// Bytes (whole frames) from clients towards the service.
+    pub bytes: u64,
+    /// Reply packets from backends back to clients.
+    pub reply_packets: u64,
+    /// Reply bytes (whole frames).
+    pub reply_bytes: u64,
+    /// New flows (conntrack misses that selected a backend).
+    pub connections: u64,
+}
+
+impl TrafficCounters {
+    /// Adds another CPU's counters into these.
+    pub fn accumulate(&mut self, other: &TrafficCounters) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.reply_packets = self.reply_packets.wrapping_add(other.reply_packets);
+        self.reply_bytes = self.reply_bytes.wrapping_add(other.reply_bytes);
+        self.connections = self.connections.wrapping_add(other.connections);
+    }
+}
+
+/// Converts a host-order port to the representation stored in maps.
+pub const fn port_to_wire(port: u16) -> u16 {
+    u16::from_ne_bytes(port.to_be_bytes())
+}
+
+/// Converts a port stored in a map back to host order.
+pub const fn port_from_wire(port: u16) -> u16 {
+    u16::from_be_bytes(port.to_ne_bytes())
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are #[repr(C)], contain only integers and byte arrays, and have explicit
+    // padding fields, so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceInfo {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::TrafficCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceInfo>(), 16);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowState>(), 48);
+        assert_eq!(size_of::<TrafficCounters>(), 40);
+    }
+
+    #[test]
+    fn ports_round_trip_through_wire_order() {
+        assert_eq!(port_from_wire(port_to_wire(8080)), 8080);
+        assert_eq!(port_to_wire(0x1234).to_ne_bytes(), [0x12, 0x34]);
+    }
+
+    #[test]
+    fn every_reason_has_a_name() {
+        assert_eq!(reason::NAMES.len(), reason::COUNT as usize);
+    }
+}

@@ -1,0 +1,4 @@
+//! Compiles validated resources into a [`DesiredState`].
+
+mod state;
+pub use state::*;

@@ -1,0 +1,4 @@
+//! Shared test support: the kernel object under test, frame builders, network-namespace hosts.
+
+/// The compiled kernel programs, as embedded in meshd.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
