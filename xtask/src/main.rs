@@ -1,1 +1,138 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! Every command installs what it needs first (see [`toolchain`]), so the README's two commands
+//! work on a fresh machine.
+
+mod toolchain;
+
+use std::process::{Command, ExitStatus};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, test and demo mesh",
+    long_about = "Build, test and demo mesh.\n\nEvery command first installs what is missing \
+                  (Debian's rustc-web with the BPF core library, LLVM 22, bpf-linker, iproute2, \
+                  ethtool); that needs root. Tests and the demo create network namespaces and \
+                  attach XDP programs, which also need root."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the BPF toolchain and test tools when missing (idempotent).
+    Setup,
+    /// Build meshd and meshctl (release) with the embedded kernel programs.
+    Build,
+    /// Run the whole test suite: format, lints, unit tests, golden packets, namespace tests, demo.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Only run tests whose name contains this filter (passed to cargo test).
+        filter: Option<String>,
+    },
+    /// Format and lint checks only (cargo fmt --check, clippy -D warnings).
+    Lint,
+    /// Run the sandbox: namespaces, meshd, backends, and the traffic split live.
+    Demo {
+        /// Arguments for the sandbox (see `cargo xtask demo -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => toolchain::ensure(),
+        Cmd::Build => {
+            toolchain::ensure()?;
+            cargo(&["build", "--release", "-p", "mesh-user", "--bins"])
+        }
+        Cmd::Lint => {
+            toolchain::ensure()?;
+            lint()
+        }
+        Cmd::Test { no_lint, filter } => {
+            toolchain::ensure()?;
+            require_root("the tests create network namespaces and load BPF programs")?;
+            if !no_lint {
+                lint()?;
+            }
+            step("building meshd and meshctl");
+            cargo(&["build", "-p", "mesh-user", "--bins"])?;
+            step("running the tests");
+            let mut args = vec!["test", "--workspace"];
+            if let Some(f) = filter.as_deref() {
+                args.push(f);
+            }
+            cargo(&args)?;
+            eprintln!("==> all tests passed");
+            Ok(())
+        }
+        Cmd::Demo { args } => {
+            toolchain::ensure()?;
+            require_root("the sandbox creates network namespaces and attaches XDP programs")?;
+            step("building meshd, meshctl and the sandbox (release)");
+            cargo(&["build", "--release", "-p", "mesh-user", "--bins"])?;
+            cargo(&["build", "--release", "-p", "mesh-tests", "--bin", "mesh-sandbox"])?;
+            let mut cmd = Command::new("target/release/mesh-sandbox");
+            cmd.args(&args).env("MESH_BIN_DIR", "target/release");
+            run(&mut cmd)
+        }
+    }
+}
+
+fn lint() -> Result<()> {
+    step("cargo fmt --check");
+    cargo(&["fmt", "--all", "--check"])?;
+    let mut fmt_ebpf = Command::new("cargo");
+    fmt_ebpf
+        .args(["fmt", "--check", "--manifest-path", "mesh-ebpf/Cargo.toml"])
+        .env_remove("RUSTUP_TOOLCHAIN");
+    run(&mut fmt_ebpf).context("cargo fmt --check (mesh-ebpf)")?;
+    step("cargo clippy --all-targets -- -D warnings");
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !toolchain::is_root() {
+        bail!("this needs root: {why}; run it as root (sudo -E cargo xtask ...)");
+    }
+    Ok(())
+}
+
+fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args);
+    run(&mut cmd)
+}
+
+/// Runs a command with inherited output (so progress shows) and fails on a non-zero exit.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    let status: ExitStatus = cmd
+        .status()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}

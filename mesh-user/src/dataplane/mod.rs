@@ -1,1 +1,53 @@
-//! placeholder
+//! The kernel side as seen from userspace: loads the XDP programs embedded in meshd, attaches
+//! them to interfaces, applies a [`DesiredState`](crate::compile::DesiredState) to the BPF maps
+//! atomically and reads the counters back.
+//!
+//! - [`loader`]: object loading, map sizing and pinning, interface attachment;
+//! - [`tables`]: id allocation and the double-buffered (generation) table writes;
+//! - [`stats`]: per-CPU counters summed into a snapshot.
+
+pub mod loader;
+pub mod stats;
+pub mod tables;
+
+pub use loader::{Dataplane, DataplaneOptions, XdpAttachMode};
+pub use stats::{BackendStats, ServiceStats, StatsSnapshot};
+pub use tables::ApplyReport;
+
+/// The compiled kernel programs, as built by `build.rs` from `mesh-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
+
+/// Errors of the dataplane.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The object could not be loaded or a program failed verification.
+    #[error("loading the kernel programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program operation failed.
+    #[error("{context}: {source}")]
+    Program {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: aya::programs::ProgramError,
+    },
+    /// A map operation failed.
+    #[error("{context}: {source}")]
+    Map {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: aya::maps::MapError,
+    },
+    /// The rules need more room than the maps have.
+    #[error("{0}")]
+    Capacity(String),
+    /// Something else went wrong (bpffs mount, interface lookup, ...).
+    #[error("{0}")]
+    Other(String),
+}
+
+pub(crate) fn map_err(context: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    let context = context.into();
+    move |source| DataplaneError::Map { context, source }
+}

@@ -1,0 +1,157 @@
+//! Running the real meshd binary inside a namespace, with its log captured.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::Netns;
+
+/// Directory holding meshd and meshctl: `MESH_BIN_DIR`, else next to the running test binary
+/// (`target/<profile>/deps/..`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("MESH_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// Path of a mesh binary, with a clear error when it has not been built.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first (`cargo build -p mesh-user --bins`, which `cargo xtask test` does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A meshd process; SIGTERM then SIGKILL on drop.
+pub struct Meshd {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Meshd {
+    /// Starts meshd in `ns` with `args` and waits until it logs `meshd ready`.
+    pub fn start(ns: &Netns, args: &[String]) -> Result<Self> {
+        let mut cmd = ns.command(bin("meshd")?.to_str().context("utf-8 path")?);
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("starting meshd")?;
+        let stderr = child.stderr.take().context("meshd stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let mut meshd = Meshd { child, log };
+        meshd.wait_for_log("meshd ready", 0, Duration::from_secs(20))?;
+        Ok(meshd)
+    }
+
+    /// Number of log lines so far (a cursor for [`Meshd::wait_for_log`]).
+    pub fn log_len(&self) -> usize {
+        self.log.lock().expect("log lock").len()
+    }
+
+    /// The whole log.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// Waits for a log line after line `from` containing `needle`; fails early if meshd exits.
+    pub fn wait_for_log(&mut self, needle: &str, from: usize, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log.lock().expect("log lock")[from.min(usize::MAX)..]
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return Ok(line.clone());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                thread::sleep(Duration::from_millis(100));
+                bail!("meshd exited ({status}) before logging {needle:?}:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("meshd did not log {needle:?} within {timeout:?}:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGHUP and waits for the reload outcome; returns the log line.
+    pub fn reload(&mut self) -> Result<String> {
+        let from = self.log_len();
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.log.lock().expect("log lock")[from..]
+                .iter()
+                .find(|l| l.contains("rules reloaded") || l.contains("reload rejected") || l.contains("reload failed"))
+            {
+                return Ok(line.clone());
+            }
+            if Instant::now() > deadline {
+                bail!("meshd did not report the reload:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal to meshd (nsenter execs it, so the child pid is meshd's).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Stops meshd with SIGTERM and returns its exit status.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("meshd ignored SIGTERM");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Meshd {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal(libc::SIGTERM);
+            for _ in 0..100 {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
