@@ -82,7 +82,7 @@ impl Meshd {
     pub fn wait_for_log(&mut self, needle: &str, from: usize, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(line) = self.log.lock().expect("log lock")[from.min(usize::MAX)..]
+            if let Some(line) = self.log.lock().expect("log lock")[from..]
                 .iter()
                 .find(|l| l.contains(needle))
             {

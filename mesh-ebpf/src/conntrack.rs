@@ -1,0 +1,74 @@
+//! Connection tracking: the client-side CONNTRACK entry that pins a flow to its backend, and the
+//! backend-side REVERSE_NAT entry that restores the service address on replies.
+//!
+//! Both are LRU maps, so idle flows age out without a sweeper in the kernel.
+
+use aya_ebpf::maps::LruHashMap;
+use mesh_common::{Backend, FlowKey, FlowState};
+
+use crate::maps::{CONNTRACK, REVERSE_NAT};
+
+/// `last_seen_ns` is rewritten at most this often: a write per packet would bounce the entry's
+/// cache line between CPUs for no gain in precision anyone uses.
+const REFRESH_NS: u64 = 1_000_000_000;
+
+/// The state of a reply (backend -> client) flow, if the packet's own tuple is tracked.
+#[inline(always)]
+pub fn reply(key: &FlowKey, now: u64) -> Option<*const FlowState> {
+    lookup(&REVERSE_NAT, key, now)
+}
+
+/// The backend of an established client -> service flow.
+#[inline(always)]
+pub fn request(key: &FlowKey, now: u64) -> Option<*const FlowState> {
+    lookup(&CONNTRACK, key, now)
+}
+
+#[inline(always)]
+fn lookup(
+    map: &LruHashMap<FlowKey, FlowState>,
+    key: &FlowKey,
+    now: u64,
+) -> Option<*const FlowState> {
+    let entry = map.get_ptr_mut(key)?;
+    // SAFETY: a map value pointer stays valid for the whole program run (RCU); a racing writer
+    // only stores another recent timestamp.
+    unsafe {
+        if now.wrapping_sub((*entry).last_seen_ns) > REFRESH_NS {
+            (*entry).last_seen_ns = now;
+        }
+    }
+    Some(entry)
+}
+
+/// Records a new flow from `client` (client -> service tuple) to `backend` in both directions.
+///
+/// Insert failures are ignored: the packet is still translated, and the next packet of the flow
+/// selects the same backend again as long as the Maglev table is unchanged.
+#[inline(always)]
+pub fn track(client: &FlowKey, backend: &Backend, service_id: u32, backend_id: u32, now: u64) {
+    // One stack slot serves both entries: the BPF stack is 512 bytes.
+    let mut state = FlowState {
+        addr: backend.addr,
+        port: backend.port,
+        service_id,
+        backend_id,
+        created_ns: now,
+        last_seen_ns: now,
+        ..FlowState::default()
+    };
+    let _ = CONNTRACK.insert(client, &state, 0);
+
+    let reply_key = FlowKey {
+        src_addr: backend.addr,
+        dst_addr: client.src_addr,
+        src_port: backend.port,
+        dst_port: client.src_port,
+        proto: client.proto,
+        family: client.family,
+        _pad: [0; 2],
+    };
+    state.addr = client.dst_addr;
+    state.port = client.dst_port;
+    let _ = REVERSE_NAT.insert(&reply_key, &state, 0);
+}

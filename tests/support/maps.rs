@@ -1,0 +1,232 @@
+//! Loading `mesh_xdp` for BPF_PROG_TEST_RUN and populating its maps the way meshd does:
+//! backends, a Maglev slice, the service entry in a rule generation, and the active generation.
+//!
+//! The Maglev slice here is filled round-robin rather than with Maglev's permutation: the kernel
+//! program only reads `MAGLEV[table_offset + hash % table_size]`, so any table exercises it, and
+//! tests then know exactly which backends are reachable.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{bail, ensure, Context, Result};
+use aya::{
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+};
+use mesh_common::{
+    map_names, port_to_wire, Backend, ServiceInfo, ServiceKey, TrafficCounters, FAMILY_IPV4,
+    FAMILY_IPV6, XDP_PROGRAM_NAME,
+};
+
+use crate::EBPF_OBJECT;
+
+/// Maglev entries per generation in test loads: small, so parallel tests stay light, and a
+/// resize at load time like meshd's.
+pub const TEST_MAGLEV_POOL_ENTRIES: u32 = 4096;
+/// Connection-tracking capacity in test loads.
+pub const TEST_CONNTRACK_ENTRIES: u32 = 1024;
+
+/// One loaded copy of the kernel object with `mesh_xdp` loaded (not attached).
+pub struct Lb {
+    pub ebpf: Ebpf,
+}
+
+/// A service to install: address, protocol, flags and its backends.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub id: u32,
+    pub addr: SocketAddr,
+    /// `mesh_common::PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `SERVICE_FLAG_*` bits.
+    pub flags: u32,
+    /// First Maglev entry of this service in the pool.
+    pub table_offset: u32,
+    /// Maglev table size (0 means "no backend").
+    pub table_size: u32,
+    /// Backend ids and addresses.
+    pub backends: Vec<(u32, SocketAddr)>,
+}
+
+/// Key-address bytes as stored in maps: wire order, IPv4 in the first four bytes.
+pub fn addr_bytes(addr: IpAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => out[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => out = a.octets(),
+    }
+    out
+}
+
+fn family(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        FAMILY_IPV4
+    } else {
+        FAMILY_IPV6
+    }
+}
+
+impl Lb {
+    /// Loads the object with test-sized maps and loads (verifies) `mesh_xdp`.
+    pub fn load() -> Result<Lb> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::MAGLEV, 2 * TEST_MAGLEV_POOL_ENTRIES)
+            .map_max_entries(map_names::CONNTRACK, TEST_CONNTRACK_ENTRIES)
+            .map_max_entries(map_names::REVERSE_NAT, TEST_CONNTRACK_ENTRIES)
+            .load(EBPF_OBJECT)
+            .context("loading the BPF object")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM_NAME)
+            .context("mesh_xdp missing")?
+            .try_into()?;
+        prog.load().context("verifying mesh_xdp")?;
+        Ok(Lb { ebpf })
+    }
+
+    /// Runs `mesh_xdp` once on `frame`; returns the verdict and the frame as the program left it.
+    /// `ingress_ifindex` 0 means "no context" (the kernel uses the namespace's loopback device).
+    pub fn run_on(&mut self, frame: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>)> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROGRAM_NAME)
+            .context("mesh_xdp missing")?
+            .try_into()?;
+        let mut out = vec![0u8; frame.len() + 512];
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ingress_ifindex, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: (ingress_ifindex != 0).then_some(&ctx[..]),
+            ..Default::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// [`Lb::run_on`] without an ingress device.
+    pub fn run(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        self.run_on(frame, 0)
+    }
+
+    /// Writes backends, the Maglev slice (round-robin over `svc.backends`) and the service entry
+    /// into `generation`. Does not switch the active generation.
+    pub fn write_service(&mut self, generation: u8, svc: &Service) -> Result<()> {
+        {
+            let mut backends: Array<_, Backend> =
+                Array::try_from(self.ebpf.map_mut(map_names::BACKENDS).context("BACKENDS")?)?;
+            for (id, addr) in &svc.backends {
+                ensure!(
+                    addr.is_ipv4() == svc.addr.is_ipv4(),
+                    "backend family must match the service"
+                );
+                backends.set(
+                    *id,
+                    Backend {
+                        addr: addr_bytes(addr.ip()),
+                        port: port_to_wire(addr.port()),
+                        family: family(addr.ip()),
+                        _pad: 0,
+                    },
+                    0,
+                )?;
+            }
+        }
+        if svc.table_size > 0 {
+            if svc.backends.is_empty() {
+                bail!("a non-empty table needs backends");
+            }
+            let ids: Vec<u32> = svc.backends.iter().map(|(id, _)| *id).collect();
+            let table: Vec<u32> = (0..svc.table_size as usize)
+                .map(|i| ids[i % ids.len()])
+                .collect();
+            self.write_maglev(svc.table_offset, &table)?;
+        }
+        let mut services: HashMap<_, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).context("SERVICES")?)?;
+        services.insert(
+            ServiceKey {
+                addr: addr_bytes(svc.addr.ip()),
+                port: port_to_wire(svc.addr.port()),
+                proto: svc.proto,
+                generation,
+            },
+            ServiceInfo {
+                service_id: svc.id,
+                table_offset: svc.table_offset,
+                table_size: svc.table_size,
+                flags: svc.flags,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Overwrites Maglev entries starting at `offset` (e.g. to move a service's table to other
+    /// backends).
+    pub fn write_maglev(&mut self, offset: u32, table: &[u32]) -> Result<()> {
+        let mut maglev: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(map_names::MAGLEV).context("MAGLEV")?)?;
+        for (i, id) in table.iter().enumerate() {
+            maglev.set(offset + i as u32, *id, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Switches new flows to `generation`.
+    pub fn set_active_generation(&mut self, generation: u32) -> Result<()> {
+        let mut active: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(map_names::ACTIVE_GENERATION)
+                .context("ACTIVE_GENERATION")?,
+        )?;
+        active.set(0, generation, 0)?;
+        Ok(())
+    }
+
+    /// Installs `svc` in generation 0 and makes generation 0 active.
+    pub fn install(&mut self, svc: &Service) -> Result<()> {
+        self.write_service(0, svc)?;
+        self.set_active_generation(0)
+    }
+
+    /// Packets counted under `reason`, summed over CPUs.
+    pub fn reason_count(&self, reason: u32) -> Result<u64> {
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(map_names::REASON_STATS)
+                .context("REASON_STATS")?,
+        )?;
+        Ok(map.get(&reason, 0)?.iter().sum())
+    }
+
+    /// All reason counters, summed over CPUs, indexed by reason code.
+    pub fn reason_counts(&self) -> Result<Vec<u64>> {
+        (0..mesh_common::reason::COUNT)
+            .map(|r| self.reason_count(r))
+            .collect()
+    }
+
+    /// Traffic counters of a service, summed over CPUs.
+    pub fn service_stats(&self, id: u32) -> Result<TrafficCounters> {
+        self.counters(map_names::SERVICE_STATS, id)
+    }
+
+    /// Traffic counters of a backend, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<TrafficCounters> {
+        self.counters(map_names::BACKEND_STATS, id)
+    }
+
+    fn counters(&self, name: &str, id: u32) -> Result<TrafficCounters> {
+        let map: PerCpuArray<_, TrafficCounters> =
+            PerCpuArray::try_from(self.ebpf.map(name).context("stats map")?)?;
+        let mut total = TrafficCounters::default();
+        for c in map.get(&id, 0)?.iter() {
+            total.accumulate(c);
+        }
+        Ok(total)
+    }
+}
