@@ -30,8 +30,12 @@ impl RulesDir {
         Ok(RulesDir(dir))
     }
 
+    /// Writes atomically (temp file + rename): meshd watches the directory and must never
+    /// see a half-written file.
     fn write(&self, file: &str, yaml: &str) -> Result<()> {
-        std::fs::write(self.0.join(file), yaml).with_context(|| format!("writing {file}"))
+        let tmp = self.0.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).with_context(|| format!("writing {file}"))?;
+        std::fs::rename(&tmp, self.0.join(file)).with_context(|| format!("renaming {file}"))
     }
 
     fn path(&self) -> String {
@@ -51,7 +55,14 @@ fn meshd_args(topo: &Topology, rules: &RulesDir) -> Vec<String> {
         args.push("--iface".into());
         args.push(interface);
     }
-    args.extend(["--config".into(), rules.path(), "--no-pin".into()]);
+    args.extend([
+        "--config".into(),
+        rules.path(),
+        "--no-pin".into(),
+        "--no-state".into(),
+        "--socket".into(),
+        format!("{}/meshd.sock", rules.path()),
+    ]);
     args
 }
 

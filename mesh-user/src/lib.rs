@@ -8,6 +8,10 @@
 //!   BPF maps atomically.
 
 pub mod compile;
+pub mod daemon;
 pub mod config;
 pub mod dataplane;
+pub mod metrics;
+pub mod store;
+pub mod admin;
 pub mod validate;

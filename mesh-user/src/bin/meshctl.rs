@@ -1,1 +1,539 @@
-fn main() {}
+//! meshctl: the command line for mesh, shaped like kubectl/istioctl.
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_user::{
+    admin::{
+        client::AdminClient, ApplyRequest, ApplyResponse, DeleteRequest, ResourceEntry, ResourceRef,
+        SourceDocument, Status,
+    },
+    compile::{self, NodeContext},
+    config,
+    dataplane::StatsSnapshot,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Control mesh: apply Istio traffic rules, inspect them, watch the split live",
+    after_help = "Examples:\n  \
+        meshctl validate -f config/sandbox/            # offline, like istioctl validate\n  \
+        meshctl apply -f reviews-80-20.yaml             # all-or-nothing, in force when it returns\n  \
+        meshctl get vs                                  # VirtualServices in force\n  \
+        meshctl stats --watch                           # observed split vs configured weights\n  \
+        meshctl status                                  # interfaces, programs, map fill levels"
+)]
+struct Cli {
+    /// meshd's admin socket.
+    #[arg(long, global = true, value_name = "PATH", default_value = mesh_user::admin::DEFAULT_SOCKET, env = "MESH_SOCKET")]
+    socket: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply Istio resources (create or replace); the whole submission or nothing.
+    #[command(after_help = "Examples:\n  \
+        meshctl apply -f config/tcp-echo/\n  \
+        meshctl apply -f se.yaml -f dr.yaml -f vs.yaml\n  \
+        cat vs.yaml | meshctl apply -f -\n  \
+        meshctl apply -f vs.yaml --dry-run              # check against the rules in force")]
+    Apply {
+        /// File, directory (*.yaml, *.yml) or `-` for stdin; repeatable.
+        #[arg(short = 'f', long = "filename", required = true, value_name = "FILE|DIR|-")]
+        files: Vec<String>,
+        /// Validate and compile against the rules in force, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete resources applied with meshctl.
+    #[command(after_help = "Examples:\n  \
+        meshctl delete -f vs.yaml\n  \
+        meshctl delete vs reviews\n  \
+        meshctl delete dr reviews -n bookinfo")]
+    Delete {
+        /// Files naming the resources to delete.
+        #[arg(short = 'f', long = "filename", value_name = "FILE|DIR|-", conflicts_with_all = ["kind", "name"])]
+        files: Vec<String>,
+        /// Kind (virtualservice|vs, destinationrule|dr, serviceentry|se, gateway|gw).
+        kind: Option<String>,
+        /// Name.
+        name: Option<String>,
+        /// Namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Check only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List resources in force.
+    #[command(after_help = "Examples:\n  \
+        meshctl get vs\n  \
+        meshctl get se reviews -o yaml\n  \
+        meshctl get all -o wide")]
+    Get {
+        /// Kind (virtualservice|vs, destinationrule|dr, serviceentry|se, gateway|gw, all).
+        kind: String,
+        /// Name (all when omitted).
+        name: Option<String>,
+        /// Namespace filter.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Validate resources offline (no daemon needed); exit 1 on any problem.
+    #[command(after_help = "Examples:\n  \
+        meshctl validate -f config/bookinfo/\n  \
+        meshctl validate -f se.yaml -f vs.yaml          # checked together (cross references)")]
+    Validate {
+        /// File, directory or `-`; all are validated together.
+        #[arg(short = 'f', long = "filename", required = true, value_name = "FILE|DIR|-")]
+        files: Vec<String>,
+    },
+    /// Traffic per service and backend: observed share of connections next to the weight.
+    #[command(after_help = "Examples:\n  \
+        meshctl stats\n  \
+        meshctl stats --watch --interval 2s\n  \
+        meshctl stats -o json")]
+    Stats {
+        /// Refresh in place until Ctrl-C.
+        #[arg(short, long)]
+        watch: bool,
+        /// Refresh interval for --watch (e.g. 500ms, 2s).
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Stop after this many refreshes (with --watch).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Output format (table or json).
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Daemon status: interfaces, programs, map fill levels, last apply.
+    Status {
+        /// Output format (table or json).
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Wide,
+    Yaml,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let client = AdminClient::new(&cli.socket);
+    match cli.command {
+        Command::Apply { files, dry_run } => {
+            let documents = read_inputs(&files)?;
+            let answer: ApplyResponse = client
+                .post("/v1/apply", &ApplyRequest { documents, dry_run })
+                .await?;
+            print_changes(&answer);
+            Ok(())
+        }
+        Command::Delete {
+            files,
+            kind,
+            name,
+            namespace,
+            dry_run,
+        } => {
+            let resources = if !files.is_empty() {
+                let mut refs = Vec::new();
+                for doc in read_inputs(&files)? {
+                    let set = config::parse_str(&doc.source, &doc.yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    refs.extend(set.resources.iter().map(|r| ResourceRef {
+                        kind: r.kind.kind_name().into(),
+                        namespace: r.meta.namespace.clone(),
+                        name: r.meta.name.clone(),
+                    }));
+                }
+                refs
+            } else {
+                let (Some(kind), Some(name)) = (kind, name) else {
+                    bail!("say what to delete: `meshctl delete -f FILE` or `meshctl delete KIND NAME`");
+                };
+                vec![ResourceRef {
+                    kind: canonical_kind(&kind)?.into(),
+                    namespace,
+                    name,
+                }]
+            };
+            let answer: ApplyResponse = client
+                .post("/v1/delete", &DeleteRequest { resources, dry_run })
+                .await?;
+            print_changes(&answer);
+            Ok(())
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            output,
+        } => {
+            let mut path = String::from("/v1/resources?");
+            if kind != "all" {
+                path.push_str(&format!("kind={}&", canonical_kind(&kind)?));
+            }
+            if let Some(name) = &name {
+                path.push_str(&format!("name={name}&"));
+            }
+            if let Some(ns) = &namespace {
+                path.push_str(&format!("namespace={ns}&"));
+            }
+            let entries: Vec<ResourceEntry> = client.get(&path).await?;
+            if entries.is_empty() && name.is_some() {
+                bail!("{kind} {} not found", name.unwrap_or_default());
+            }
+            print_resources(&entries, output)
+        }
+        Command::Validate { files } => validate(&files),
+        Command::Stats {
+            watch,
+            interval,
+            count,
+            output,
+        } => stats(&client, watch, interval, count, output).await,
+        Command::Status { output } => {
+            let status: Status = client.get("/v1/status").await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reads `-f` arguments: files, directories (*.yaml, *.yml, sorted) and `-` (stdin).
+fn read_inputs(inputs: &[String]) -> Result<Vec<SourceDocument>> {
+    let mut documents = Vec::new();
+    for input in inputs {
+        if input == "-" {
+            let mut yaml = String::new();
+            std::io::stdin().read_to_string(&mut yaml).context("reading stdin")?;
+            documents.push(SourceDocument {
+                source: "<stdin>".into(),
+                yaml,
+            });
+            continue;
+        }
+        let path = Path::new(input);
+        let files = if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("reading directory {input}"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("{input}: no *.yaml or *.yml files in this directory");
+            }
+            files
+        } else {
+            vec![path.to_path_buf()]
+        };
+        for file in files {
+            let meta = std::fs::metadata(&file).with_context(|| format!("{}", file.display()))?;
+            if meta.len() > config::MAX_INPUT_BYTES as u64 {
+                bail!(
+                    "{}: {} bytes, more than the limit of {} bytes per file",
+                    file.display(),
+                    meta.len(),
+                    config::MAX_INPUT_BYTES
+                );
+            }
+            let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            documents.push(SourceDocument {
+                source: file.display().to_string(),
+                yaml,
+            });
+        }
+    }
+    Ok(documents)
+}
+
+fn validate(inputs: &[String]) -> Result<()> {
+    let mut set = config::ResourceSet::default();
+    let mut errors = Vec::new();
+    for doc in read_inputs(inputs)? {
+        match config::parse_str(&doc.source, &doc.yaml) {
+            Ok(parsed) => set.resources.extend(parsed.resources),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if errors.is_empty() {
+        // Offline there is no node: Gateways are checked but bound to no address.
+        if let Err(e) = compile::compile(&set, &NodeContext { node_addresses: vec![] }) {
+            errors.push(e.to_string());
+        }
+    }
+    if !errors.is_empty() {
+        bail!("validation failed:\n{}", errors.join("\n"));
+    }
+    println!("{} resources valid", set.resources.len());
+    Ok(())
+}
+
+fn print_changes(answer: &ApplyResponse) {
+    for change in &answer.changes {
+        let (kind, name) = change.resource.split_once(' ').unwrap_or((&change.resource, ""));
+        println!(
+            "{}.networking.istio.io/{name} {}{}",
+            kind.to_lowercase(),
+            change.action,
+            if answer.dry_run { " (dry run)" } else { "" }
+        );
+    }
+    if !answer.dry_run {
+        eprintln!(
+            "in force: {} service addresses, {} backends (generation {}, {} us)",
+            answer.services, answer.backends, answer.generation, answer.duration_us
+        );
+    }
+}
+
+fn canonical_kind(kind: &str) -> Result<&'static str> {
+    Ok(match kind.to_ascii_lowercase().as_str() {
+        "vs" | "virtualservice" | "virtualservices" => "VirtualService",
+        "dr" | "destinationrule" | "destinationrules" => "DestinationRule",
+        "se" | "serviceentry" | "serviceentries" => "ServiceEntry",
+        "gw" | "gateway" | "gateways" => "Gateway",
+        other => bail!(
+            "unknown kind `{other}`: expected virtualservice (vs), destinationrule (dr), \
+             serviceentry (se), gateway (gw) or all"
+        ),
+    })
+}
+
+fn print_resources(entries: &[ResourceEntry], output: Output) -> Result<()> {
+    match output {
+        Output::Json => {
+            let values: Vec<&serde_json::Value> = entries.iter().map(|e| &e.resource).collect();
+            println!("{}", serde_json::to_string_pretty(&values)?);
+        }
+        Output::Yaml => {
+            for e in entries {
+                print!("---\n{}", serde_yaml::to_string(&e.resource)?);
+            }
+        }
+        Output::Table | Output::Wide => {
+            if entries.is_empty() {
+                eprintln!("no resources found");
+                return Ok(());
+            }
+            let wide = output == Output::Wide;
+            println!(
+                "{:<16} {:<24} {:<12} {:<6}{}",
+                "KIND",
+                "NAME",
+                "NAMESPACE",
+                "FROM",
+                if wide { "  HOSTS / SOURCE" } else { "" }
+            );
+            for e in entries {
+                let extra = if wide {
+                    let spec = &e.resource["spec"];
+                    let hosts = spec["hosts"]
+                        .as_array()
+                        .map(|h| h.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(","))
+                        .or_else(|| spec["host"].as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    format!("  {hosts}  {}", e.source)
+                } else {
+                    String::new()
+                };
+                println!("{:<16} {:<24} {:<12} {:<6}{extra}", e.kind, e.name, e.namespace, e.layer);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn stats(client: &AdminClient, watch: bool, interval: Duration, count: Option<u64>, output: Output) -> Result<()> {
+    let mut previous: Option<StatsSnapshot> = None;
+    let mut shown = 0u64;
+    loop {
+        let snapshot: StatsSnapshot = client.get("/v1/stats").await?;
+        if output == Output::Json {
+            println!("{}", serde_json::to_string(&snapshot)?);
+        } else {
+            if watch {
+                print!("\x1b[H\x1b[2J");
+            }
+            print_stats(&snapshot, previous.as_ref());
+        }
+        shown += 1;
+        if !watch || count.is_some_and(|c| shown >= c) {
+            return Ok(());
+        }
+        previous = Some(snapshot);
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+fn print_stats(now: &StatsSnapshot, previous: Option<&StatsSnapshot>) {
+    let elapsed = previous.map(|p| (now.taken_at - p.taken_at).max(1e-3));
+    if now.services.is_empty() {
+        println!("no services in force");
+    }
+    for service in &now.services {
+        println!(
+            "\n{} ({}:{}/{:?})  connections {}  packets {}  bytes {}",
+            service.name,
+            service.address.ip,
+            service.address.port,
+            service.address.protocol,
+            service.totals.connections,
+            service.totals.packets,
+            human_bytes(service.totals.bytes)
+        );
+        let before = previous.and_then(|p| p.services.iter().find(|s| s.address == service.address));
+        // Share of new connections: over the last interval when watching, else since start.
+        let delta = |b: &mesh_user::dataplane::BackendStats| -> u64 {
+            let old = before
+                .and_then(|s| s.backends.iter().find(|x| x.address == b.address))
+                .map(|x| x.counters.connections)
+                .unwrap_or(0);
+            b.counters.connections.saturating_sub(old)
+        };
+        let window_total: u64 = service.backends.iter().map(delta).sum();
+        println!(
+            "  {:<8} {:<22} {:>7} {:>8} {:>10} {:>10} {:>10}  {:<28} {:>7}",
+            "SUBSET", "BACKEND", "ACTIVE", "NEW/S", "CONNS", "PACKETS", "BYTES", "SHARE", "WEIGHT"
+        );
+        for b in &service.backends {
+            let d = delta(b);
+            let share = if window_total > 0 { d as f64 / window_total as f64 } else { 0.0 };
+            let rate = elapsed.map(|e| format!("{:.1}", d as f64 / e)).unwrap_or_else(|| "-".into());
+            let subset = b.subset.clone().or_else(|| b.version.clone()).unwrap_or_else(|| "-".into());
+            println!(
+                "  {:<8} {:<22} {:>7} {:>8} {:>10} {:>10} {:>10}  {} {:5.1}% {:6.1}%",
+                subset,
+                b.address.to_string(),
+                b.active_connections,
+                rate,
+                b.counters.connections,
+                b.counters.packets,
+                human_bytes(b.counters.bytes),
+                bar(share, 20),
+                share * 100.0,
+                b.configured_share * 100.0
+            );
+        }
+    }
+}
+
+fn bar(share: f64, width: usize) -> String {
+    let cells = ((share * width as f64).round() as usize).min(width);
+    format!("{}{}", "█".repeat(cells), "·".repeat(width - cells))
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+fn print_status(status: &Status) {
+    println!("meshd {} (pid {}), up {:.0}s", status.version, status.pid, status.uptime_s);
+    println!("\nINTERFACE        IFINDEX  MODE     PROGRAM");
+    for i in &status.interfaces {
+        println!(
+            "{:<16} {:>7}  {:<8} {}",
+            i.name,
+            i.ifindex,
+            i.mode,
+            i.program_id.map(|id| format!("id {id}")).unwrap_or_else(|| "-".into())
+        );
+    }
+    println!("\nMAP              USED / CAPACITY");
+    for m in &status.maps {
+        let pct = if m.capacity > 0 { m.used as f64 * 100.0 / m.capacity as f64 } else { 0.0 };
+        println!("{:<16} {:>9} / {:<9} ({pct:.1}%)", m.name, m.used, m.capacity);
+    }
+    println!(
+        "\nconntrack: {} of {} entries; {} resources, {} service addresses in force",
+        status.conntrack_entries, status.conntrack_capacity, status.resources, status.services
+    );
+    match &status.last_apply {
+        Some(a) if a.ok => println!("last apply: {} ok ({} us)", a.trigger, a.duration_us),
+        Some(a) => println!(
+            "last apply: {} FAILED, previous rules in force: {}",
+            a.trigger,
+            a.error.clone().unwrap_or_default()
+        ),
+        None => println!("last apply: none"),
+    }
+    if let Some(f) = &status.state_file {
+        println!("state file: {f}");
+    }
+    if let Some(p) = &status.pin_dir {
+        println!("pinned under: {p}");
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| text.split_at(i))
+        .unwrap_or((text, "s"));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 500ms or 2s"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("`{text}`: unit must be ms, s or m")),
+    };
+    if !(0.05..=3600.0).contains(&seconds) {
+        return Err(format!("`{text}` is out of range (50ms..1h)"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}

@@ -1,1 +1,158 @@
-fn main() {}
+//! meshd: the node daemon. Attaches the XDP programs to the node's interfaces and keeps the BPF
+//! maps in line with the Istio rules it is given.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use mesh_user::{
+    daemon::{self, DaemonOptions},
+    dataplane::XdpAttachMode,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "meshd",
+    version,
+    about = "mesh node daemon: Istio traffic rules enforced in the kernel by XDP",
+    long_about = "mesh node daemon: Istio traffic rules enforced in the kernel by XDP.\n\n\
+        meshd attaches its XDP program to every --iface, compiles the Istio resources found at \
+        --config (ServiceEntry, DestinationRule, VirtualService, Gateway) into BPF maps, and \
+        forwards each new TCP/UDP connection to a service address to one backend chosen by \
+        weight. It must run as root.\n\n\
+        Rules come from --config (watched; SIGHUP forces a re-read) and from `meshctl apply` \
+        over the admin socket (persisted in --state-file). Every change is validated and compiled \
+        first and applied all-or-nothing; on any error the old rules stay in force.\n\n\
+        SIGTERM or SIGINT stop meshd. With pinning (the default) the XDP programs and maps stay \
+        in the kernel and keep forwarding, so a restarted or upgraded meshd takes over without \
+        breaking established connections; `meshd --cleanup` removes them.",
+    after_help = "Examples:\n  \
+        meshd --iface eth0 --iface eth1 --config /etc/mesh/rules/\n  \
+        meshd --iface veth0 --config config/tcp-echo/ --xdp-mode generic\n  \
+        meshd --iface eth0 --state-file /var/lib/mesh/state.yaml   # rules from meshctl only\n  \
+        meshd --cleanup            # detach pinned programs, remove pinned maps"
+)]
+struct Args {
+    /// Interface to attach to (repeat for each interface traffic enters or leaves by).
+    #[arg(long = "iface", value_name = "IF", required_unless_present = "cleanup")]
+    interfaces: Vec<String>,
+
+    /// Istio YAML: a file, or a directory of *.yaml / *.yml files. Watched: changes are applied
+    /// (all-or-nothing) within --watch-interval. Optional: rules can also come from `meshctl apply`.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    /// How often the --config files are checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    watch_interval: std::time::Duration,
+
+    /// Admin API socket (root only) used by meshctl.
+    #[arg(long, value_name = "PATH", default_value = mesh_user::admin::DEFAULT_SOCKET, env = "MESH_SOCKET")]
+    socket: PathBuf,
+
+    /// Where rules applied with meshctl are stored and restored from at start.
+    #[arg(long, value_name = "PATH", default_value = "/var/lib/mesh/state.yaml")]
+    state_file: PathBuf,
+
+    /// Do not persist rules applied with meshctl (they are lost on restart).
+    #[arg(long)]
+    no_state: bool,
+
+    /// Prometheus metrics listener.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: std::net::SocketAddr,
+
+    /// Do not serve Prometheus metrics over TCP (they stay available on the admin socket).
+    #[arg(long)]
+    no_metrics: bool,
+
+    /// XDP attach mode. `generic` is a fallback for drivers without native XDP; it is slower.
+    #[arg(long, value_enum, default_value = "native")]
+    xdp_mode: XdpAttachMode,
+
+    /// Where maps are pinned under bpffs (so connections survive a restart).
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/mesh")]
+    pin_dir: PathBuf,
+
+    /// Keep maps private to this process (connections do not survive a restart).
+    #[arg(long)]
+    no_pin: bool,
+
+    /// Maglev entries per rule generation, shared by all services.
+    #[arg(long, value_name = "N", default_value_t = mesh_common::DEFAULT_MAGLEV_POOL_ENTRIES)]
+    maglev_pool_entries: u32,
+
+    /// Connection-tracking capacity (connections); least recently used entries are evicted.
+    #[arg(long, value_name = "N", default_value_t = mesh_common::DEFAULT_CONNTRACK_ENTRIES)]
+    conntrack_entries: u32,
+
+    /// Detach the pinned programs and remove the pinned maps under --pin-dir, then exit.
+    #[arg(long)]
+    cleanup: bool,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: daemon::LogFormat,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    daemon::init_logging(args.log_format);
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.cleanup {
+        mesh_user::dataplane::Dataplane::remove_pins(&args.pin_dir)
+            .with_context(|| format!("removing {}", args.pin_dir.display()))?;
+        eprintln!(
+            "meshd: detached pinned programs and removed pinned maps under {}",
+            args.pin_dir.display()
+        );
+        return Ok(());
+    }
+    let options = DaemonOptions {
+        interfaces: args.interfaces,
+        config: args.config,
+        watch_interval: args.watch_interval,
+        socket: args.socket,
+        state_file: (!args.no_state).then_some(args.state_file),
+        metrics_addr: (!args.no_metrics).then_some(args.metrics_addr),
+        xdp_mode: args.xdp_mode,
+        pin_dir: (!args.no_pin).then_some(args.pin_dir),
+        maglev_pool_entries: args.maglev_pool_entries,
+        conntrack_entries: args.conntrack_entries,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(daemon::run(options))
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| text.split_at(i))
+        .unwrap_or((text, "s"));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 500ms, 1s or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("`{text}`: unit must be ms, s or m")),
+    };
+    if !(0.01..=3600.0).contains(&seconds) {
+        return Err(format!("`{text}` is out of range (10ms..1h)"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}

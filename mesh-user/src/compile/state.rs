@@ -5,10 +5,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Transport protocol of a service address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum L4Protocol {
     /// TCP (Istio protocols TCP, HTTP, HTTP2, GRPC, TLS, HTTPS, MONGO, REDIS, MYSQL).
@@ -18,7 +18,7 @@ pub enum L4Protocol {
 }
 
 /// Where clients send traffic: a VIP from a ServiceEntry, or a node address for a Gateway.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ServiceAddress {
     /// Address clients connect to.
     pub ip: IpAddr,

@@ -10,7 +10,11 @@ use std::{
 };
 
 use aya::{
-    programs::{Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use mesh_common::{map_names, GENERATIONS, XDP_PROGRAM_NAME};
@@ -66,6 +70,7 @@ pub struct Dataplane {
     pub(crate) tables: Tables,
     pub(crate) options: DataplaneOptions,
     attachments: BTreeMap<String, Attachment>,
+    pinned_links: Vec<PinnedLink>,
 }
 
 const PINNED_MAPS: &[&str] = &[
@@ -123,40 +128,80 @@ impl Dataplane {
             tables,
             options,
             attachments: BTreeMap::new(),
+            pinned_links: Vec::new(),
         })
     }
 
     /// Attaches the XDP program to `interface`.
+    ///
+    /// With a pin directory the attachment is a bpf_link pinned under `<pin_dir>/links/`, so the
+    /// program stays attached when meshd exits; a later meshd swaps its own program into that
+    /// same link atomically (no moment without a program on the interface).
     pub fn attach(&mut self, interface: &str, mode: XdpAttachMode) -> Result<(), DataplaneError> {
         let ifindex = ifindex(interface)?;
+        let link_pin = self
+            .options
+            .pin_dir
+            .as_ref()
+            .map(|dir| dir.join("links").join(interface));
         let program: &mut Xdp = self
             .ebpf
             .program_mut(XDP_PROGRAM_NAME)
             .expect("loaded in Dataplane::load")
             .try_into()
             .expect("checked in Dataplane::load");
-        let xdp_mode = match mode {
-            XdpAttachMode::Native => XdpMode::Driver,
-            XdpAttachMode::Generic => XdpMode::Skb,
-        };
-        program
-            .attach_to_if_index(ifindex, xdp_mode)
-            .map_err(|source| {
-                let hint = match mode {
-                    XdpAttachMode::Native => {
-                        "; the driver may lack native XDP: rerun with --xdp-mode generic to use \
-                         the slower generic mode"
-                    }
-                    XdpAttachMode::Generic => "",
-                };
-                DataplaneError::Other(format!(
-                    "attaching XDP ({mode:?} mode) to {interface}: {source}{hint}"
-                ))
-            })?;
+        let mut replaced = false;
+        if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
+            match replace_pinned(program, pin) {
+                Ok(()) => replaced = true,
+                Err(e) => {
+                    warn!(interface, "pinned XDP link unusable ({e}); attaching afresh");
+                    let _ = std::fs::remove_file(pin);
+                }
+            }
+        }
+        if !replaced {
+            let xdp_mode = match mode {
+                XdpAttachMode::Native => XdpMode::Driver,
+                XdpAttachMode::Generic => XdpMode::Skb,
+            };
+            let link_id = program
+                .attach_to_if_index(ifindex, xdp_mode)
+                .map_err(|source| {
+                    let hint = match mode {
+                        XdpAttachMode::Native => {
+                            "; the driver may lack native XDP: rerun with --xdp-mode generic to \
+                             use the slower generic mode"
+                        }
+                        XdpAttachMode::Generic => "",
+                    };
+                    DataplaneError::Other(format!(
+                        "attaching XDP ({mode:?} mode) to {interface}: {source}{hint}"
+                    ))
+                })?;
+            if let Some(pin) = &link_pin {
+                let link = program.take_link(link_id).map_err(|source| DataplaneError::Program {
+                    context: format!("taking the XDP link of {interface}"),
+                    source,
+                })?;
+                let fd_link = FdLink::try_from(link).map_err(|e| {
+                    DataplaneError::Other(format!(
+                        "XDP on {interface} is attached through netlink, which cannot be pinned: {e}"
+                    ))
+                })?;
+                std::fs::create_dir_all(pin.parent().expect("links dir")).map_err(|e| {
+                    DataplaneError::Other(format!("creating {}: {e}", pin.display()))
+                })?;
+                let pinned = fd_link
+                    .pin(pin)
+                    .map_err(|e| DataplaneError::Other(format!("pinning {}: {e}", pin.display())))?;
+                self.pinned_links.push(pinned);
+            }
+        }
         if mode == XdpAttachMode::Generic {
             warn!(interface, "XDP attached in generic mode: correct but slower than native");
         }
-        info!(interface, ifindex, ?mode, "XDP attached");
+        info!(interface, ifindex, ?mode, replaced_pinned_link = replaced, "XDP attached");
         self.attachments.insert(
             interface.to_string(),
             Attachment {
@@ -173,14 +218,26 @@ impl Dataplane {
         self.attachments.values()
     }
 
+    /// Kernel id of the loaded XDP program.
+    pub fn program_id(&self) -> Option<u32> {
+        let program: &Xdp = self.ebpf.program(XDP_PROGRAM_NAME)?.try_into().ok()?;
+        program.info().ok().map(|info| info.id())
+    }
+
     /// Options the dataplane was loaded with.
     pub fn options(&self) -> &DataplaneOptions {
         &self.options
     }
 
-    /// Removes the pinned maps (for `meshd --cleanup`); attached programs go when the process
-    /// exits.
+    /// Removes the pinned links (detaching the programs) and maps (for `meshd --cleanup`).
     pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
+        let links = pin_dir.join("links");
+        if let Ok(entries) = std::fs::read_dir(&links) {
+            for entry in entries.flatten() {
+                std::fs::remove_file(entry.path())?;
+            }
+            std::fs::remove_dir(&links)?;
+        }
         for name in PINNED_MAPS {
             match std::fs::remove_file(pin_dir.join(name)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -192,6 +249,14 @@ impl Dataplane {
             _ => Ok(()),
         }
     }
+}
+
+/// Swaps our program into an XDP link pinned by an earlier meshd.
+fn replace_pinned(program: &mut Xdp, pin: &Path) -> Result<(), String> {
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+    program.attach_to_link(link).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// Resolves an interface name to its index.

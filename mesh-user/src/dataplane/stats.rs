@@ -1,10 +1,14 @@
 //! Counters read back from the per-CPU maps and summed over CPUs.
 
-use std::{net::SocketAddr, time::SystemTime};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
 
-use aya::maps::{MapData, PerCpuArray};
-use mesh_common::{map_names, reason, TrafficCounters};
-use serde::Serialize;
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use mesh_common::{map_names, reason, FlowKey, FlowState, TrafficCounters};
+use serde::{Deserialize, Serialize};
 
 use super::{
     map_err,
@@ -14,7 +18,7 @@ use super::{
 use crate::compile::ServiceAddress;
 
 /// Everything `meshctl stats` and the metrics endpoint show about the kernel path.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatsSnapshot {
     /// When the counters were read (seconds since the epoch, fractional).
     pub taken_at: f64,
@@ -25,7 +29,7 @@ pub struct StatsSnapshot {
 }
 
 /// Counters of one service address.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServiceStats {
     /// The address clients use.
     pub address: ServiceAddress,
@@ -38,7 +42,7 @@ pub struct ServiceStats {
 }
 
 /// Counters of one backend of a service.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackendStats {
     /// Where it listens.
     pub address: SocketAddr,
@@ -50,10 +54,12 @@ pub struct BackendStats {
     pub configured_share: f64,
     /// Its counters.
     pub counters: Counters,
+    /// Connections that carried a packet in the last 10 seconds.
+    pub active_connections: u64,
 }
 
 /// Summed traffic counters.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Counters {
     /// Client-to-service packets.
     pub packets: u64,
@@ -108,6 +114,7 @@ impl Dataplane {
             }
             Ok(total.into())
         };
+        let active = self.active_flows();
         let services = self
             .tables
             .installed()
@@ -127,6 +134,7 @@ impl Dataplane {
                                 version: b.version.clone(),
                                 configured_share: b.share,
                                 counters: sum(&backend_counters, b.backend_id)?,
+                                active_connections: active.get(&b.backend_id).copied().unwrap_or(0),
                             })
                         })
                         .collect::<Result<_, DataplaneError>>()?,
@@ -154,4 +162,87 @@ impl Dataplane {
     ) -> Result<super::ApplyReport, DataplaneError> {
         self.tables.apply(&mut self.ebpf, state)
     }
+}
+
+/// How full one map is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FillLevel {
+    /// Map name.
+    pub name: String,
+    /// Entries in use.
+    pub used: u64,
+    /// Capacity.
+    pub capacity: u64,
+}
+
+/// A flow counts as active when it carried a packet within this window.
+pub const ACTIVE_FLOW_WINDOW: Duration = Duration::from_secs(10);
+
+impl Dataplane {
+    /// Fill levels of the rule and connection maps.
+    pub fn fill_levels(&self) -> Vec<FillLevel> {
+        let installed = self.tables.installed();
+        let backends: u64 = installed.iter().map(|s| s.backends.len() as u64).sum();
+        let maglev: u64 = self.tables.maglev_entries_in_use();
+        let count = |name: &str| -> u64 {
+            map(&self.ebpf, name)
+                .ok()
+                .and_then(|m| BpfHashMap::<&MapData, FlowKey, FlowState>::try_from(m).ok())
+                .map(|m| m.keys().filter(Result::is_ok).count() as u64)
+                .unwrap_or(0)
+        };
+        vec![
+            FillLevel {
+                name: map_names::SERVICES.into(),
+                used: installed.len() as u64,
+                capacity: u64::from(mesh_common::MAX_SERVICES),
+            },
+            FillLevel {
+                name: map_names::BACKENDS.into(),
+                used: backends,
+                capacity: u64::from(mesh_common::MAX_BACKENDS),
+            },
+            FillLevel {
+                name: map_names::MAGLEV.into(),
+                used: maglev,
+                capacity: u64::from(self.options.maglev_pool_entries),
+            },
+            FillLevel {
+                name: map_names::CONNTRACK.into(),
+                used: count(map_names::CONNTRACK),
+                capacity: u64::from(self.options.conntrack_entries),
+            },
+            FillLevel {
+                name: map_names::REVERSE_NAT.into(),
+                used: count(map_names::REVERSE_NAT),
+                capacity: u64::from(self.options.conntrack_entries),
+            },
+        ]
+    }
+
+    /// Active flows (a packet within [`ACTIVE_FLOW_WINDOW`]) per backend id.
+    pub(crate) fn active_flows(&self) -> HashMap<u32, u64> {
+        let mut out = HashMap::new();
+        let Ok(m) = map(&self.ebpf, map_names::CONNTRACK) else {
+            return out;
+        };
+        let Ok(flows) = BpfHashMap::<&MapData, FlowKey, FlowState>::try_from(m) else {
+            return out;
+        };
+        let now = monotonic_ns();
+        let window = ACTIVE_FLOW_WINDOW.as_nanos() as u64;
+        for (_, state) in flows.iter().filter_map(Result::ok) {
+            if now.saturating_sub(state.last_seen_ns) <= window {
+                *out.entry(state.backend_id).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+}
+
+/// The clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }

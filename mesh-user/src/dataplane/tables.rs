@@ -84,6 +84,7 @@ pub(crate) struct Tables {
     retired_service_ids: BTreeSet<u32>,
     retired_backend_ids: BTreeSet<u32>,
     installed: Vec<InstalledService>,
+    maglev_in_use: u64,
 }
 
 impl Tables {
@@ -107,6 +108,7 @@ impl Tables {
             retired_service_ids: BTreeSet::new(),
             retired_backend_ids: BTreeSet::new(),
             installed: Vec::new(),
+            maglev_in_use: 0,
         };
         for entry in services.iter() {
             let (key, info) = entry.map_err(map_err("iterating SERVICES"))?;
@@ -118,6 +120,7 @@ impl Tables {
                 }
             }
             if key.generation == active_generation {
+                tables.maglev_in_use += u64::from(info.table_size);
                 tables.service_ids.insert(address, info.service_id);
                 let mut installed = InstalledService {
                     address,
@@ -144,6 +147,11 @@ impl Tables {
             }
         }
         Ok(tables)
+    }
+
+    /// Maglev entries the active generation uses.
+    pub(crate) fn maglev_entries_in_use(&self) -> u64 {
+        self.maglev_in_use
     }
 
     /// The services currently in force.
@@ -274,6 +282,7 @@ impl Tables {
         self.service_ids = new_service_ids;
         self.backend_ids = new_backend_ids;
         self.active_generation = next_gen;
+        self.maglev_in_use = maglev_entries as u64;
         self.installed = state
             .services
             .iter()

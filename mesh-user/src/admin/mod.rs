@@ -1,0 +1,179 @@
+//! The admin API between meshctl and meshd: JSON over HTTP/1.1 on a Unix socket (root only,
+//! mode 0600), so `curl --unix-socket /run/mesh/meshd.sock http://mesh/v1/status` works too.
+//!
+//! | method | path            | body / answer                                    |
+//! |--------|-----------------|--------------------------------------------------|
+//! | GET    | `/v1/status`    | [`Status`]                                        |
+//! | GET    | `/v1/resources` | `[ResourceEntry]` (`?kind=&name=&namespace=`)     |
+//! | POST   | `/v1/apply`     | [`ApplyRequest`] -> [`ApplyResponse`]             |
+//! | POST   | `/v1/delete`    | [`DeleteRequest`] -> [`ApplyResponse`]            |
+//! | GET    | `/v1/stats`     | [`StatsSnapshot`](crate::dataplane::StatsSnapshot) |
+//! | GET    | `/metrics`      | Prometheus text (also on the metrics listener)    |
+//!
+//! Errors answer 4xx/5xx with [`ErrorBody`].
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// Where meshd listens by default.
+pub const DEFAULT_SOCKET: &str = "/run/mesh/meshd.sock";
+
+/// One input file (or stdin) as the user gave it; parsed by meshd so errors name the file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SourceDocument {
+    /// File path or `<stdin>`.
+    pub source: String,
+    /// Its YAML text (may hold several documents).
+    pub yaml: String,
+}
+
+/// `POST /v1/apply`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    /// All files of the submission; validated and applied together or not at all.
+    pub documents: Vec<SourceDocument>,
+    /// Validate and compile against the current state, change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// A resource by identity.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResourceRef {
+    /// Kind (`VirtualService`, ...).
+    pub kind: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// `POST /v1/delete`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    /// Resources to delete; all or nothing.
+    pub resources: Vec<ResourceRef>,
+    /// Check only.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What an apply or delete did to each resource.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResourceChange {
+    /// `VirtualService default/reviews`.
+    pub resource: String,
+    /// `created`, `configured`, `unchanged` or `deleted`.
+    pub action: String,
+}
+
+/// Answer of apply and delete.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    /// Per-resource outcome.
+    pub changes: Vec<ResourceChange>,
+    /// True when nothing was changed on purpose.
+    pub dry_run: bool,
+    /// Service addresses in force afterwards.
+    pub services: usize,
+    /// Backends in force afterwards.
+    pub backends: usize,
+    /// Rule generation in force afterwards.
+    pub generation: u8,
+    /// Time spent compiling and writing the maps, in microseconds.
+    pub duration_us: u64,
+}
+
+/// One resource as `meshctl get` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResourceEntry {
+    /// `file` (meshd --config) or `api` (meshctl apply).
+    pub layer: String,
+    /// Kind.
+    pub kind: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// File it came from.
+    pub source: String,
+    /// The resource in Istio form (apiVersion, kind, metadata, spec).
+    pub resource: serde_json::Value,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// meshd version.
+    pub version: String,
+    /// Process id.
+    pub pid: u32,
+    /// Seconds since start.
+    pub uptime_s: f64,
+    /// Attached interfaces.
+    pub interfaces: Vec<InterfaceStatus>,
+    /// Map fill levels.
+    pub maps: Vec<MapStatus>,
+    /// Connection-tracking entries in use.
+    pub conntrack_entries: u64,
+    /// Connection-tracking capacity.
+    pub conntrack_capacity: u64,
+    /// Resources in force (files + API).
+    pub resources: usize,
+    /// Service addresses in force.
+    pub services: usize,
+    /// The last apply (rules change) and its outcome.
+    pub last_apply: Option<ApplyRecord>,
+    /// Where the API layer is persisted.
+    pub state_file: Option<String>,
+    /// Where maps are pinned.
+    pub pin_dir: Option<String>,
+}
+
+/// An attached interface.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    /// Name.
+    pub name: String,
+    /// Index.
+    pub ifindex: u32,
+    /// `native` or `generic`.
+    pub mode: String,
+    /// Kernel program id.
+    pub program_id: Option<u32>,
+}
+
+/// A map's fill level.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MapStatus {
+    /// Map name.
+    pub name: String,
+    /// Entries in use (for arrays: entries the rules use).
+    pub used: u64,
+    /// Capacity.
+    pub capacity: u64,
+}
+
+/// One rules change.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApplyRecord {
+    /// Seconds since the epoch.
+    pub at: f64,
+    /// `startup`, `files`, `apply`, `delete`.
+    pub trigger: String,
+    /// Whether it took effect.
+    pub ok: bool,
+    /// Error text when it did not.
+    pub error: Option<String>,
+    /// Duration in microseconds.
+    pub duration_us: u64,
+}
+
+/// Error answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, precise enough to act on.
+    pub error: String,
+}

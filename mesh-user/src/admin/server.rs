@@ -1,0 +1,190 @@
+//! The meshd side of the admin API (see the module docs of [`crate::admin`]) and the
+//! Prometheus listener.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{body::Incoming, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::{TcpListener, UnixListener};
+use tracing::{debug, info, warn};
+
+use super::{ApplyRequest, DeleteRequest, ErrorBody};
+use crate::daemon::control::{Controller, Rejection};
+
+/// Largest request body accepted (a rule bundle).
+const MAX_BODY_BYTES: usize = 16 << 20;
+
+type Shared = Arc<Mutex<Controller>>;
+
+/// Binds the admin socket (root only) and serves it until the process ends.
+pub async fn serve_admin(socket: PathBuf, controller: Shared) -> Result<()> {
+    let listener = bind_socket(&socket)?;
+    info!(socket = %socket.display(), "admin API listening");
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let controller = controller.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req| handle(req, controller.clone(), false));
+                        if let Err(e) = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                        {
+                            debug!("admin connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => warn!("admin accept: {e}"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Serves `GET /metrics` on a TCP address (loopback by default).
+pub async fn serve_metrics(addr: SocketAddr, controller: Shared) -> Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics listener on {addr} (use --metrics-addr or --no-metrics)"))?;
+    info!(%addr, "metrics listening");
+    tokio::spawn(async move {
+        loop {
+            if let Ok((stream, _)) = listener.accept().await {
+                let controller = controller.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(req, controller.clone(), true));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }
+    });
+    Ok(())
+}
+
+fn bind_socket(socket: &Path) -> Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if socket.exists() {
+        // A socket file with a live listener means another meshd: refuse rather than steal it.
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            bail!("another meshd is already serving {}", socket.display());
+        }
+        std::fs::remove_file(socket).with_context(|| format!("removing stale {}", socket.display()))?;
+    }
+    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", socket.display()))?;
+    Ok(listener)
+}
+
+async fn handle(req: Request<Incoming>, controller: Shared, metrics_only: bool) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    if metrics_only && !(method == Method::GET && path == "/metrics") {
+        return Ok(error(StatusCode::NOT_FOUND, "only GET /metrics is served here"));
+    }
+    let response = match (&method, path.as_str()) {
+        (&Method::GET, "/metrics") => {
+            let text = blocking(controller, |c| Ok(c.render_metrics())).await;
+            match text {
+                Ok(text) => Response::builder()
+                    .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                    .body(Full::new(Bytes::from(text)))
+                    .expect("static response"),
+                Err(r) => rejection(r),
+            }
+        }
+        (&Method::GET, "/v1/status") => json_result(blocking(controller, |c| Ok(c.status())).await),
+        (&Method::GET, "/v1/stats") => json_result(blocking(controller, |c| c.stats()).await),
+        (&Method::GET, "/v1/resources") => {
+            let params = parse_query(&query);
+            json_result(
+                blocking(controller, move |c| {
+                    Ok(c.resources(params.get("kind").map(String::as_str), params.get("name").map(String::as_str), params.get("namespace").map(String::as_str)))
+                })
+                .await,
+            )
+        }
+        (&Method::POST, "/v1/apply") => match read_json::<ApplyRequest>(req).await {
+            Ok(request) => json_result(blocking(controller, move |c| c.apply(request)).await),
+            Err(r) => rejection(r),
+        },
+        (&Method::POST, "/v1/delete") => match read_json::<DeleteRequest>(req).await {
+            Ok(request) => json_result(blocking(controller, move |c| c.delete(request)).await),
+            Err(r) => rejection(r),
+        },
+        _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {method} {path}")),
+    };
+    Ok(response)
+}
+
+/// Runs a controller operation off the async threads (map writes are syscalls).
+async fn blocking<T: Send + 'static>(
+    controller: Shared,
+    f: impl FnOnce(&mut Controller) -> Result<T, Rejection> + Send + 'static,
+) -> Result<T, Rejection> {
+    tokio::task::spawn_blocking(move || {
+        let mut guard = controller.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut guard)
+    })
+    .await
+    .unwrap_or_else(|e| Err(Rejection { status: 500, message: format!("internal error: {e}") }))
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Rejection> {
+    let body = Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| Rejection { status: 413, message: format!("request body: {e} (limit {MAX_BODY_BYTES} bytes)") })?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| Rejection { status: 400, message: format!("request body is not valid JSON for this endpoint: {e}") })
+}
+
+fn parse_query(query: &str) -> std::collections::HashMap<String, String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn json_result<T: Serialize>(result: Result<T, Rejection>) -> Response<Full<Bytes>> {
+    match result {
+        Ok(value) => match serde_json::to_vec(&value) {
+            Ok(bytes) => Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(bytes)))
+                .expect("static response"),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        },
+        Err(r) => rejection(r),
+    }
+}
+
+fn rejection(r: Rejection) -> Response<Full<Bytes>> {
+    error(StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST), &r.message)
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&ErrorBody { error: message.to_string() }).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response")
+}

@@ -1,0 +1,353 @@
+//! The controller: the one place that changes the rules in force.
+//!
+//! Every change (startup, files changed, SIGHUP, `meshctl apply`, `meshctl delete`) follows the
+//! same path: build the candidate rule set, compile it against this node, write it to the
+//! dataplane atomically, then commit it to the store (which persists the API layer). Any error
+//! before the generation flip leaves the kernel byte-for-byte as it was.
+
+use std::{
+    path::PathBuf,
+    time::{Instant, SystemTime},
+};
+
+use crate::{
+    admin::{
+        ApplyRecord, ApplyRequest, ApplyResponse, DeleteRequest, InterfaceStatus, MapStatus,
+        ResourceChange, ResourceEntry, Status,
+    },
+    compile::{self, DesiredState, NodeContext},
+    config::{self, ResourceSet},
+    dataplane::{ApplyReport, Dataplane, StatsSnapshot},
+    metrics::Metrics,
+    store::{Layer, RuleStore},
+};
+
+/// A rejected request: an HTTP status and a precise message.
+#[derive(Debug)]
+pub struct Rejection {
+    /// HTTP status to answer with.
+    pub status: u16,
+    /// What was wrong.
+    pub message: String,
+}
+
+impl Rejection {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+        }
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: 500,
+            message: message.into(),
+        }
+    }
+}
+
+/// Owns the dataplane, the rule store and the node facts.
+pub struct Controller {
+    dataplane: Dataplane,
+    store: RuleStore,
+    node: NodeContext,
+    config_path: Option<PathBuf>,
+    state_file: Option<PathBuf>,
+    last_apply: Option<ApplyRecord>,
+    current: DesiredState,
+    started: Instant,
+    /// Apply counters and durations for the metrics endpoint.
+    pub metrics: Metrics,
+}
+
+impl Controller {
+    /// A controller over a loaded (not yet configured) dataplane.
+    pub fn new(
+        dataplane: Dataplane,
+        store: RuleStore,
+        node: NodeContext,
+        config_path: Option<PathBuf>,
+        state_file: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            dataplane,
+            store,
+            node,
+            config_path,
+            state_file,
+            last_apply: None,
+            current: DesiredState::default(),
+            started: Instant::now(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// The dataplane (for attaching).
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
+        &mut self.dataplane
+    }
+
+    /// Reads the --config files (if any), combines them with the restored API layer, and installs
+    /// the result. Used at startup and when the files change.
+    pub fn load_files(&mut self, trigger: &str) -> Result<ApplyReport, Rejection> {
+        let files = match &self.config_path {
+            Some(path) => config::load_path(path).map_err(|e| Rejection::bad_request(e.to_string())),
+            None => Ok(ResourceSet::default()),
+        };
+        let files = match files {
+            Ok(files) => files,
+            Err(rejection) => {
+                self.record(trigger, Err(&rejection.message), 0);
+                return Err(rejection);
+            }
+        };
+        let api = self.store.api().clone();
+        let report = self.install(&files, &api, trigger, false)?;
+        self.store.commit_files(files);
+        Ok(report.expect("not a dry run"))
+    }
+
+    /// `meshctl apply`: all documents together or nothing.
+    pub fn apply(&mut self, request: ApplyRequest) -> Result<ApplyResponse, Rejection> {
+        let started = Instant::now();
+        if request.documents.is_empty() {
+            return Err(Rejection::bad_request("nothing to apply: no documents"));
+        }
+        let mut incoming = ResourceSet::default();
+        let mut errors = Vec::new();
+        for doc in &request.documents {
+            match config::parse_str(&doc.source, &doc.yaml) {
+                Ok(set) => incoming.resources.extend(set.resources),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if !errors.is_empty() {
+            let message = errors.join("\n");
+            self.record("apply", Err(&message), started.elapsed().as_micros() as u64);
+            return Err(Rejection::bad_request(message));
+        }
+        // Within one submission a resource may appear once: a second copy is almost always a
+        // mistake (two files defining the same rule), and silently keeping one would hide it.
+        for (i, resource) in incoming.resources.iter().enumerate() {
+            if let Some(first) = incoming.resources[..i].iter().find(|r| r.key() == resource.key()) {
+                let message = format!(
+                    "{}: {} is defined twice in this submission (first in {})",
+                    resource.source,
+                    resource.display_name(),
+                    first.source
+                );
+                self.record("apply", Err(&message), 0);
+                return Err(Rejection::bad_request(message));
+            }
+        }
+        let changes: Vec<ResourceChange> = incoming
+            .resources
+            .iter()
+            .map(|r| {
+                let action = match self.store.api().resources.iter().find(|e| e.key() == r.key()) {
+                    None => "created",
+                    Some(existing) if existing.kind == r.kind && existing.meta == r.meta => "unchanged",
+                    Some(_) => "configured",
+                };
+                ResourceChange {
+                    resource: r.display_name(),
+                    action: action.into(),
+                }
+            })
+            .collect();
+        let candidate = self.store.api_with_applied(incoming);
+        let files = self.store.files().clone();
+        self.install_and_commit(&files, candidate, "apply", request.dry_run, changes, started)
+    }
+
+    /// `meshctl delete`: all named resources or nothing.
+    pub fn delete(&mut self, request: DeleteRequest) -> Result<ApplyResponse, Rejection> {
+        let started = Instant::now();
+        let keys: Vec<(String, String, String)> = request
+            .resources
+            .iter()
+            .map(|r| (r.kind.clone(), r.namespace.clone(), r.name.clone()))
+            .collect();
+        let candidate = self
+            .store
+            .api_with_deleted(&keys)
+            .map_err(|e| Rejection { status: 404, message: e.to_string() })?;
+        let changes = request
+            .resources
+            .iter()
+            .map(|r| ResourceChange {
+                resource: format!("{} {}/{}", r.kind, r.namespace, r.name),
+                action: "deleted".into(),
+            })
+            .collect();
+        let files = self.store.files().clone();
+        self.install_and_commit(&files, candidate, "delete", request.dry_run, changes, started)
+    }
+
+    fn install_and_commit(
+        &mut self,
+        files: &ResourceSet,
+        candidate: ResourceSet,
+        trigger: &str,
+        dry_run: bool,
+        changes: Vec<ResourceChange>,
+        started: Instant,
+    ) -> Result<ApplyResponse, Rejection> {
+        let previous = self.current.clone();
+        let report = self.install(files, &candidate, trigger, dry_run)?;
+        if !dry_run {
+            if let Err(e) = self.store.commit_api(candidate) {
+                // Kernel and disk must agree: put the previous rules back.
+                let _ = self.dataplane.apply(&previous);
+                self.current = previous;
+                let message = format!("{e}; the previous rules were restored");
+                self.record(trigger, Err(&message), started.elapsed().as_micros() as u64);
+                return Err(Rejection::internal(message));
+            }
+        }
+        let (services, backends, generation) = match &report {
+            Some(r) => (r.services, r.backends, r.generation),
+            None => (self.current.services.len(), 0, 0),
+        };
+        Ok(ApplyResponse {
+            changes,
+            dry_run,
+            services,
+            backends,
+            generation,
+            duration_us: started.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// Compiles `files` + `api` and (unless `dry_run`) writes the result to the dataplane.
+    fn install(
+        &mut self,
+        files: &ResourceSet,
+        api: &ResourceSet,
+        trigger: &str,
+        dry_run: bool,
+    ) -> Result<Option<ApplyReport>, Rejection> {
+        let started = Instant::now();
+        let result = RuleStore::combine(files, api)
+            .map_err(|e| Rejection::bad_request(e.to_string()))
+            .and_then(|combined| {
+                compile::compile(&combined, &self.node).map_err(|e| Rejection::bad_request(e.to_string()))
+            });
+        let state = match result {
+            Ok(state) => state,
+            Err(rejection) => {
+                self.record(trigger, Err(&rejection.message), started.elapsed().as_micros() as u64);
+                return Err(rejection);
+            }
+        };
+        if dry_run {
+            return Ok(None);
+        }
+        match self.dataplane.apply(&state) {
+            Ok(report) => {
+                self.current = state;
+                self.record(trigger, Ok(()), started.elapsed().as_micros() as u64);
+                Ok(Some(report))
+            }
+            Err(e) => {
+                let message = e.to_string();
+                self.record(trigger, Err(&message), started.elapsed().as_micros() as u64);
+                Err(Rejection::bad_request(message))
+            }
+        }
+    }
+
+    fn record(&mut self, trigger: &str, outcome: Result<(), &str>, duration_us: u64) {
+        self.metrics.record_apply(outcome.is_ok(), duration_us as f64 / 1e6);
+        self.last_apply = Some(ApplyRecord {
+            at: now(),
+            trigger: trigger.into(),
+            ok: outcome.is_ok(),
+            error: outcome.err().map(str::to_string),
+            duration_us,
+        });
+    }
+
+    /// Every resource in force, filtered.
+    pub fn resources(&self, kind: Option<&str>, name: Option<&str>, namespace: Option<&str>) -> Vec<ResourceEntry> {
+        self.store
+            .all()
+            .into_iter()
+            .filter(|(_, r)| kind.is_none_or(|k| r.kind.kind_name().eq_ignore_ascii_case(k)))
+            .filter(|(_, r)| name.is_none_or(|n| r.meta.name == n))
+            .filter(|(_, r)| namespace.is_none_or(|n| r.meta.namespace == n))
+            .map(|(layer, r)| ResourceEntry {
+                layer: match layer {
+                    Layer::File => "file".into(),
+                    Layer::Api => "api".into(),
+                },
+                kind: r.kind.kind_name().into(),
+                namespace: r.meta.namespace.clone(),
+                name: r.meta.name.clone(),
+                source: r.source.file.clone(),
+                resource: serde_json::to_value(r).unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Kernel counters.
+    pub fn stats(&self) -> Result<StatsSnapshot, Rejection> {
+        self.dataplane.stats().map_err(|e| Rejection::internal(e.to_string()))
+    }
+
+    /// What `meshctl status` shows.
+    pub fn status(&self) -> Status {
+        let fill = self.dataplane.fill_levels();
+        let conntrack = fill.iter().find(|m| m.name == mesh_common::map_names::CONNTRACK);
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            interfaces: self
+                .dataplane
+                .attachments()
+                .map(|a| InterfaceStatus {
+                    name: a.interface.clone(),
+                    ifindex: a.ifindex,
+                    mode: format!("{:?}", a.mode).to_lowercase(),
+                    program_id: self.dataplane.program_id(),
+                })
+                .collect(),
+            conntrack_entries: conntrack.map(|m| m.used).unwrap_or(0),
+            conntrack_capacity: conntrack.map(|m| m.capacity).unwrap_or(0),
+            maps: fill
+                .into_iter()
+                .map(|m| MapStatus {
+                    name: m.name,
+                    used: m.used,
+                    capacity: m.capacity,
+                })
+                .collect(),
+            resources: self.store.all().len(),
+            services: self.current.services.len(),
+            last_apply: self.last_apply.clone(),
+            state_file: self.state_file.as_ref().map(|p| p.display().to_string()),
+            pin_dir: self
+                .dataplane
+                .options()
+                .pin_dir
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        }
+    }
+
+    /// Prometheus text for the kernel counters plus the apply metrics.
+    pub fn render_metrics(&self) -> String {
+        let snapshot = self.dataplane.stats().ok();
+        let fill = self.dataplane.fill_levels();
+        self.metrics.render(snapshot.as_ref(), &fill)
+    }
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}

@@ -1,0 +1,189 @@
+//! The daemon's life cycle: restore state, load and attach the dataplane, serve the admin API and
+//! metrics, re-read `--config` when it changes or on SIGHUP, and stop on SIGTERM/SIGINT.
+//!
+//! Stopping leaves pinned programs and maps in place (forwarding goes on with the last rules),
+//! so a restarted or upgraded meshd takes over without breaking established connections.
+//! `meshd --cleanup` removes them.
+
+pub mod control;
+pub mod node;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+use crate::{
+    admin::server,
+    compile::NodeContext,
+    dataplane::{Dataplane, DataplaneOptions, XdpAttachMode},
+    store::RuleStore,
+};
+use control::Controller;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Sets up `tracing` on stderr; `RUST_LOG` overrides the default `info` level.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// What the daemon runs with.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    /// Interfaces to attach to.
+    pub interfaces: Vec<String>,
+    /// Rules files: a file or a directory (watched).
+    pub config: Option<PathBuf>,
+    /// XDP attach mode.
+    pub xdp_mode: XdpAttachMode,
+    /// Pin directory for maps and links (None: private, nothing survives a restart).
+    pub pin_dir: Option<PathBuf>,
+    /// Where rules applied with meshctl are persisted (None: not persisted).
+    pub state_file: Option<PathBuf>,
+    /// Admin API socket.
+    pub socket: PathBuf,
+    /// Metrics listener (None: off).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Maglev entries per generation.
+    pub maglev_pool_entries: u32,
+    /// Conntrack capacity.
+    pub conntrack_entries: u32,
+    /// How often the --config files are checked for changes.
+    pub watch_interval: Duration,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(options: DaemonOptions) -> Result<()> {
+    let node = NodeContext {
+        node_addresses: node::interface_addresses(&options.interfaces)?,
+    };
+    let store = RuleStore::open(options.state_file.clone()).context("restoring applied rules")?;
+    let dataplane = Dataplane::load(DataplaneOptions {
+        pin_dir: options.pin_dir.clone(),
+        maglev_pool_entries: options.maglev_pool_entries,
+        conntrack_entries: options.conntrack_entries,
+    })
+    .context("loading the kernel programs")?;
+    let mut controller = Controller::new(
+        dataplane,
+        store,
+        node,
+        options.config.clone(),
+        options.state_file.clone(),
+    );
+    // Rules before attaching: bad rules fail here, before any packet is touched.
+    let report = controller.load_files("startup").map_err(|r| anyhow::anyhow!(r.message))?;
+    info!(
+        services = report.services,
+        backends = report.backends,
+        generation = report.generation,
+        micros = report.duration.as_micros() as u64,
+        "rules installed"
+    );
+    for interface in &options.interfaces {
+        controller.dataplane_mut().attach(interface, options.xdp_mode)?;
+    }
+    let controller = Arc::new(Mutex::new(controller));
+    server::serve_admin(options.socket.clone(), controller.clone()).await?;
+    if let Some(addr) = options.metrics_addr {
+        server::serve_metrics(addr, controller.clone()).await?;
+    }
+    info!(interfaces = ?options.interfaces, socket = %options.socket.display(), "meshd ready");
+
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut watch = tokio::time::interval(options.watch_interval);
+    let mut seen = options.config.as_deref().map(fingerprint);
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                info!("SIGHUP: re-reading the rules files");
+                seen = options.config.as_deref().map(fingerprint);
+                reload(&controller).await;
+            }
+            _ = watch.tick() => {
+                let now = options.config.as_deref().map(fingerprint);
+                if now != seen {
+                    seen = now;
+                    info!("rules files changed: re-reading");
+                    reload(&controller).await;
+                }
+            }
+            _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
+        }
+    }
+    let _ = std::fs::remove_file(&options.socket);
+    if options.pin_dir.is_some() {
+        info!("programs and maps stay pinned and keep forwarding; `meshd --cleanup` removes them");
+    }
+    Ok(())
+}
+
+async fn reload(controller: &Arc<Mutex<Controller>>) {
+    let controller = controller.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut c = controller.lock().unwrap_or_else(|p| p.into_inner());
+        c.load_files("files")
+    })
+    .await;
+    match outcome {
+        Ok(Ok(report)) => info!(
+            services = report.services,
+            backends = report.backends,
+            generation = report.generation,
+            micros = report.duration.as_micros() as u64,
+            "rules reloaded"
+        ),
+        Ok(Err(rejection)) => error!(
+            "reload rejected, the previous rules stay in force: {}",
+            rejection.message
+        ),
+        Err(e) => error!("reload failed: {e}"),
+    }
+}
+
+/// Names, sizes and modification times of the rule files: a cheap change detector that needs
+/// no inotify and also sees files replaced by rename (how editors and GitOps tools write).
+fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut entries = Vec::new();
+    let mut add = |p: &Path| {
+        if let Ok(meta) = std::fs::metadata(p) {
+            entries.push((p.to_path_buf(), meta.len(), meta.modified().ok()));
+        }
+    };
+    if path.is_dir() {
+        if let Ok(dir) = std::fs::read_dir(path) {
+            for entry in dir.flatten() {
+                add(&entry.path());
+            }
+        }
+    } else {
+        add(path);
+    }
+    entries.sort();
+    entries
+}
