@@ -3,7 +3,6 @@
 //! own identities (bytes that crossed the data plane) tell where every connection landed.
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::Duration,
@@ -12,181 +11,12 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use mesh_tests::{
     meshd::Meshd,
-    netns::Netns,
-    servers::{tcp_connect, tcp_echo, tcp_server, udp_ask, udp_server, Server},
-    topology::{backend_v4, backend_v6, Topology, NODE_V4},
+    rules::{echo_service_entry, echo_split, meshd_args, RulesDir, ECHO_SUBSETS, VIP_V6},
+    servers::{tcp_connect, tcp_echo},
+    topology::{backend_v6, Topology, NODE_V4},
+    traffic::{assert_shares, start_backends, tcp_split, udp_split, vip},
 };
 
-const VIP_V4: &str = "198.18.100.1";
-const VIP_V6: &str = "2001:db8:100::1";
-
-/// A directory of rules for one test, removed on drop.
-struct RulesDir(PathBuf);
-
-impl RulesDir {
-    fn new(topo: &Topology) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("{}-rules", topo.prefix));
-        std::fs::create_dir_all(&dir)?;
-        Ok(RulesDir(dir))
-    }
-
-    /// Writes atomically (temp file + rename): meshd watches the directory and must never
-    /// see a half-written file.
-    fn write(&self, file: &str, yaml: &str) -> Result<()> {
-        let tmp = self.0.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml).with_context(|| format!("writing {file}"))?;
-        std::fs::rename(&tmp, self.0.join(file)).with_context(|| format!("renaming {file}"))
-    }
-
-    fn path(&self) -> String {
-        self.0.display().to_string()
-    }
-}
-
-impl Drop for RulesDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn meshd_args(topo: &Topology, rules: &RulesDir) -> Vec<String> {
-    let mut args = Vec::new();
-    for interface in topo.node_interfaces() {
-        args.push("--iface".into());
-        args.push(interface);
-    }
-    args.extend([
-        "--config".into(),
-        rules.path(),
-        "--no-pin".into(),
-        "--no-state".into(),
-        "--socket".into(),
-        format!("{}/meshd.sock", rules.path()),
-    ]);
-    args
-}
-
-/// The `echo` service: VIP 198.18.100.1, TCP 8080 and UDP 8081, three backends v1..v3.
-fn echo_service_entry(endpoints: &[usize]) -> String {
-    let mut yaml = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: echo
-spec:
-  hosts: [echo.mesh.test]
-  addresses: [{VIP_V4}]
-  ports:
-  - {{number: 8080, name: tcp-echo, protocol: TCP}}
-  - {{number: 8081, name: udp-echo, protocol: UDP}}
-  resolution: STATIC
-  endpoints:
-"
-    );
-    for i in endpoints {
-        yaml.push_str(&format!(
-            "  - {{address: {}, labels: {{version: v{i}}}}}\n",
-            backend_v4(*i)
-        ));
-    }
-    yaml
-}
-
-const ECHO_SUBSETS: &str = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: echo
-spec:
-  host: echo.mesh.test
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-  - {name: v3, labels: {version: v3}}
-";
-
-/// A VirtualService splitting both ports of `echo` across v1/v2/v3 by `weights`.
-fn echo_split(weights: [u32; 3]) -> String {
-    let mut yaml = String::from(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: echo
-spec:
-  hosts: [echo.mesh.test]
-  tcp:
-",
-    );
-    for port in [8080, 8081] {
-        yaml.push_str(&format!("  - match: [{{port: {port}}}]\n    route:\n"));
-        for (i, w) in weights.iter().enumerate() {
-            yaml.push_str(&format!(
-                "    - destination: {{host: echo.mesh.test, subset: v{}, port: {{number: {port}}}}}\n      weight: {w}\n",
-                i + 1
-            ));
-        }
-    }
-    yaml
-}
-
-/// TCP and UDP identity servers on every backend (identities `v1`, `v2`, ...).
-fn start_backends(topo: &Topology, v6: bool) -> Result<Vec<Server>> {
-    let mut servers = Vec::new();
-    for (index, ns) in topo.backends.iter().enumerate() {
-        let i = index + 1;
-        let ip = if v6 { backend_v6(i) } else { backend_v4(i) };
-        servers.push(tcp_server(ns, SocketAddr::new(ip, 8080), &format!("v{i}"))?);
-        servers.push(udp_server(ns, SocketAddr::new(ip, 8081), &format!("v{i}"))?);
-        servers.push(tcp_server(ns, SocketAddr::new(ip, 9000), &format!("v{i}"))?);
-    }
-    Ok(servers)
-}
-
-/// Opens `count` TCP connections from the client, one after another; counts who answered.
-fn tcp_split(client: &Netns, target: SocketAddr, count: usize) -> Result<BTreeMap<String, usize>> {
-    client.run(move || -> Result<BTreeMap<String, usize>> {
-        let mut seen = BTreeMap::new();
-        for _ in 0..count {
-            let (_stream, identity) = tcp_connect(target)?;
-            *seen.entry(identity).or_insert(0) += 1;
-        }
-        Ok(seen)
-    })?
-}
-
-/// Sends `count` UDP flows (fresh source port each); counts who answered.
-fn udp_split(client: &Netns, target: SocketAddr, count: usize) -> Result<BTreeMap<String, usize>> {
-    client.run(move || -> Result<BTreeMap<String, usize>> {
-        let mut seen = BTreeMap::new();
-        for _ in 0..count {
-            *seen.entry(udp_ask(target)?).or_insert(0) += 1;
-        }
-        Ok(seen)
-    })?
-}
-
-fn assert_shares(seen: &BTreeMap<String, usize>, expected: &[(&str, f64)], tolerance: f64) -> Result<()> {
-    let total: usize = seen.values().sum();
-    for (identity, count) in seen {
-        ensure!(
-            expected.iter().any(|(e, _)| e == identity),
-            "connections reached unexpected backend {identity}: {seen:?}"
-        );
-        let _ = count;
-    }
-    for (identity, share) in expected {
-        let got = *seen.get(*identity).unwrap_or(&0) as f64 / total as f64;
-        ensure!(
-            (got - share).abs() <= tolerance,
-            "{identity}: observed share {:.3}, configured {share:.3} (tolerance {tolerance}); all: {seen:?}",
-            got
-        );
-    }
-    Ok(())
-}
-
-fn vip(port: u16) -> SocketAddr {
-    SocketAddr::new(VIP_V4.parse().expect("ip"), port)
-}
 
 #[test]
 fn tcp_connections_follow_weights_70_20_10() -> Result<()> {

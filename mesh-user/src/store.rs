@@ -37,8 +37,10 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// A resource is defined both in --config files and through the API.
-    #[error("{resource} is defined in {file} (meshd --config) and cannot also be applied with meshctl; change it in the file, or remove it there first")]
+    #[error("{incoming}: {resource} is defined in {file} (meshd --config) and cannot also be applied with meshctl; change it in the file, or remove it there first")]
     Conflict {
+        /// Where the API copy came from.
+        incoming: String,
         /// The resource.
         resource: String,
         /// The file defining it.
@@ -122,6 +124,7 @@ impl RuleStore {
         for resource in &api.resources {
             if let Some(file) = files.resources.iter().find(|f| f.key() == resource.key()) {
                 return Err(StoreError::Conflict {
+                    incoming: resource.source.to_string(),
                     resource: resource.display_name(),
                     file: file.source.file.clone(),
                 });

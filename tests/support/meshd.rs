@@ -155,3 +155,43 @@ impl Drop for Meshd {
         }
     }
 }
+
+/// Runs meshctl against `socket` and returns (success, stdout, stderr).
+pub fn meshctl(socket: &str, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = std::process::Command::new(bin("meshctl")?)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .context("running meshctl")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Runs meshctl with `stdin` fed to it.
+pub fn meshctl_stdin(socket: &str, args: &[&str], stdin: &str) -> Result<(bool, String, String)> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(bin("meshctl")?)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running meshctl")?;
+    child
+        .stdin
+        .take()
+        .context("meshctl stdin")?
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}

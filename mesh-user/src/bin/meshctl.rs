@@ -310,7 +310,9 @@ fn validate(inputs: &[String]) -> Result<()> {
 
 fn print_changes(answer: &ApplyResponse) {
     for change in &answer.changes {
-        let (kind, name) = change.resource.split_once(' ').unwrap_or((&change.resource, ""));
+        // "VirtualService default/reviews" -> "virtualservice.networking.istio.io/reviews".
+        let (kind, qualified) = change.resource.split_once(' ').unwrap_or((&change.resource, ""));
+        let name = qualified.rsplit('/').next().unwrap_or(qualified);
         println!(
             "{}.networking.istio.io/{name} {}{}",
             kind.to_lowercase(),

@@ -132,7 +132,7 @@ impl Controller {
         for (i, resource) in incoming.resources.iter().enumerate() {
             if let Some(first) = incoming.resources[..i].iter().find(|r| r.key() == resource.key()) {
                 let message = format!(
-                    "{}: {} is defined twice in this submission (first in {})",
+                    "{}: duplicate resource: {} is defined twice in this submission (first in {})",
                     resource.source,
                     resource.display_name(),
                     first.source

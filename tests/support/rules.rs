@@ -1,0 +1,131 @@
+//! Rules for tests: a per-test rules directory and the YAML of the `echo` test service.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use crate::topology::{backend_v4, Topology};
+
+/// IPv4 VIP of the `echo` service.
+pub const VIP_V4: &str = "198.18.100.1";
+/// IPv6 VIP of the `echo6` service.
+pub const VIP_V6: &str = "2001:db8:100::1";
+
+/// A directory of rules for one test, removed on drop.
+pub struct RulesDir(pub PathBuf);
+
+impl RulesDir {
+    /// Creates the directory for `topo`.
+    pub fn new(topo: &Topology) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-rules", topo.prefix));
+        std::fs::create_dir_all(&dir)?;
+        Ok(RulesDir(dir))
+    }
+
+    /// Writes atomically (temp file + rename): meshd watches the directory and must never
+    /// see a half-written file.
+    pub fn write(&self, file: &str, yaml: &str) -> Result<()> {
+        let tmp = self.0.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).with_context(|| format!("writing {file}"))?;
+        std::fs::rename(&tmp, self.0.join(file)).with_context(|| format!("renaming {file}"))
+    }
+
+    /// The directory as a string.
+    pub fn path(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    /// The admin socket meshd uses with [`meshd_args`].
+    pub fn socket(&self) -> String {
+        format!("{}/meshd.sock", self.path())
+    }
+}
+
+impl Drop for RulesDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// meshd arguments for the topology: every node interface, these rules, nothing pinned or
+/// persisted, the admin socket inside the rules directory.
+pub fn meshd_args(topo: &Topology, rules: &RulesDir) -> Vec<String> {
+    let mut args = Vec::new();
+    for interface in topo.node_interfaces() {
+        args.push("--iface".into());
+        args.push(interface);
+    }
+    args.extend([
+        "--config".into(),
+        rules.path(),
+        "--no-pin".into(),
+        "--no-state".into(),
+        "--socket".into(),
+        format!("{}/meshd.sock", rules.path()),
+    ]);
+    args
+}
+
+/// The `echo` service: VIP 198.18.100.1, TCP 8080 and UDP 8081, three backends v1..v3.
+pub fn echo_service_entry(endpoints: &[usize]) -> String {
+    let mut yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: echo
+spec:
+  hosts: [echo.mesh.test]
+  addresses: [{VIP_V4}]
+  ports:
+  - {{number: 8080, name: tcp-echo, protocol: TCP}}
+  - {{number: 8081, name: udp-echo, protocol: UDP}}
+  resolution: STATIC
+  endpoints:
+"
+    );
+    for i in endpoints {
+        yaml.push_str(&format!(
+            "  - {{address: {}, labels: {{version: v{i}}}}}\n",
+            backend_v4(*i)
+        ));
+    }
+    yaml
+}
+
+/// Subsets v1..v3 of `echo`.
+pub const ECHO_SUBSETS: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: echo
+spec:
+  host: echo.mesh.test
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+";
+
+/// A VirtualService splitting both ports of `echo` across v1/v2/v3 by `weights`.
+pub fn echo_split(weights: [u32; 3]) -> String {
+    let mut yaml = String::from(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: echo
+spec:
+  hosts: [echo.mesh.test]
+  tcp:
+",
+    );
+    for port in [8080, 8081] {
+        yaml.push_str(&format!("  - match: [{{port: {port}}}]\n    route:\n"));
+        for (i, w) in weights.iter().enumerate() {
+            yaml.push_str(&format!(
+                "    - destination: {{host: echo.mesh.test, subset: v{}, port: {{number: {port}}}}}\n      weight: {w}\n",
+                i + 1
+            ));
+        }
+    }
+    yaml
+}
+

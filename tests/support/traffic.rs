@@ -1,0 +1,77 @@
+//! Traffic for tests: identity servers on every backend, and client loops that count which
+//! backend answered.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use anyhow::{ensure, Result};
+
+use crate::{
+    netns::Netns,
+    rules::VIP_V4,
+    servers::{tcp_connect, tcp_server, udp_ask, udp_server, Server},
+    topology::{backend_v4, backend_v6, Topology},
+};
+
+/// TCP and UDP identity servers on every backend (identities `v1`, `v2`, ...).
+pub fn start_backends(topo: &Topology, v6: bool) -> Result<Vec<Server>> {
+    let mut servers = Vec::new();
+    for (index, ns) in topo.backends.iter().enumerate() {
+        let i = index + 1;
+        let ip = if v6 { backend_v6(i) } else { backend_v4(i) };
+        servers.push(tcp_server(ns, SocketAddr::new(ip, 8080), &format!("v{i}"))?);
+        servers.push(udp_server(ns, SocketAddr::new(ip, 8081), &format!("v{i}"))?);
+        servers.push(tcp_server(ns, SocketAddr::new(ip, 9000), &format!("v{i}"))?);
+    }
+    Ok(servers)
+}
+
+/// Opens `count` TCP connections from the client, one after another; counts who answered.
+pub fn tcp_split(client: &Netns, target: SocketAddr, count: usize) -> Result<BTreeMap<String, usize>> {
+    client.run(move || -> Result<BTreeMap<String, usize>> {
+        let mut seen = BTreeMap::new();
+        for _ in 0..count {
+            let (_stream, identity) = tcp_connect(target)?;
+            *seen.entry(identity).or_insert(0) += 1;
+        }
+        Ok(seen)
+    })?
+}
+
+/// Sends `count` UDP flows (fresh source port each); counts who answered.
+pub fn udp_split(client: &Netns, target: SocketAddr, count: usize) -> Result<BTreeMap<String, usize>> {
+    client.run(move || -> Result<BTreeMap<String, usize>> {
+        let mut seen = BTreeMap::new();
+        for _ in 0..count {
+            *seen.entry(udp_ask(target)?).or_insert(0) += 1;
+        }
+        Ok(seen)
+    })?
+}
+
+/// Checks every observed share is within `tolerance` of the expected one, and nothing else
+/// answered.
+pub fn assert_shares(seen: &BTreeMap<String, usize>, expected: &[(&str, f64)], tolerance: f64) -> Result<()> {
+    let total: usize = seen.values().sum();
+    for (identity, count) in seen {
+        ensure!(
+            expected.iter().any(|(e, _)| e == identity),
+            "connections reached unexpected backend {identity}: {seen:?}"
+        );
+        let _ = count;
+    }
+    for (identity, share) in expected {
+        let got = *seen.get(*identity).unwrap_or(&0) as f64 / total as f64;
+        ensure!(
+            (got - share).abs() <= tolerance,
+            "{identity}: observed share {:.3}, configured {share:.3} (tolerance {tolerance}); all: {seen:?}",
+            got
+        );
+    }
+    Ok(())
+}
+
+/// The `echo` IPv4 VIP at `port`.
+pub fn vip(port: u16) -> SocketAddr {
+    SocketAddr::new(VIP_V4.parse().expect("ip"), port)
+}
+
