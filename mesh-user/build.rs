@@ -11,9 +11,17 @@ use anyhow::{bail, Context, Result};
 
 fn main() -> Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let root = manifest_dir.parent().context("workspace root")?.to_path_buf(); // both users sit one level below the root
+    let root = manifest_dir
+        .parent()
+        .context("workspace root")?
+        .to_path_buf(); // both users sit one level below the root
     let ebpf_dir = root.join("mesh-ebpf");
-    for watched in ["mesh-ebpf/src", "mesh-ebpf/Cargo.toml", "mesh-ebpf/Cargo.lock", "mesh-common/src"] {
+    for watched in [
+        "mesh-ebpf/src",
+        "mesh-ebpf/Cargo.toml",
+        "mesh-ebpf/Cargo.lock",
+        "mesh-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=MESH_BPF_CARGO");
@@ -38,7 +46,13 @@ fn main() -> Result<()> {
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_TARGET_DIR", &target_dir)
         .current_dir(&ebpf_dir)
-        .args(["build", "--release", "--locked", "--target", "bpfel-unknown-none"]);
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+        ]);
     if let Ok(cargo_home) = env::var("CARGO_HOME") {
         cmd.env("CARGO_HOME", cargo_home);
     }

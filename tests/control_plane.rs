@@ -59,9 +59,12 @@ fn pinned_args(topo: &Topology, rules: &RulesDir, pins: &PinDir) -> Vec<String> 
 
 /// Every byte of the rule maps (not the counters or the connection table, which traffic moves).
 fn rule_maps(pins: &Path) -> Result<Vec<u8>> {
-    let open = |name: &str| MapData::from_pin(pins.join(name)).with_context(|| format!("opening pinned {name}"));
+    let open = |name: &str| {
+        MapData::from_pin(pins.join(name)).with_context(|| format!("opening pinned {name}"))
+    };
     let mut out = Vec::new();
-    let active: Array<MapData, u32> = Array::try_from(Map::Array(open(map_names::ACTIVE_GENERATION)?))?;
+    let active: Array<MapData, u32> =
+        Array::try_from(Map::Array(open(map_names::ACTIVE_GENERATION)?))?;
     out.extend(active.get(&0, 0)?.to_ne_bytes());
     let services: BpfHashMap<MapData, ServiceKey, ServiceInfo> =
         BpfHashMap::try_from(Map::HashMap(open(map_names::SERVICES)?))?;
@@ -70,7 +73,8 @@ fn rule_maps(pins: &Path) -> Result<Vec<u8>> {
     for (k, v) in entries {
         out.extend(format!("{k:?}{v:?}").bytes());
     }
-    let backends: Array<MapData, Backend> = Array::try_from(Map::Array(open(map_names::BACKENDS)?))?;
+    let backends: Array<MapData, Backend> =
+        Array::try_from(Map::Array(open(map_names::BACKENDS)?))?;
     for b in backends.iter() {
         out.extend(format!("{:?}", b?).bytes());
     }
@@ -110,7 +114,10 @@ fn apply_while_200_connections_are_open_breaks_none() -> Result<()> {
     let _meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
     let socket = rules.socket();
     let out = apply(&socket, &echo_split([100, 0, 0]))?;
-    ensure!(out.contains("virtualservice.networking.istio.io/echo created"), "{out}");
+    ensure!(
+        out.contains("virtualservice.networking.istio.io/echo created"),
+        "{out}"
+    );
 
     let mut open = topo
         .client
@@ -152,7 +159,10 @@ fn a_bundle_with_one_bad_resource_changes_nothing() -> Result<()> {
     std::fs::create_dir_all(&bundle_dir)?;
     std::fs::write(
         bundle_dir.join("a-good-se.yaml"),
-        echo_service_entry(&[1, 2]).replace("name: echo\n", "name: echo-b\n").replace("echo.mesh.test", "echo-b.mesh.test").replace("198.18.100.1", "198.18.100.2"),
+        echo_service_entry(&[1, 2])
+            .replace("name: echo\n", "name: echo-b\n")
+            .replace("echo.mesh.test", "echo-b.mesh.test")
+            .replace("198.18.100.1", "198.18.100.2"),
     )?;
     std::fs::write(bundle_dir.join("b-good-vs.yaml"), echo_split([0, 100, 0]))?;
     std::fs::write(
@@ -168,17 +178,33 @@ spec:
     - destination: {host: echo-b.mesh.test, subset: v9}
 ",
     )?;
-    let (ok, stdout, stderr) = meshctl(&socket, &["apply", "-f", &bundle_dir.display().to_string()])?;
+    let (ok, stdout, stderr) =
+        meshctl(&socket, &["apply", "-f", &bundle_dir.display().to_string()])?;
     ensure!(!ok, "the bundle was accepted:\n{stdout}");
-    ensure!(stderr.contains("broken"), "the error does not name the bad resource:\n{stderr}");
-    ensure!(stderr.contains("v9"), "the error does not name the bad subset:\n{stderr}");
-    ensure!(rule_maps(&pins.0)? == before, "kernel rule maps changed after a rejected apply");
-    ensure!(meshctl(&socket, &["get", "all", "-o", "yaml"])? == resources_before, "resources changed");
+    ensure!(
+        stderr.contains("broken"),
+        "the error does not name the bad resource:\n{stderr}"
+    );
+    ensure!(
+        stderr.contains("v9"),
+        "the error does not name the bad subset:\n{stderr}"
+    );
+    ensure!(
+        rule_maps(&pins.0)? == before,
+        "kernel rule maps changed after a rejected apply"
+    );
+    ensure!(
+        meshctl(&socket, &["get", "all", "-o", "yaml"])? == resources_before,
+        "resources changed"
+    );
     // The old rules still route.
     let seen = tcp_split(&topo.client, vip(8080), 500)?;
     assert_shares(&seen, &[("v1", 0.7), ("v2", 0.2), ("v3", 0.1)], 0.06)?;
     let status = meshctl(&socket, &["status"])?.1;
-    ensure!(status.contains("FAILED"), "status should report the failed apply:\n{status}");
+    ensure!(
+        status.contains("FAILED"),
+        "status should report the failed apply:\n{status}"
+    );
     Ok(())
 }
 
@@ -189,7 +215,10 @@ fn bad_inputs_each_get_a_precise_error_and_change_nothing() -> Result<()> {
     let pins = PinDir::new(&topo);
     // Rules only from meshctl, so corpus files may use any resource name.
     let mut args = pinned_args(&topo, &rules, &pins);
-    let at = args.iter().position(|a| a == "--config").context("--config")?;
+    let at = args
+        .iter()
+        .position(|a| a == "--config")
+        .context("--config")?;
     args.drain(at..at + 2);
     let _meshd = Meshd::start(&topo.node, &args)?;
     let socket = rules.socket();
@@ -205,18 +234,35 @@ fn bad_inputs_each_get_a_precise_error_and_change_nothing() -> Result<()> {
     let mut checked = 0;
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap_or_default();
-        let Some(expect) = text.lines().next().and_then(|l| l.strip_prefix("# expect:")) else {
+        let Some(expect) = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect:"))
+        else {
             continue;
         };
         let (ok, _, stderr) = meshctl(&socket, &["apply", "-f", &file.display().to_string()])?;
         ensure!(!ok, "{} was accepted", file.display());
         let name = file.file_name().unwrap().to_string_lossy();
-        ensure!(stderr.contains(&*name), "error for {name} does not name the file:\n{stderr}");
-        ensure!(stderr.contains(expect.trim()), "error for {name} lacks {:?}:\n{stderr}", expect.trim());
+        ensure!(
+            stderr.contains(&*name),
+            "error for {name} does not name the file:\n{stderr}"
+        );
+        ensure!(
+            stderr.contains(expect.trim()),
+            "error for {name} lacks {:?}:\n{stderr}",
+            expect.trim()
+        );
         checked += 1;
     }
-    ensure!(checked >= 30, "only {checked} corpus files carry an expectation");
-    ensure!(rule_maps(&pins.0)? == before, "a rejected input changed the kernel maps");
+    ensure!(
+        checked >= 30,
+        "only {checked} corpus files carry an expectation"
+    );
+    ensure!(
+        rule_maps(&pins.0)? == before,
+        "a rejected input changed the kernel maps"
+    );
     Ok(())
 }
 
@@ -252,10 +298,19 @@ fn restart_keeps_100_long_lived_connections_and_the_rules() -> Result<()> {
             .with_context(|| format!("connection {n} broke across the restart"))?;
     }
     let (ok, stdout, stderr) = meshctl(&socket, &["get", "vs", "echo", "-o", "yaml"])?;
-    ensure!(ok && stdout.contains("weight: 70"), "the applied rules were not restored:\n{stdout}{stderr}");
+    ensure!(
+        ok && stdout.contains("weight: 70"),
+        "the applied rules were not restored:\n{stdout}{stderr}"
+    );
     let after = tcp_split(&topo.client, vip(8080), 1000)?;
     assert_shares(&after, &[("v1", 0.7), ("v2", 0.2), ("v3", 0.1)], 0.04)?;
-    ensure!(meshd.wait_for_log("replaced_pinned_link=true", 0, Duration::from_secs(1)).is_ok(), "the new meshd did not take over the pinned link:\n{}", meshd.log());
+    ensure!(
+        meshd
+            .wait_for_log("replaced_pinned_link=true", 0, Duration::from_secs(1))
+            .is_ok(),
+        "the new meshd did not take over the pinned link:\n{}",
+        meshd.log()
+    );
     Ok(())
 }
 
@@ -283,7 +338,10 @@ fn stats_match_what_the_clients_sent() -> Result<()> {
             let mut buf = [0u8; 64];
             let (n, _) = socket.recv_from(&mut buf)?;
             let port = socket.local_addr()?.port();
-            flows.entry(String::from_utf8_lossy(&buf[..n]).to_string()).or_default().insert(port);
+            flows
+                .entry(String::from_utf8_lossy(&buf[..n]).to_string())
+                .or_default()
+                .insert(port);
         }
         Ok(flows)
     })??;
@@ -298,23 +356,41 @@ fn stats_match_what_the_clients_sent() -> Result<()> {
         .context("udp service in stats")?;
     let frame = (14 + 20 + 8 + 100) as u64;
     let totals = &service["totals"];
-    ensure!(totals["connections"] == total_flows as u64, "connections: {totals} vs {total_flows} flows");
+    ensure!(
+        totals["connections"] == total_flows as u64,
+        "connections: {totals} vs {total_flows} flows"
+    );
     ensure!(totals["packets"] == DATAGRAMS as u64, "packets: {totals}");
-    ensure!(totals["bytes"] == DATAGRAMS as u64 * frame, "bytes: {totals}");
-    ensure!(totals["reply_packets"] == DATAGRAMS as u64, "replies: {totals}");
+    ensure!(
+        totals["bytes"] == DATAGRAMS as u64 * frame,
+        "bytes: {totals}"
+    );
+    ensure!(
+        totals["reply_packets"] == DATAGRAMS as u64,
+        "replies: {totals}"
+    );
     let mut backend_flows = 0;
     for backend in service["backends"].as_array().context("backends")? {
         let version = backend["version"].as_str().unwrap_or_default();
         let sent = flows.get(version).map(|p| p.len()).unwrap_or(0) as u64;
-        ensure!(backend["counters"]["connections"] == sent, "{version}: stats {} vs clients {sent}", backend["counters"]);
+        ensure!(
+            backend["counters"]["connections"] == sent,
+            "{version}: stats {} vs clients {sent}",
+            backend["counters"]
+        );
         backend_flows += sent;
     }
     ensure!(backend_flows == total_flows as u64);
     // The table view shows the configured weights next to the observed shares.
     let table = meshctl(&socket, &["stats"])?.1;
-    ensure!(table.contains("50.0%") && table.contains("30.0%") && table.contains("20.0%"), "{table}");
+    ensure!(
+        table.contains("50.0%") && table.contains("30.0%") && table.contains("20.0%"),
+        "{table}"
+    );
     // And the Prometheus endpoint carries the same numbers.
-    let metrics = topo.node.exec("curl", &["-s", "http://127.0.0.1:9464/metrics"]);
+    let metrics = topo
+        .node
+        .exec("curl", &["-s", "http://127.0.0.1:9464/metrics"]);
     if let Ok(out) = metrics {
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(text.contains("mesh_service_connections_total"), "{text}");
@@ -327,13 +403,25 @@ fn meshctl_explains_a_missing_daemon_and_validates_offline() -> Result<()> {
     let (ok, _, stderr) = meshctl("/nonexistent/meshd.sock", &["status"])?;
     ensure!(!ok && stderr.contains("is meshd running"), "{stderr}");
     let sandbox = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/sandbox");
-    let (ok, stdout, stderr) = meshctl("/nonexistent/meshd.sock", &["validate", "-f", &sandbox.display().to_string()])?;
+    let (ok, stdout, stderr) = meshctl(
+        "/nonexistent/meshd.sock",
+        &["validate", "-f", &sandbox.display().to_string()],
+    )?;
     // The sandbox folder holds several alternative VirtualServices for one host: validating them
     // together must report exactly that conflict.
     ensure!(!ok && stderr.contains("reviews"), "{stdout}{stderr}");
-    let service = sandbox.join("00-reviews-service.yaml").display().to_string();
+    let service = sandbox
+        .join("00-reviews-service.yaml")
+        .display()
+        .to_string();
     let step = sandbox.join("step2-80-v1-20-v2.yaml").display().to_string();
-    let (ok, stdout, stderr) = meshctl("/nonexistent/meshd.sock", &["validate", "-f", &service, "-f", &step])?;
-    ensure!(ok && stdout.contains("3 resources valid"), "{stdout}{stderr}");
+    let (ok, stdout, stderr) = meshctl(
+        "/nonexistent/meshd.sock",
+        &["validate", "-f", &service, "-f", &step],
+    )?;
+    ensure!(
+        ok && stdout.contains("3 resources valid"),
+        "{stdout}{stderr}"
+    );
     Ok(())
 }

@@ -17,7 +17,6 @@ use mesh_tests::{
     traffic::{assert_shares, start_backends, tcp_split, udp_split, vip},
 };
 
-
 #[test]
 fn tcp_connections_follow_weights_70_20_10() -> Result<()> {
     let topo = Topology::build(3)?;
@@ -44,14 +43,17 @@ fn established_connections_keep_their_backend_when_weights_change() -> Result<()
     let mut meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
 
     // 50 long-lived connections, all on v1.
-    let mut streams = topo.client.run(|| -> Result<Vec<_>> {
-        (0..50).map(|_| tcp_connect(vip(8080))).collect()
-    })??;
+    let mut streams = topo
+        .client
+        .run(|| -> Result<Vec<_>> { (0..50).map(|_| tcp_connect(vip(8080))).collect() })??;
     ensure!(streams.iter().all(|(_, id)| id == "v1"), "not all on v1");
 
     rules.write("vs.yaml", &echo_split([0, 100, 0]))?;
     let outcome = meshd.reload()?;
-    ensure!(outcome.contains("rules reloaded"), "reload failed: {outcome}");
+    ensure!(
+        outcome.contains("rules reloaded"),
+        "reload failed: {outcome}"
+    );
 
     // Every old connection still talks to v1 (its echo comes back through the same backend).
     for (n, (stream, _)) in streams.iter_mut().enumerate() {
@@ -60,7 +62,10 @@ fn established_connections_keep_their_backend_when_weights_change() -> Result<()
     }
     // All new connections go to v2.
     let seen = tcp_split(&topo.client, vip(8080), 200)?;
-    ensure!(seen.len() == 1 && seen.get("v2") == Some(&200), "new connections: {seen:?}");
+    ensure!(
+        seen.len() == 1 && seen.get("v2") == Some(&200),
+        "new connections: {seen:?}"
+    );
     // And the old ones still work after new traffic went elsewhere.
     for (stream, _) in streams.iter_mut() {
         tcp_echo(stream, b"still here")?;
@@ -91,14 +96,23 @@ fn removed_backend_gets_no_new_connections() -> Result<()> {
     rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
     let mut meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
     let before = tcp_split(&topo.client, vip(8080), 300)?;
-    ensure!(before.get("v3").copied().unwrap_or(0) > 50, "v3 should serve before removal: {before:?}");
+    ensure!(
+        before.get("v3").copied().unwrap_or(0) > 50,
+        "v3 should serve before removal: {before:?}"
+    );
 
     rules.write("echo.yaml", &echo_service_entry(&[1, 2]))?;
     ensure!(meshd.reload()?.contains("rules reloaded"));
     let v3_tcp_before = servers[6].served();
     let after = tcp_split(&topo.client, vip(8080), 600)?;
-    ensure!(!after.contains_key("v3"), "v3 got new connections after removal: {after:?}");
-    ensure!(servers[6].served() == v3_tcp_before, "v3 accepted connections after removal");
+    ensure!(
+        !after.contains_key("v3"),
+        "v3 got new connections after removal: {after:?}"
+    );
+    ensure!(
+        servers[6].served() == v3_tcp_before,
+        "v3 accepted connections after removal"
+    );
     assert_shares(&after, &[("v1", 0.5), ("v2", 0.5)], 0.06)
 }
 
@@ -122,12 +136,17 @@ spec:
 "
     );
     for i in 1..=3 {
-        se.push_str(&format!("  - {{address: \"{}\", labels: {{version: v{i}}}}}\n", backend_v6(i)));
+        se.push_str(&format!(
+            "  - {{address: \"{}\", labels: {{version: v{i}}}}}\n",
+            backend_v6(i)
+        ));
     }
     rules.write("echo6.yaml", &se)?;
     rules.write(
         "dr.yaml",
-        &ECHO_SUBSETS.replace("echo.mesh.test", "echo6.mesh.test").replace("name: echo\n", "name: echo6\n"),
+        &ECHO_SUBSETS
+            .replace("echo.mesh.test", "echo6.mesh.test")
+            .replace("name: echo\n", "name: echo6\n"),
     )?;
     rules.write(
         "vs.yaml",
@@ -159,13 +178,20 @@ fn istio_tcp_echo_task_through_the_gateway() -> Result<()> {
     // Istio's own YAML for the task, plus the ServiceEntry that stands in for the Kubernetes
     // Service and its pods.
     for file in ["serviceentry.yaml", "tcp-echo-all-v1.yaml"] {
-        rules.write(file, &std::fs::read_to_string(repo.join(file)).with_context(|| format!("config/tcp-echo/{file}"))?)?;
+        rules.write(
+            file,
+            &std::fs::read_to_string(repo.join(file))
+                .with_context(|| format!("config/tcp-echo/{file}"))?,
+        )?;
     }
     let mut meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
     let gateway = SocketAddr::new(NODE_V4.parse::<IpAddr>()?, 31400);
 
     let all_v1 = tcp_split(&topo.client, gateway, 200)?;
-    ensure!(all_v1.len() == 1 && all_v1.get("v1") == Some(&200), "100% v1 step: {all_v1:?}");
+    ensure!(
+        all_v1.len() == 1 && all_v1.get("v1") == Some(&200),
+        "100% v1 step: {all_v1:?}"
+    );
 
     // Like `kubectl apply -f tcp-echo-20-v2.yaml`: the task's second file replaces the
     // VirtualService; the Gateway and DestinationRule of the first file stay.
@@ -177,10 +203,14 @@ fn istio_tcp_echo_task_through_the_gateway() -> Result<()> {
     rules.write("tcp-echo-all-v1.yaml", &kept.join("\n---"))?;
     rules.write(
         "tcp-echo-20-v2.yaml",
-        &std::fs::read_to_string(repo.join("tcp-echo-20-v2.yaml"))
-            .context("config/tcp-echo/tcp-echo-20-v2.yaml")?,
+        &std::fs::read_to_string(repo.join("step-2-20-v2/tcp-echo-20-v2.yaml"))
+            .context("config/tcp-echo/step-2-20-v2/tcp-echo-20-v2.yaml")?,
     )?;
-    ensure!(meshd.reload()?.contains("rules reloaded"), "reload:\n{}", meshd.log());
+    ensure!(
+        meshd.reload()?.contains("rules reloaded"),
+        "reload:\n{}",
+        meshd.log()
+    );
     let shifted = tcp_split(&topo.client, gateway, 1000)?;
     assert_shares(&shifted, &[("v1", 0.8), ("v2", 0.2)], 0.04)?;
     // Bounded wait so stray late packets cannot hang the test.

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use mesh_tests::{
-    meshd::Meshd,
+    meshd::{meshctl, Meshd},
     servers::{tcp_connect, tcp_server},
     topology::{backend_v4, Topology},
 };
@@ -25,9 +25,15 @@ use mesh_tests::{
 const REVIEWS_VIP: &str = "198.18.100.10:9080";
 const STEPS: &[(&str, &str)] = &[
     ("step1-all-v1.yaml", "route all traffic to reviews v1"),
-    ("step2-80-v1-20-v2.yaml", "canary: shift 20% of connections to v2"),
+    (
+        "step2-80-v1-20-v2.yaml",
+        "canary: shift 20% of connections to v2",
+    ),
     ("step3-50-v1-50-v3.yaml", "split 50/50 between v1 and v3"),
-    ("step4-all-v3.yaml", "complete the migration: all traffic to v3"),
+    (
+        "step4-all-v3.yaml",
+        "complete the migration: all traffic to v3",
+    ),
 ];
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -84,8 +90,14 @@ fn parse_args() -> Result<Option<Options>> {
 fn main() -> ExitCode {
     // SAFETY: installs a handler that only stores to an atomic.
     unsafe {
-        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
     }
     match parse_args().and_then(|o| match o {
         Some(options) => run(&options),
@@ -127,8 +139,10 @@ fn run(options: &Options) -> Result<()> {
     let rules_dir = std::env::temp_dir().join(format!("{}-sandbox-rules", topo.prefix));
     let _rules_guard = DirGuard(rules_dir.clone());
     std::fs::create_dir_all(&rules_dir)?;
-    copy(&config_dir().join("00-reviews-service.yaml"), &rules_dir.join("00-reviews-service.yaml"))?;
-    copy(&config_dir().join(STEPS[0].0), &rules_dir.join("virtualservice.yaml"))?;
+    copy(
+        &config_dir().join("00-reviews-service.yaml"),
+        &rules_dir.join("00-reviews-service.yaml"),
+    )?;
 
     progress("starting meshd on the node (XDP on c0, b1, b2, b3)");
     let mut args = Vec::new();
@@ -143,32 +157,44 @@ fn run(options: &Options) -> Result<()> {
         "--socket".to_string(),
         rules_dir.join("meshd.sock").display().to_string(),
     ]);
-    let mut meshd = Meshd::start(&topo.node, &args)?;
+    let socket = rules_dir.join("meshd.sock").display().to_string();
+    let meshd = Meshd::start(&topo.node, &args)?;
     progress(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
     let target: SocketAddr = REVIEWS_VIP.parse()?;
 
     let mut failures = Vec::new();
     for (n, (file, title)) in STEPS.iter().enumerate() {
         check_interrupt()?;
-        println!("\n\x1b[1mStep {}/{}: {title}\x1b[0m  (config/sandbox/{file})", n + 1, STEPS.len());
-        copy(&config_dir().join(file), &rules_dir.join("virtualservice.yaml"))?;
-        let outcome = meshd.reload()?;
-        if !outcome.contains("rules reloaded") {
-            bail!("meshd rejected {file}: {outcome}");
+        println!(
+            "\n\x1b[1mStep {}/{}: {title}\x1b[0m  (config/sandbox/{file})",
+            n + 1,
+            STEPS.len()
+        );
+        let step_file = config_dir().join(file);
+        let (ok, stdout, stderr) =
+            meshctl(&socket, &["apply", "-f", &step_file.display().to_string()])?;
+        if !ok {
+            bail!("meshctl apply -f config/sandbox/{file} failed: {stderr}");
         }
+        println!(
+            "  $ meshctl apply -f config/sandbox/{file}\n  {}",
+            stdout.trim()
+        );
         let configured = configured_weights(&config_dir().join(file))?;
         let connections = options.connections;
-        let seen = topo.client.run(move || -> Result<BTreeMap<String, usize>> {
-            let mut seen = BTreeMap::new();
-            for _ in 0..connections {
-                if INTERRUPTED.load(Ordering::SeqCst) {
-                    break;
+        let seen = topo
+            .client
+            .run(move || -> Result<BTreeMap<String, usize>> {
+                let mut seen = BTreeMap::new();
+                for _ in 0..connections {
+                    if INTERRUPTED.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let (_stream, version) = tcp_connect(target)?;
+                    *seen.entry(version).or_insert(0) += 1;
                 }
-                let (_stream, version) = tcp_connect(target)?;
-                *seen.entry(version).or_insert(0) += 1;
-            }
-            Ok(seen)
-        })??;
+                Ok(seen)
+            })??;
         check_interrupt()?;
         let total: usize = seen.values().sum();
         println!("  {total} TCP connections from the client to reviews ({REVIEWS_VIP}):");
@@ -192,18 +218,25 @@ fn run(options: &Options) -> Result<()> {
         }
     }
     if !failures.is_empty() {
-        bail!("observed splits off by more than {:.0} points:\n  {}", options.tolerance * 100.0, failures.join("\n  "));
+        bail!(
+            "observed splits off by more than {:.0} points:\n  {}",
+            options.tolerance * 100.0,
+            failures.join("\n  ")
+        );
     }
-    println!("\nEvery step's observed split matched its rules (within {:.0} points).", options.tolerance * 100.0);
+    println!(
+        "\nEvery step's observed split matched its rules (within {:.0} points).",
+        options.tolerance * 100.0
+    );
 
     if options.wait {
         let client = topo.client.name();
         println!(
             "\nThe sandbox stays up until Ctrl-C. Try, from another shell (as root):\n  \
              nsenter --net=/var/run/netns/{client} bash -c 'for i in $(seq 10); do head -1 < /dev/tcp/198.18.100.10/9080; done'\n  \
-             cp config/sandbox/step2-80-v1-20-v2.yaml {rules}/virtualservice.yaml && kill -HUP $(pgrep -n meshd)\n\
-             Rules in force: {rules}/",
-            rules = rules_dir.display()
+             target/release/meshctl --socket {socket} apply -f config/sandbox/step2-80-v1-20-v2.yaml\n  \
+             target/release/meshctl --socket {socket} stats --watch\n  \
+             target/release/meshctl --socket {socket} status"
         );
         while !INTERRUPTED.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
@@ -241,7 +274,11 @@ fn configured_weights(path: &Path) -> Result<BTreeMap<String, f64>> {
 
 fn bar(share: f64, width: usize) -> String {
     let cells = (share * width as f64).round() as usize;
-    format!("{}{}", "█".repeat(cells), "·".repeat(width - cells.min(width)))
+    format!(
+        "{}{}",
+        "█".repeat(cells),
+        "·".repeat(width - cells.min(width))
+    )
 }
 
 fn progress(what: &str) {

@@ -11,7 +11,10 @@ fn run_sandbox() -> std::process::Output {
 }
 
 fn namespaces() -> String {
-    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
@@ -21,8 +24,14 @@ fn sandbox_runs_twice_and_cleans_up() {
         let out = run_sandbox();
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "round {round} failed:\n{stdout}\n{stderr}");
-        assert!(stdout.contains("Step 4/4"), "round {round} did not reach the last step:\n{stdout}");
+        assert!(
+            out.status.success(),
+            "round {round} failed:\n{stdout}\n{stderr}"
+        );
+        assert!(
+            stdout.contains("Step 4/4"),
+            "round {round} did not reach the last step:\n{stdout}"
+        );
         assert!(stdout.contains("matched its rules"), "{stdout}");
     }
     // The sandbox process is gone, so none of its namespaces may remain.
@@ -32,13 +41,20 @@ fn sandbox_runs_twice_and_cleans_up() {
         .filter(|l| !l.starts_with(&format!("mt{}x", std::process::id())))
         .map(str::to_string)
         .collect();
-    assert!(left.iter().all(|l| !is_dead_run(l)), "leftover namespaces: {left:?}");
+    assert!(
+        left.iter().all(|l| !is_dead_run(l)),
+        "leftover namespaces: {left:?}"
+    );
 }
 
 /// True for a namespace of a finished run (its pid no longer exists).
 fn is_dead_run(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix("mt") else { return false };
-    let Some((pid, _)) = rest.split_once('x') else { return false };
+    let Some(rest) = name.strip_prefix("mt") else {
+        return false;
+    };
+    let Some((pid, _)) = rest.split_once('x') else {
+        return false;
+    };
     pid.parse::<u32>()
         .map(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
         .unwrap_or(false)

@@ -7,11 +7,11 @@
 //! - [`dataplane`]: loads and attaches the kernel programs and applies a desired state to the
 //!   BPF maps atomically.
 
+pub mod admin;
 pub mod compile;
-pub mod daemon;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod metrics;
 pub mod store;
-pub mod admin;
 pub mod validate;

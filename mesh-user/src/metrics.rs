@@ -82,7 +82,8 @@ fn counter_family(
     help: &str,
     samples: &[(Labels, u64)],
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+    let mut family =
+        encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
     for (labels, value) in samples {
         let metric = family.encode_family(labels)?;
         ConstCounter::new(*value).encode(metric)?;
@@ -96,7 +97,8 @@ fn gauge_family(
     help: &str,
     samples: &[(Labels, i64)],
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+    let mut family =
+        encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
     for (labels, value) in samples {
         let metric = family.encode_family(labels)?;
         ConstGauge::new(*value).encode(metric)?;
@@ -114,10 +116,19 @@ impl Collector for KernelCollector {
                 let labels: Labels = vec![
                     ("service", s.name.clone()),
                     ("address", format!("{}:{}", s.address.ip, s.address.port)),
-                    ("protocol", format!("{:?}", s.address.protocol).to_lowercase()),
+                    (
+                        "protocol",
+                        format!("{:?}", s.address.protocol).to_lowercase(),
+                    ),
                 ];
                 let t = s.totals;
-                for (slot, value) in svc.iter_mut().zip([t.packets, t.bytes, t.reply_packets, t.reply_bytes, t.connections]) {
+                for (slot, value) in svc.iter_mut().zip([
+                    t.packets,
+                    t.bytes,
+                    t.reply_packets,
+                    t.reply_bytes,
+                    t.connections,
+                ]) {
                     slot.push((labels.clone(), value));
                 }
                 for b in &s.backends {
@@ -126,13 +137,25 @@ impl Collector for KernelCollector {
                     labels.push(("version", b.version.clone().unwrap_or_default()));
                     labels.push(("backend", b.address.to_string()));
                     let c = b.counters;
-                    for (slot, value) in be.iter_mut().zip([c.packets, c.bytes, c.reply_packets, c.reply_bytes, c.connections]) {
+                    for (slot, value) in be.iter_mut().zip([
+                        c.packets,
+                        c.bytes,
+                        c.reply_packets,
+                        c.reply_bytes,
+                        c.connections,
+                    ]) {
                         slot.push((labels.clone(), value));
                     }
                     active.push((labels, b.active_connections as i64));
                 }
             }
-            let names = ["packets", "bytes", "reply_packets", "reply_bytes", "connections"];
+            let names = [
+                "packets",
+                "bytes",
+                "reply_packets",
+                "reply_bytes",
+                "connections",
+            ];
             let helps = [
                 "Packets from clients to the service, forwarded by XDP",
                 "Bytes from clients to the service, forwarded by XDP",
@@ -141,8 +164,18 @@ impl Collector for KernelCollector {
                 "New connections (flows) to the service",
             ];
             for i in 0..5 {
-                counter_family(&mut encoder, &format!("service_{}", names[i]), helps[i], &svc[i])?;
-                counter_family(&mut encoder, &format!("backend_{}", names[i]), helps[i], &be[i])?;
+                counter_family(
+                    &mut encoder,
+                    &format!("service_{}", names[i]),
+                    helps[i],
+                    &svc[i],
+                )?;
+                counter_family(
+                    &mut encoder,
+                    &format!("backend_{}", names[i]),
+                    helps[i],
+                    &be[i],
+                )?;
             }
             gauge_family(
                 &mut encoder,
@@ -155,16 +188,35 @@ impl Collector for KernelCollector {
                 .iter()
                 .map(|(reason, n)| (vec![("reason", reason.clone())], *n))
                 .collect();
-            counter_family(&mut encoder, "xdp_packets", "Packets seen by the XDP program, by verdict reason", &reasons)?;
+            counter_family(
+                &mut encoder,
+                "xdp_packets",
+                "Packets seen by the XDP program, by verdict reason",
+                &reasons,
+            )?;
         }
-        let used: Vec<(Labels, i64)> = self.fill.iter().map(|f| (vec![("map", f.name.clone())], f.used as i64)).collect();
+        let used: Vec<(Labels, i64)> = self
+            .fill
+            .iter()
+            .map(|f| (vec![("map", f.name.clone())], f.used as i64))
+            .collect();
         let capacity: Vec<(Labels, i64)> = self
             .fill
             .iter()
             .map(|f| (vec![("map", f.name.clone())], f.capacity as i64))
             .collect();
-        gauge_family(&mut encoder, "map_entries", "Entries in use per BPF map (conntrack: tracked flows)", &used)?;
-        gauge_family(&mut encoder, "map_capacity", "Capacity per BPF map", &capacity)?;
+        gauge_family(
+            &mut encoder,
+            "map_entries",
+            "Entries in use per BPF map (conntrack: tracked flows)",
+            &used,
+        )?;
+        gauge_family(
+            &mut encoder,
+            "map_capacity",
+            "Capacity per BPF map",
+            &capacity,
+        )?;
         Ok(())
     }
 }

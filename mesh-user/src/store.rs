@@ -80,12 +80,13 @@ impl RuleStore {
             match fs::read_to_string(path) {
                 Ok(text) if text.trim().is_empty() => {}
                 Ok(text) => {
-                    store.api = config::parse_str(&path.display().to_string(), &text).map_err(|e| {
-                        StoreError::Corrupt {
-                            path: path.display().to_string(),
-                            message: e.to_string(),
-                        }
-                    })?;
+                    store.api =
+                        config::parse_str(&path.display().to_string(), &text).map_err(|e| {
+                            StoreError::Corrupt {
+                                path: path.display().to_string(),
+                                message: e.to_string(),
+                            }
+                        })?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -143,21 +144,29 @@ impl RuleStore {
     }
 
     /// The API layer without the named resources (kind, namespace, name).
-    pub fn api_with_deleted(&self, keys: &[(String, String, String)]) -> Result<ResourceSet, StoreError> {
+    pub fn api_with_deleted(
+        &self,
+        keys: &[(String, String, String)],
+    ) -> Result<ResourceSet, StoreError> {
         let mut api = self.api.clone();
         for (kind, namespace, name) in keys {
             let before = api.resources.len();
-            api.resources
-                .retain(|r| !(r.kind.kind_name() == kind && r.meta.namespace == *namespace && r.meta.name == *name));
+            api.resources.retain(|r| {
+                !(r.kind.kind_name() == kind
+                    && r.meta.namespace == *namespace
+                    && r.meta.name == *name)
+            });
             if api.resources.len() == before {
-                let in_files = self
-                    .files
-                    .resources
-                    .iter()
-                    .any(|r| r.kind.kind_name() == kind && r.meta.namespace == *namespace && r.meta.name == *name);
+                let in_files = self.files.resources.iter().any(|r| {
+                    r.kind.kind_name() == kind
+                        && r.meta.namespace == *namespace
+                        && r.meta.name == *name
+                });
                 let what = format!("{kind} {namespace}/{name}");
                 return Err(if in_files {
-                    StoreError::NotFound(format!("{what} comes from meshd --config files (remove it there);"))
+                    StoreError::NotFound(format!(
+                        "{what} comes from meshd --config files (remove it there);"
+                    ))
                 } else {
                     StoreError::NotFound(what)
                 });
@@ -169,9 +178,11 @@ impl RuleStore {
     /// Makes `api` the API layer, persisting it first.
     pub fn commit_api(&mut self, api: ResourceSet) -> Result<(), StoreError> {
         if let Some(path) = &self.state_file {
-            write_atomically(path, api.to_yaml().as_bytes()).map_err(|source| StoreError::Write {
-                path: path.display().to_string(),
-                source,
+            write_atomically(path, api.to_yaml().as_bytes()).map_err(|source| {
+                StoreError::Write {
+                    path: path.display().to_string(),
+                    source,
+                }
             })?;
         }
         self.api = api;
@@ -246,6 +257,8 @@ spec:
         let err = store
             .api_with_deleted(&[("VirtualService".into(), "default".into(), "nope".into())])
             .unwrap_err();
-        assert!(err.to_string().contains("VirtualService default/nope not found"));
+        assert!(err
+            .to_string()
+            .contains("VirtualService default/nope not found"));
     }
 }

@@ -90,10 +90,16 @@ impl Meshd {
             }
             if let Some(status) = self.child.try_wait()? {
                 thread::sleep(Duration::from_millis(100));
-                bail!("meshd exited ({status}) before logging {needle:?}:\n{}", self.log());
+                bail!(
+                    "meshd exited ({status}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
             }
             if Instant::now() > deadline {
-                bail!("meshd did not log {needle:?} within {timeout:?}:\n{}", self.log());
+                bail!(
+                    "meshd did not log {needle:?} within {timeout:?}:\n{}",
+                    self.log()
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -105,10 +111,11 @@ impl Meshd {
         self.signal(libc::SIGHUP);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(line) = self.log.lock().expect("log lock")[from..]
-                .iter()
-                .find(|l| l.contains("rules reloaded") || l.contains("reload rejected") || l.contains("reload failed"))
-            {
+            if let Some(line) = self.log.lock().expect("log lock")[from..].iter().find(|l| {
+                l.contains("rules reloaded")
+                    || l.contains("reload rejected")
+                    || l.contains("reload failed")
+            }) {
                 return Ok(line.clone());
             }
             if Instant::now() > deadline {

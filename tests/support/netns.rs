@@ -171,7 +171,16 @@ impl Drop for Netns {
 /// Creates a veth pair `a_if` in `a` <-> `b_if` in `b`, both up.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     a.ip(&[
-        "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name(),
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
     ])?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])?;

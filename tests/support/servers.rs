@@ -66,7 +66,10 @@ pub fn tcp_server(ns: &Netns, addr: SocketAddr, identity: &str) -> Result<Server
 fn serve_tcp(mut stream: TcpStream, identity: &str, stop: &AtomicBool) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-    if stream.write_all(format!("{identity}\n").as_bytes()).is_err() {
+    if stream
+        .write_all(format!("{identity}\n").as_bytes())
+        .is_err()
+    {
         return;
     }
     let mut buf = [0u8; 4096];

@@ -65,7 +65,8 @@ impl Topology {
             topo.node.exec("sysctl", &["-qw", sysctl])?;
         }
         veth(&topo.node, "c0", &topo.client, "eth0")?;
-        topo.node.ip(&["addr", "add", "198.18.1.1/24", "dev", "c0"])?;
+        topo.node
+            .ip(&["addr", "add", "198.18.1.1/24", "dev", "c0"])?;
         topo.node
             .ip(&["addr", "add", "2001:db8:1::1/64", "dev", "c0", "nodad"])?;
         topo.client
@@ -74,16 +75,27 @@ impl Topology {
             .ip(&["addr", "add", "2001:db8:1::2/64", "dev", "eth0", "nodad"])?;
         topo.client
             .ip(&["route", "add", "198.18.0.0/15", "via", "198.18.1.1"])?;
-        topo.client
-            .ip(&["-6", "route", "add", "2001:db8::/32", "via", "2001:db8:1::1"])?;
+        topo.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "2001:db8::/32",
+            "via",
+            "2001:db8:1::1",
+        ])?;
         prepare_endpoint(&topo.client)?;
         for i in 1..=backends {
             let ns = Netns::create(&format!("{prefix}-b{i}"))?;
             let node_if = format!("b{i}");
             veth(&topo.node, &node_if, &ns, "eth0")?;
             let net = 1 + i;
-            topo.node
-                .ip(&["addr", "add", &format!("198.18.{net}.254/24"), "dev", &node_if])?;
+            topo.node.ip(&[
+                "addr",
+                "add",
+                &format!("198.18.{net}.254/24"),
+                "dev",
+                &node_if,
+            ])?;
             topo.node.ip(&[
                 "addr",
                 "add",

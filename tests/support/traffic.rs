@@ -26,7 +26,11 @@ pub fn start_backends(topo: &Topology, v6: bool) -> Result<Vec<Server>> {
 }
 
 /// Opens `count` TCP connections from the client, one after another; counts who answered.
-pub fn tcp_split(client: &Netns, target: SocketAddr, count: usize) -> Result<BTreeMap<String, usize>> {
+pub fn tcp_split(
+    client: &Netns,
+    target: SocketAddr,
+    count: usize,
+) -> Result<BTreeMap<String, usize>> {
     client.run(move || -> Result<BTreeMap<String, usize>> {
         let mut seen = BTreeMap::new();
         for _ in 0..count {
@@ -38,7 +42,11 @@ pub fn tcp_split(client: &Netns, target: SocketAddr, count: usize) -> Result<BTr
 }
 
 /// Sends `count` UDP flows (fresh source port each); counts who answered.
-pub fn udp_split(client: &Netns, target: SocketAddr, count: usize) -> Result<BTreeMap<String, usize>> {
+pub fn udp_split(
+    client: &Netns,
+    target: SocketAddr,
+    count: usize,
+) -> Result<BTreeMap<String, usize>> {
     client.run(move || -> Result<BTreeMap<String, usize>> {
         let mut seen = BTreeMap::new();
         for _ in 0..count {
@@ -50,7 +58,11 @@ pub fn udp_split(client: &Netns, target: SocketAddr, count: usize) -> Result<BTr
 
 /// Checks every observed share is within `tolerance` of the expected one, and nothing else
 /// answered.
-pub fn assert_shares(seen: &BTreeMap<String, usize>, expected: &[(&str, f64)], tolerance: f64) -> Result<()> {
+pub fn assert_shares(
+    seen: &BTreeMap<String, usize>,
+    expected: &[(&str, f64)],
+    tolerance: f64,
+) -> Result<()> {
     let total: usize = seen.values().sum();
     for (identity, count) in seen {
         ensure!(
@@ -74,4 +86,3 @@ pub fn assert_shares(seen: &BTreeMap<String, usize>, expected: &[(&str, f64)], t
 pub fn vip(port: u16) -> SocketAddr {
     SocketAddr::new(VIP_V4.parse().expect("ip"), port)
 }
-

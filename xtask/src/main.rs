@@ -82,7 +82,14 @@ fn main() -> Result<()> {
             require_root("the sandbox creates network namespaces and attaches XDP programs")?;
             step("building meshd, meshctl and the sandbox (release)");
             cargo(&["build", "--release", "-p", "mesh-user", "--bins"])?;
-            cargo(&["build", "--release", "-p", "mesh-tests", "--bin", "mesh-sandbox"])?;
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "mesh-tests",
+                "--bin",
+                "mesh-sandbox",
+            ])?;
             let mut cmd = Command::new("target/release/mesh-sandbox");
             cmd.args(&args).env("MESH_BIN_DIR", "target/release");
             run(&mut cmd)

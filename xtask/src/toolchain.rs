@@ -62,9 +62,14 @@ fn ensure_apt_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("==> setup: installing Debian packages: {}", missing.join(" "));
+    eprintln!(
+        "==> setup: installing Debian packages: {}",
+        missing.join(" ")
+    );
     let mut update = Command::new("apt-get");
-    update.args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive");
+    update
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive");
     run(&mut update).context("apt-get update")?;
     let mut install = Command::new("apt-get");
     install
@@ -89,7 +94,9 @@ fn ensure_bpf_linker() -> Result<()> {
         }
         eprintln!("==> setup: found {v}, want bpf-linker {BPF_LINKER_VERSION}");
     }
-    eprintln!("==> setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)");
+    eprintln!(
+        "==> setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)"
+    );
     let path = format!(
         "/usr/lib/llvm-22/bin:{}",
         std::env::var("PATH").unwrap_or_default()

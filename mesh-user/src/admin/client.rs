@@ -63,7 +63,11 @@ impl AdminClient {
     }
 
     /// POST JSON to `path`, decoding JSON.
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let answer = self.request(Method::POST, path, Bytes::from(bytes)).await?;
         serde_json::from_slice(&answer).map_err(|e| ClientError::Protocol(e.to_string()))
@@ -73,7 +77,9 @@ impl AdminClient {
         let socket = self.socket.display().to_string();
         let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
-                ClientError::PermissionDenied { socket: socket.clone() }
+                ClientError::PermissionDenied {
+                    socket: socket.clone(),
+                }
             } else {
                 ClientError::Unreachable {
                     socket: socket.clone(),
@@ -106,7 +112,12 @@ impl AdminClient {
         if status != StatusCode::OK {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| b.error)
-                .unwrap_or_else(|_| format!("meshd answered {status}: {}", String::from_utf8_lossy(&bytes)));
+                .unwrap_or_else(|_| {
+                    format!(
+                        "meshd answered {status}: {}",
+                        String::from_utf8_lossy(&bytes)
+                    )
+                });
             return Err(ClientError::Rejected(message));
         }
         Ok(bytes)

@@ -54,9 +54,9 @@ pub async fn serve_admin(socket: PathBuf, controller: Shared) -> Result<()> {
 
 /// Serves `GET /metrics` on a TCP address (loopback by default).
 pub async fn serve_metrics(addr: SocketAddr, controller: Shared) -> Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics listener on {addr} (use --metrics-addr or --no-metrics)"))?;
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("binding the metrics listener on {addr} (use --metrics-addr or --no-metrics)")
+    })?;
     info!(%addr, "metrics listening");
     tokio::spawn(async move {
         loop {
@@ -83,27 +83,39 @@ fn bind_socket(socket: &Path) -> Result<UnixListener> {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             bail!("another meshd is already serving {}", socket.display());
         }
-        std::fs::remove_file(socket).with_context(|| format!("removing stale {}", socket.display()))?;
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale {}", socket.display()))?;
     }
-    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", socket.display()))?;
     Ok(listener)
 }
 
-async fn handle(req: Request<Incoming>, controller: Shared, metrics_only: bool) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    controller: Shared,
+    metrics_only: bool,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     if metrics_only && !(method == Method::GET && path == "/metrics") {
-        return Ok(error(StatusCode::NOT_FOUND, "only GET /metrics is served here"));
+        return Ok(error(
+            StatusCode::NOT_FOUND,
+            "only GET /metrics is served here",
+        ));
     }
     let response = match (&method, path.as_str()) {
         (&Method::GET, "/metrics") => {
             let text = blocking(controller, |c| Ok(c.render_metrics())).await;
             match text {
                 Ok(text) => Response::builder()
-                    .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                    .header(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
                     .body(Full::new(Bytes::from(text)))
                     .expect("static response"),
                 Err(r) => rejection(r),
@@ -115,7 +127,11 @@ async fn handle(req: Request<Incoming>, controller: Shared, metrics_only: bool) 
             let params = parse_query(&query);
             json_result(
                 blocking(controller, move |c| {
-                    Ok(c.resources(params.get("kind").map(String::as_str), params.get("name").map(String::as_str), params.get("namespace").map(String::as_str)))
+                    Ok(c.resources(
+                        params.get("kind").map(String::as_str),
+                        params.get("name").map(String::as_str),
+                        params.get("namespace").map(String::as_str),
+                    ))
                 })
                 .await,
             )
@@ -128,7 +144,10 @@ async fn handle(req: Request<Incoming>, controller: Shared, metrics_only: bool) 
             Ok(request) => json_result(blocking(controller, move |c| c.delete(request)).await),
             Err(r) => rejection(r),
         },
-        _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {method} {path}")),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!("no such endpoint: {method} {path}"),
+        ),
     };
     Ok(response)
 }
@@ -139,20 +158,33 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&mut Controller) -> Result<T, Rejection> + Send + 'static,
 ) -> Result<T, Rejection> {
     tokio::task::spawn_blocking(move || {
-        let mut guard = controller.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut guard = controller
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut guard)
     })
     .await
-    .unwrap_or_else(|e| Err(Rejection { status: 500, message: format!("internal error: {e}") }))
+    .unwrap_or_else(|e| {
+        Err(Rejection {
+            status: 500,
+            message: format!("internal error: {e}"),
+        })
+    })
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Rejection> {
     let body = Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
-        .map_err(|e| Rejection { status: 413, message: format!("request body: {e} (limit {MAX_BODY_BYTES} bytes)") })?
+        .map_err(|e| Rejection {
+            status: 413,
+            message: format!("request body: {e} (limit {MAX_BODY_BYTES} bytes)"),
+        })?
         .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| Rejection { status: 400, message: format!("request body is not valid JSON for this endpoint: {e}") })
+    serde_json::from_slice(&body).map_err(|e| Rejection {
+        status: 400,
+        message: format!("request body is not valid JSON for this endpoint: {e}"),
+    })
 }
 
 fn parse_query(query: &str) -> std::collections::HashMap<String, String> {
@@ -177,11 +209,17 @@ fn json_result<T: Serialize>(result: Result<T, Rejection>) -> Response<Full<Byte
 }
 
 fn rejection(r: Rejection) -> Response<Full<Bytes>> {
-    error(StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST), &r.message)
+    error(
+        StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST),
+        &r.message,
+    )
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(&ErrorBody { error: message.to_string() }).unwrap_or_default();
+    let body = serde_json::to_vec(&ErrorBody {
+        error: message.to_string(),
+    })
+    .unwrap_or_default();
     Response::builder()
         .status(status)
         .header("content-type", "application/json")

@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_user::{
     admin::{
-        client::AdminClient, ApplyRequest, ApplyResponse, DeleteRequest, ResourceEntry, ResourceRef,
-        SourceDocument, Status,
+        client::AdminClient, ApplyRequest, ApplyResponse, DeleteRequest, ResourceEntry,
+        ResourceRef, SourceDocument, Status,
     },
     compile::{self, NodeContext},
     config,
@@ -50,7 +50,12 @@ enum Command {
         meshctl apply -f vs.yaml --dry-run              # check against the rules in force")]
     Apply {
         /// File, directory (*.yaml, *.yml) or `-` for stdin; repeatable.
-        #[arg(short = 'f', long = "filename", required = true, value_name = "FILE|DIR|-")]
+        #[arg(
+            short = 'f',
+            long = "filename",
+            required = true,
+            value_name = "FILE|DIR|-"
+        )]
         files: Vec<String>,
         /// Validate and compile against the rules in force, change nothing.
         #[arg(long)]
@@ -99,7 +104,12 @@ enum Command {
         meshctl validate -f se.yaml -f vs.yaml          # checked together (cross references)")]
     Validate {
         /// File, directory or `-`; all are validated together.
-        #[arg(short = 'f', long = "filename", required = true, value_name = "FILE|DIR|-")]
+        #[arg(
+            short = 'f',
+            long = "filename",
+            required = true,
+            value_name = "FILE|DIR|-"
+        )]
         files: Vec<String>,
     },
     /// Traffic per service and backend: observed share of connections next to the weight.
@@ -173,7 +183,8 @@ async fn run(cli: Cli) -> Result<()> {
             let resources = if !files.is_empty() {
                 let mut refs = Vec::new();
                 for doc in read_inputs(&files)? {
-                    let set = config::parse_str(&doc.source, &doc.yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let set = config::parse_str(&doc.source, &doc.yaml)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
                     refs.extend(set.resources.iter().map(|r| ResourceRef {
                         kind: r.kind.kind_name().into(),
                         namespace: r.meta.namespace.clone(),
@@ -244,7 +255,9 @@ fn read_inputs(inputs: &[String]) -> Result<Vec<SourceDocument>> {
     for input in inputs {
         if input == "-" {
             let mut yaml = String::new();
-            std::io::stdin().read_to_string(&mut yaml).context("reading stdin")?;
+            std::io::stdin()
+                .read_to_string(&mut yaml)
+                .context("reading stdin")?;
             documents.push(SourceDocument {
                 source: "<stdin>".into(),
                 yaml,
@@ -276,7 +289,8 @@ fn read_inputs(inputs: &[String]) -> Result<Vec<SourceDocument>> {
                     config::MAX_INPUT_BYTES
                 );
             }
-            let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             documents.push(SourceDocument {
                 source: file.display().to_string(),
                 yaml,
@@ -297,7 +311,12 @@ fn validate(inputs: &[String]) -> Result<()> {
     }
     if errors.is_empty() {
         // Offline there is no node: Gateways are checked but bound to no address.
-        if let Err(e) = compile::compile(&set, &NodeContext { node_addresses: vec![] }) {
+        if let Err(e) = compile::compile(
+            &set,
+            &NodeContext {
+                node_addresses: vec![],
+            },
+        ) {
             errors.push(e.to_string());
         }
     }
@@ -311,7 +330,10 @@ fn validate(inputs: &[String]) -> Result<()> {
 fn print_changes(answer: &ApplyResponse) {
     for change in &answer.changes {
         // "VirtualService default/reviews" -> "virtualservice.networking.istio.io/reviews".
-        let (kind, qualified) = change.resource.split_once(' ').unwrap_or((&change.resource, ""));
+        let (kind, qualified) = change
+            .resource
+            .split_once(' ')
+            .unwrap_or((&change.resource, ""));
         let name = qualified.rsplit('/').next().unwrap_or(qualified);
         println!(
             "{}.networking.istio.io/{name} {}{}",
@@ -371,21 +393,35 @@ fn print_resources(entries: &[ResourceEntry], output: Output) -> Result<()> {
                     let spec = &e.resource["spec"];
                     let hosts = spec["hosts"]
                         .as_array()
-                        .map(|h| h.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(","))
+                        .map(|h| {
+                            h.iter()
+                                .filter_map(|v| v.as_str())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
                         .or_else(|| spec["host"].as_str().map(str::to_string))
                         .unwrap_or_default();
                     format!("  {hosts}  {}", e.source)
                 } else {
                     String::new()
                 };
-                println!("{:<16} {:<24} {:<12} {:<6}{extra}", e.kind, e.name, e.namespace, e.layer);
+                println!(
+                    "{:<16} {:<24} {:<12} {:<6}{extra}",
+                    e.kind, e.name, e.namespace, e.layer
+                );
             }
         }
     }
     Ok(())
 }
 
-async fn stats(client: &AdminClient, watch: bool, interval: Duration, count: Option<u64>, output: Output) -> Result<()> {
+async fn stats(
+    client: &AdminClient,
+    watch: bool,
+    interval: Duration,
+    count: Option<u64>,
+    output: Output,
+) -> Result<()> {
     let mut previous: Option<StatsSnapshot> = None;
     let mut shown = 0u64;
     loop {
@@ -426,7 +462,8 @@ fn print_stats(now: &StatsSnapshot, previous: Option<&StatsSnapshot>) {
             service.totals.packets,
             human_bytes(service.totals.bytes)
         );
-        let before = previous.and_then(|p| p.services.iter().find(|s| s.address == service.address));
+        let before =
+            previous.and_then(|p| p.services.iter().find(|s| s.address == service.address));
         // Share of new connections: over the last interval when watching, else since start.
         let delta = |b: &mesh_user::dataplane::BackendStats| -> u64 {
             let old = before
@@ -442,9 +479,19 @@ fn print_stats(now: &StatsSnapshot, previous: Option<&StatsSnapshot>) {
         );
         for b in &service.backends {
             let d = delta(b);
-            let share = if window_total > 0 { d as f64 / window_total as f64 } else { 0.0 };
-            let rate = elapsed.map(|e| format!("{:.1}", d as f64 / e)).unwrap_or_else(|| "-".into());
-            let subset = b.subset.clone().or_else(|| b.version.clone()).unwrap_or_else(|| "-".into());
+            let share = if window_total > 0 {
+                d as f64 / window_total as f64
+            } else {
+                0.0
+            };
+            let rate = elapsed
+                .map(|e| format!("{:.1}", d as f64 / e))
+                .unwrap_or_else(|| "-".into());
+            let subset = b
+                .subset
+                .clone()
+                .or_else(|| b.version.clone())
+                .unwrap_or_else(|| "-".into());
             println!(
                 "  {:<8} {:<22} {:>7} {:>8} {:>10} {:>10} {:>10}  {} {:5.1}% {:6.1}%",
                 subset,
@@ -483,7 +530,10 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 fn print_status(status: &Status) {
-    println!("meshd {} (pid {}), up {:.0}s", status.version, status.pid, status.uptime_s);
+    println!(
+        "meshd {} (pid {}), up {:.0}s",
+        status.version, status.pid, status.uptime_s
+    );
     println!("\nINTERFACE        IFINDEX  MODE     PROGRAM");
     for i in &status.interfaces {
         println!(
@@ -491,13 +541,22 @@ fn print_status(status: &Status) {
             i.name,
             i.ifindex,
             i.mode,
-            i.program_id.map(|id| format!("id {id}")).unwrap_or_else(|| "-".into())
+            i.program_id
+                .map(|id| format!("id {id}"))
+                .unwrap_or_else(|| "-".into())
         );
     }
     println!("\nMAP              USED / CAPACITY");
     for m in &status.maps {
-        let pct = if m.capacity > 0 { m.used as f64 * 100.0 / m.capacity as f64 } else { 0.0 };
-        println!("{:<16} {:>9} / {:<9} ({pct:.1}%)", m.name, m.used, m.capacity);
+        let pct = if m.capacity > 0 {
+            m.used as f64 * 100.0 / m.capacity as f64
+        } else {
+            0.0
+        };
+        println!(
+            "{:<16} {:>9} / {:<9} ({pct:.1}%)",
+            m.name, m.used, m.capacity
+        );
     }
     println!(
         "\nconntrack: {} of {} entries; {} resources, {} service addresses in force",

@@ -92,7 +92,9 @@ impl Controller {
     /// the result. Used at startup and when the files change.
     pub fn load_files(&mut self, trigger: &str) -> Result<ApplyReport, Rejection> {
         let files = match &self.config_path {
-            Some(path) => config::load_path(path).map_err(|e| Rejection::bad_request(e.to_string())),
+            Some(path) => {
+                config::load_path(path).map_err(|e| Rejection::bad_request(e.to_string()))
+            }
             None => Ok(ResourceSet::default()),
         };
         let files = match files {
@@ -130,7 +132,10 @@ impl Controller {
         // Within one submission a resource may appear once: a second copy is almost always a
         // mistake (two files defining the same rule), and silently keeping one would hide it.
         for (i, resource) in incoming.resources.iter().enumerate() {
-            if let Some(first) = incoming.resources[..i].iter().find(|r| r.key() == resource.key()) {
+            if let Some(first) = incoming.resources[..i]
+                .iter()
+                .find(|r| r.key() == resource.key())
+            {
                 let message = format!(
                     "{}: duplicate resource: {} is defined twice in this submission (first in {})",
                     resource.source,
@@ -145,9 +150,17 @@ impl Controller {
             .resources
             .iter()
             .map(|r| {
-                let action = match self.store.api().resources.iter().find(|e| e.key() == r.key()) {
+                let action = match self
+                    .store
+                    .api()
+                    .resources
+                    .iter()
+                    .find(|e| e.key() == r.key())
+                {
                     None => "created",
-                    Some(existing) if existing.kind == r.kind && existing.meta == r.meta => "unchanged",
+                    Some(existing) if existing.kind == r.kind && existing.meta == r.meta => {
+                        "unchanged"
+                    }
                     Some(_) => "configured",
                 };
                 ResourceChange {
@@ -158,7 +171,14 @@ impl Controller {
             .collect();
         let candidate = self.store.api_with_applied(incoming);
         let files = self.store.files().clone();
-        self.install_and_commit(&files, candidate, "apply", request.dry_run, changes, started)
+        self.install_and_commit(
+            &files,
+            candidate,
+            "apply",
+            request.dry_run,
+            changes,
+            started,
+        )
     }
 
     /// `meshctl delete`: all named resources or nothing.
@@ -169,10 +189,10 @@ impl Controller {
             .iter()
             .map(|r| (r.kind.clone(), r.namespace.clone(), r.name.clone()))
             .collect();
-        let candidate = self
-            .store
-            .api_with_deleted(&keys)
-            .map_err(|e| Rejection { status: 404, message: e.to_string() })?;
+        let candidate = self.store.api_with_deleted(&keys).map_err(|e| Rejection {
+            status: 404,
+            message: e.to_string(),
+        })?;
         let changes = request
             .resources
             .iter()
@@ -182,7 +202,14 @@ impl Controller {
             })
             .collect();
         let files = self.store.files().clone();
-        self.install_and_commit(&files, candidate, "delete", request.dry_run, changes, started)
+        self.install_and_commit(
+            &files,
+            candidate,
+            "delete",
+            request.dry_run,
+            changes,
+            started,
+        )
     }
 
     fn install_and_commit(
@@ -232,12 +259,17 @@ impl Controller {
         let result = RuleStore::combine(files, api)
             .map_err(|e| Rejection::bad_request(e.to_string()))
             .and_then(|combined| {
-                compile::compile(&combined, &self.node).map_err(|e| Rejection::bad_request(e.to_string()))
+                compile::compile(&combined, &self.node)
+                    .map_err(|e| Rejection::bad_request(e.to_string()))
             });
         let state = match result {
             Ok(state) => state,
             Err(rejection) => {
-                self.record(trigger, Err(&rejection.message), started.elapsed().as_micros() as u64);
+                self.record(
+                    trigger,
+                    Err(&rejection.message),
+                    started.elapsed().as_micros() as u64,
+                );
                 return Err(rejection);
             }
         };
@@ -259,7 +291,8 @@ impl Controller {
     }
 
     fn record(&mut self, trigger: &str, outcome: Result<(), &str>, duration_us: u64) {
-        self.metrics.record_apply(outcome.is_ok(), duration_us as f64 / 1e6);
+        self.metrics
+            .record_apply(outcome.is_ok(), duration_us as f64 / 1e6);
         self.last_apply = Some(ApplyRecord {
             at: now(),
             trigger: trigger.into(),
@@ -270,7 +303,12 @@ impl Controller {
     }
 
     /// Every resource in force, filtered.
-    pub fn resources(&self, kind: Option<&str>, name: Option<&str>, namespace: Option<&str>) -> Vec<ResourceEntry> {
+    pub fn resources(
+        &self,
+        kind: Option<&str>,
+        name: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Vec<ResourceEntry> {
         self.store
             .all()
             .into_iter()
@@ -293,13 +331,17 @@ impl Controller {
 
     /// Kernel counters.
     pub fn stats(&self) -> Result<StatsSnapshot, Rejection> {
-        self.dataplane.stats().map_err(|e| Rejection::internal(e.to_string()))
+        self.dataplane
+            .stats()
+            .map_err(|e| Rejection::internal(e.to_string()))
     }
 
     /// What `meshctl status` shows.
     pub fn status(&self) -> Status {
         let fill = self.dataplane.fill_levels();
-        let conntrack = fill.iter().find(|m| m.name == mesh_common::map_names::CONNTRACK);
+        let conntrack = fill
+            .iter()
+            .find(|m| m.name == mesh_common::map_names::CONNTRACK);
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),

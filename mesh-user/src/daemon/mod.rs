@@ -95,7 +95,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         options.state_file.clone(),
     );
     // Rules before attaching: bad rules fail here, before any packet is touched.
-    let report = controller.load_files("startup").map_err(|r| anyhow::anyhow!(r.message))?;
+    let report = controller
+        .load_files("startup")
+        .map_err(|r| anyhow::anyhow!(r.message))?;
     info!(
         services = report.services,
         backends = report.backends,
@@ -104,7 +106,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         "rules installed"
     );
     for interface in &options.interfaces {
-        controller.dataplane_mut().attach(interface, options.xdp_mode)?;
+        controller
+            .dataplane_mut()
+            .attach(interface, options.xdp_mode)?;
     }
     let controller = Arc::new(Mutex::new(controller));
     server::serve_admin(options.socket.clone(), controller.clone()).await?;

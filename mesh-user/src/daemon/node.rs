@@ -14,10 +14,12 @@ pub fn interface_addresses(interfaces: &[String]) -> Result<Vec<IpAddr>> {
     }
     let mut out = Vec::new();
     for ifaddr in nix::ifaddrs::getifaddrs().context("listing interface addresses")? {
-        if !interfaces.iter().any(|i| *i == ifaddr.interface_name) {
+        if !interfaces.contains(&ifaddr.interface_name) {
             continue;
         }
-        let Some(address) = ifaddr.address else { continue };
+        let Some(address) = ifaddr.address else {
+            continue;
+        };
         if let Some(v4) = address.as_sockaddr_in() {
             out.push(IpAddr::V4(v4.ip()));
         } else if let Some(v6) = address.as_sockaddr_in6() {

@@ -155,7 +155,10 @@ impl Dataplane {
             match replace_pinned(program, pin) {
                 Ok(()) => replaced = true,
                 Err(e) => {
-                    warn!(interface, "pinned XDP link unusable ({e}); attaching afresh");
+                    warn!(
+                        interface,
+                        "pinned XDP link unusable ({e}); attaching afresh"
+                    );
                     let _ = std::fs::remove_file(pin);
                 }
             }
@@ -180,10 +183,13 @@ impl Dataplane {
                     ))
                 })?;
             if let Some(pin) = &link_pin {
-                let link = program.take_link(link_id).map_err(|source| DataplaneError::Program {
-                    context: format!("taking the XDP link of {interface}"),
-                    source,
-                })?;
+                let link =
+                    program
+                        .take_link(link_id)
+                        .map_err(|source| DataplaneError::Program {
+                            context: format!("taking the XDP link of {interface}"),
+                            source,
+                        })?;
                 let fd_link = FdLink::try_from(link).map_err(|e| {
                     DataplaneError::Other(format!(
                         "XDP on {interface} is attached through netlink, which cannot be pinned: {e}"
@@ -192,16 +198,25 @@ impl Dataplane {
                 std::fs::create_dir_all(pin.parent().expect("links dir")).map_err(|e| {
                     DataplaneError::Other(format!("creating {}: {e}", pin.display()))
                 })?;
-                let pinned = fd_link
-                    .pin(pin)
-                    .map_err(|e| DataplaneError::Other(format!("pinning {}: {e}", pin.display())))?;
+                let pinned = fd_link.pin(pin).map_err(|e| {
+                    DataplaneError::Other(format!("pinning {}: {e}", pin.display()))
+                })?;
                 self.pinned_links.push(pinned);
             }
         }
         if mode == XdpAttachMode::Generic {
-            warn!(interface, "XDP attached in generic mode: correct but slower than native");
+            warn!(
+                interface,
+                "XDP attached in generic mode: correct but slower than native"
+            );
         }
-        info!(interface, ifindex, ?mode, replaced_pinned_link = replaced, "XDP attached");
+        info!(
+            interface,
+            ifindex,
+            ?mode,
+            replaced_pinned_link = replaced,
+            "XDP attached"
+        );
         self.attachments.insert(
             interface.to_string(),
             Attachment {
@@ -279,13 +294,14 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
         .map_err(|e| DataplaneError::Other(format!("mounting bpffs at /sys/fs/bpf: {e}")))?;
         info!("mounted bpffs at /sys/fs/bpf");
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| DataplaneError::Other(format!("creating pin directory {}: {e}", dir.display())))
+    std::fs::create_dir_all(dir).map_err(|e| {
+        DataplaneError::Other(format!("creating pin directory {}: {e}", dir.display()))
+    })
 }
 
 fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false)
 }

@@ -47,7 +47,9 @@ pub enum DataplaneError {
     Other(String),
 }
 
-pub(crate) fn map_err(context: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+pub(crate) fn map_err(
+    context: impl Into<String>,
+) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
     let context = context.into();
     move |source| DataplaneError::Map { context, source }
 }

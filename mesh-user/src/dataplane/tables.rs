@@ -90,13 +90,17 @@ pub(crate) struct Tables {
 impl Tables {
     /// Rebuilds the userspace view from maps that may have been pinned by an earlier meshd.
     pub(crate) fn recover(ebpf: &Ebpf, pool_entries: u32) -> Result<Self, DataplaneError> {
-        let active: Array<&MapData, u32> = Array::try_from(map(ebpf, map_names::ACTIVE_GENERATION)?)
-            .map_err(map_err("opening ACTIVE_GENERATION"))?;
-        let active_generation = active.get(&0, 0).map_err(map_err("reading ACTIVE_GENERATION"))? as u8;
+        let active: Array<&MapData, u32> =
+            Array::try_from(map(ebpf, map_names::ACTIVE_GENERATION)?)
+                .map_err(map_err("opening ACTIVE_GENERATION"))?;
+        let active_generation = active
+            .get(&0, 0)
+            .map_err(map_err("reading ACTIVE_GENERATION"))? as u8;
         let services: BpfHashMap<&MapData, ServiceKey, ServiceInfo> =
-            BpfHashMap::try_from(map(ebpf, map_names::SERVICES)?).map_err(map_err("opening SERVICES"))?;
-        let backends: Array<&MapData, Backend> =
-            Array::try_from(map(ebpf, map_names::BACKENDS)?).map_err(map_err("opening BACKENDS"))?;
+            BpfHashMap::try_from(map(ebpf, map_names::SERVICES)?)
+                .map_err(map_err("opening SERVICES"))?;
+        let backends: Array<&MapData, Backend> = Array::try_from(map(ebpf, map_names::BACKENDS)?)
+            .map_err(map_err("opening BACKENDS"))?;
         let maglev: Array<&MapData, u32> =
             Array::try_from(map(ebpf, map_names::MAGLEV)?).map_err(map_err("opening MAGLEV"))?;
 
@@ -112,7 +116,9 @@ impl Tables {
         };
         for entry in services.iter() {
             let (key, info) = entry.map_err(map_err("iterating SERVICES"))?;
-            let Some(address) = service_address(&key) else { continue };
+            let Some(address) = service_address(&key) else {
+                continue;
+            };
             let mut ids = BTreeSet::new();
             for i in 0..info.table_size {
                 if let Ok(id) = maglev.get(&(info.table_offset + i), 0) {
@@ -129,8 +135,12 @@ impl Tables {
                     backends: Vec::new(),
                 };
                 for id in ids {
-                    let Ok(backend) = backends.get(&id, 0) else { continue };
-                    let Some(addr) = backend_address(&backend) else { continue };
+                    let Ok(backend) = backends.get(&id, 0) else {
+                        continue;
+                    };
+                    let Some(addr) = backend_address(&backend) else {
+                        continue;
+                    };
                     tables.backend_ids.insert((address, addr), id);
                     installed.backends.push(InstalledBackend {
                         address: addr,
@@ -160,7 +170,11 @@ impl Tables {
     }
 
     /// Writes `state` into the inactive generation and makes it active.
-    pub(crate) fn apply(&mut self, ebpf: &mut Ebpf, state: &DesiredState) -> Result<ApplyReport, DataplaneError> {
+    pub(crate) fn apply(
+        &mut self,
+        ebpf: &mut Ebpf,
+        state: &DesiredState,
+    ) -> Result<ApplyReport, DataplaneError> {
         let started = Instant::now();
         self.check_capacity(state)?;
         let next_gen = 1 - self.active_generation;
@@ -206,7 +220,8 @@ impl Tables {
         zero_counters(ebpf, map_names::BACKEND_STATS, &fresh_backend_ids)?;
         {
             let mut backends: Array<&mut MapData, Backend> =
-                Array::try_from(map_mut(ebpf, map_names::BACKENDS)?).map_err(map_err("opening BACKENDS"))?;
+                Array::try_from(map_mut(ebpf, map_names::BACKENDS)?)
+                    .map_err(map_err("opening BACKENDS"))?;
             for (id, addr) in &fresh_backends {
                 backends
                     .set(*id, backend_value(addr), 0)
@@ -219,7 +234,8 @@ impl Tables {
         let mut maglev_entries = 0usize;
         {
             let mut maglev: Array<&mut MapData, u32> =
-                Array::try_from(map_mut(ebpf, map_names::MAGLEV)?).map_err(map_err("opening MAGLEV"))?;
+                Array::try_from(map_mut(ebpf, map_names::MAGLEV)?)
+                    .map_err(map_err("opening MAGLEV"))?;
             let mut cursor = u32::from(next_gen) * self.pool_entries;
             for service in &state.services {
                 let Plan::L4(plan) = &service.plan;
@@ -253,25 +269,32 @@ impl Tables {
 
         {
             let mut services: BpfHashMap<&mut MapData, ServiceKey, ServiceInfo> =
-                BpfHashMap::try_from(map_mut(ebpf, map_names::SERVICES)?).map_err(map_err("opening SERVICES"))?;
-            let wanted: std::collections::HashSet<ServiceKey> = infos.iter().map(|(k, _)| *k).collect();
+                BpfHashMap::try_from(map_mut(ebpf, map_names::SERVICES)?)
+                    .map_err(map_err("opening SERVICES"))?;
+            let wanted: std::collections::HashSet<ServiceKey> =
+                infos.iter().map(|(k, _)| *k).collect();
             let stale: Vec<ServiceKey> = services
                 .keys()
                 .filter_map(Result::ok)
                 .filter(|k| k.generation == next_gen && !wanted.contains(k))
                 .collect();
             for key in stale {
-                services.remove(&key).map_err(map_err("removing a stale service"))?;
+                services
+                    .remove(&key)
+                    .map_err(map_err("removing a stale service"))?;
             }
             for (key, info) in &infos {
-                services.insert(key, info, 0).map_err(map_err("writing SERVICES"))?;
+                services
+                    .insert(key, info, 0)
+                    .map_err(map_err("writing SERVICES"))?;
             }
         }
 
         // The flip: one write makes the whole new generation visible.
         {
-            let mut active: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, map_names::ACTIVE_GENERATION)?)
-                .map_err(map_err("opening ACTIVE_GENERATION"))?;
+            let mut active: Array<&mut MapData, u32> =
+                Array::try_from(map_mut(ebpf, map_names::ACTIVE_GENERATION)?)
+                    .map_err(map_err("opening ACTIVE_GENERATION"))?;
             active
                 .set(0, u32::from(next_gen), 0)
                 .map_err(map_err("switching ACTIVE_GENERATION"))?;
@@ -351,7 +374,9 @@ fn allocate(used: &mut BTreeSet<u32>, capacity: u32, what: &str) -> Result<u32, 
         candidate += 1;
     }
     if candidate >= capacity {
-        return Err(DataplaneError::Capacity(format!("more than {capacity} {what}")));
+        return Err(DataplaneError::Capacity(format!(
+            "more than {capacity} {what}"
+        )));
     }
     used.insert(candidate);
     Ok(candidate)
@@ -421,14 +446,23 @@ fn backend_value(addr: &SocketAddr) -> Backend {
     Backend {
         addr: ip_bytes(&addr.ip()),
         port: port_to_wire(addr.port()),
-        family: if addr.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 },
+        family: if addr.is_ipv4() {
+            FAMILY_IPV4
+        } else {
+            FAMILY_IPV6
+        },
         _pad: 0,
     }
 }
 
 fn backend_address(backend: &Backend) -> Option<SocketAddr> {
     let ip = match backend.family {
-        FAMILY_IPV4 => IpAddr::from([backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]]),
+        FAMILY_IPV4 => IpAddr::from([
+            backend.addr[0],
+            backend.addr[1],
+            backend.addr[2],
+            backend.addr[3],
+        ]),
         FAMILY_IPV6 => IpAddr::from(backend.addr),
         _ => return None,
     };

@@ -1,0 +1,696 @@
+//! Service addresses, route selection and backend shares: everything between validated
+//! resources and a [`ServicePlan`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+};
+
+use super::{
+    maglev, BackendPlan, L4Plan, L4Protocol, NodeContext, Plan, ServiceAddress, ServicePlan,
+};
+use crate::{
+    config::{
+        Destination, Gateway, HttpRoute, L4MatchAttributes, Resource, ResourceSet, ServiceEntry,
+        ServicePort, VirtualService,
+    },
+    validate::{
+        index::{fqdn, same_host, selects, Index},
+        values, ValidationError, ValidationErrors,
+    },
+};
+
+/// The wording every "this build cannot do it" error ends with.
+pub(crate) const L7_NEEDED: &str = "needs the L7 proxy, which is not available in this build yet";
+
+/// The address and port a route is being selected for.
+#[derive(Clone, Copy)]
+struct Listener<'a> {
+    ip: IpAddr,
+    port: u16,
+    /// `None` for a ServiceEntry VIP (the implicit `mesh` gateway).
+    gateway: Option<&'a Resource>,
+}
+
+/// A chosen route: the rule it comes from and its weighted destinations.
+struct Selected<'a> {
+    rule: &'a Resource,
+    destinations: Vec<(String, Destination, i64)>,
+}
+
+type Result<T> = std::result::Result<T, ValidationError>;
+
+pub(super) fn plan_services(
+    set: &ResourceSet,
+    node: &NodeContext,
+) -> std::result::Result<Vec<ServicePlan>, ValidationErrors> {
+    let index = Index::new(set);
+    let mut errors = ValidationErrors::default();
+    let mut plans: Vec<(&Resource, ServicePlan)> = Vec::new();
+    for (resource, entry) in &index.service_entries {
+        for vip in entry.addresses.iter().filter_map(|a| values::vip(a).ok()) {
+            for port in &entry.ports {
+                let (Ok(number), Ok(protocol)) = (
+                    values::port(port.number),
+                    values::protocol(port.protocol.as_deref()),
+                ) else {
+                    continue; // validated already
+                };
+                let address = ServiceAddress {
+                    ip: vip,
+                    port: number,
+                    protocol,
+                };
+                match vip_service(&index, resource, entry, address) {
+                    Ok(plan) => plans.push((resource, plan)),
+                    Err(error) => errors.errors.push(error),
+                }
+            }
+        }
+    }
+    for (resource, gateway) in &index.gateways {
+        match gateway_services(&index, resource, gateway, node) {
+            Ok(more) => plans.extend(more.into_iter().map(|p| (*resource, p))),
+            Err(error) => errors.errors.push(error),
+        }
+    }
+    let mut seen: BTreeMap<ServiceAddress, String> = BTreeMap::new();
+    for (resource, plan) in &plans {
+        if let Some(first) = seen.insert(plan.address, plan.name.clone()) {
+            errors.push(
+                resource,
+                "spec",
+                format!(
+                    "{} port {} ({:?}) is also served by `{first}`; one address and port can serve one service",
+                    plan.address.ip, plan.address.port, plan.address.protocol
+                ),
+            );
+        }
+    }
+    errors.into_result()?;
+    Ok(plans.into_iter().map(|(_, plan)| plan).collect())
+}
+
+fn vip_service(
+    index: &Index,
+    resource: &Resource,
+    entry: &ServiceEntry,
+    address: ServiceAddress,
+) -> Result<ServicePlan> {
+    let ns = &resource.meta.namespace;
+    let mut sources = BTreeSet::from([resource.id()]);
+    let listener = Listener {
+        ip: address.ip,
+        port: address.port,
+        gateway: None,
+    };
+    let rule = index.virtual_services.iter().find(|(vs_resource, vs)| {
+        vs.applies_to_mesh()
+            && vs.hosts.iter().any(|h| {
+                entry
+                    .hosts
+                    .iter()
+                    .any(|own| same_host(h, &vs_resource.meta.namespace, own, ns))
+            })
+    });
+    let mut selected = None;
+    if let Some((vs_resource, vs)) = rule {
+        sources.insert(vs_resource.id());
+        selected = select_route(index, vs_resource, vs, listener)?;
+    }
+    // No rule, or no route for this port: Istio sends traffic to the host's own endpoints.
+    let selected = selected.unwrap_or_else(|| Selected {
+        rule: resource,
+        destinations: vec![(
+            "spec.hosts[0]".into(),
+            Destination {
+                host: entry.hosts[0].clone(),
+                subset: None,
+                port: None,
+            },
+            1,
+        )],
+    });
+    let backends = backends(
+        index,
+        &selected,
+        Some(address.port),
+        address.ip,
+        &mut sources,
+    )?;
+    // The VIP's own host decides the load balancer; fall back to the first destination's.
+    let lb_host = entry
+        .hosts
+        .iter()
+        .find(|h| index.destination_rule(h, ns).is_some())
+        .map(|h| (h.clone(), ns.clone()));
+    let (table_size, hash_source_ip) = load_balancer(index, lb_host, &selected, &mut sources)?;
+    Ok(finish(
+        address,
+        entry.hosts[0].clone(),
+        sources,
+        backends,
+        table_size,
+        hash_source_ip,
+    ))
+}
+
+fn gateway_services(
+    index: &Index,
+    resource: &Resource,
+    gateway: &Gateway,
+    node: &NodeContext,
+) -> Result<Vec<ServicePlan>> {
+    let mut plans = Vec::new();
+    for (i, server) in gateway.servers.iter().enumerate() {
+        let field = format!("spec.servers[{i}]");
+        let Ok(port) = values::port(server.port.number) else {
+            continue;
+        };
+        let protocol = server.port.protocol.to_ascii_uppercase();
+        if !matches!(protocol.as_str(), "TCP" | "HTTP" | "HTTP2") {
+            return Err(ValidationError::new(
+                resource,
+                format!("{field}.port.protocol"),
+                format!("a {protocol} gateway server {L7_NEEDED} (TCP, HTTP and HTTP2 are served per connection)"),
+            ));
+        }
+        if server.tls.is_some() {
+            return Err(ValidationError::new(
+                resource,
+                format!("{field}.tls"),
+                format!("TLS on a gateway server {L7_NEEDED}"),
+            ));
+        }
+        let bind: Option<IpAddr> = server.bind.as_deref().and_then(|b| b.parse().ok());
+        for ip in node
+            .node_addresses
+            .iter()
+            .copied()
+            .filter(|ip| bind.is_none_or(|b| b == *ip))
+        {
+            let listener = Listener {
+                ip,
+                port,
+                gateway: Some(resource),
+            };
+            let mut sources = BTreeSet::from([resource.id()]);
+            let mut selected = None;
+            for (vs_resource, vs) in &index.virtual_services {
+                if !gateway_listed(index, &vs.gateways, &vs_resource.meta.namespace, resource) {
+                    continue;
+                }
+                if let Some(found) = select_route(index, vs_resource, vs, listener)? {
+                    sources.insert(vs_resource.id());
+                    selected = Some(found);
+                    break;
+                }
+            }
+            // A server no rule routes is left to the node's own stack.
+            let Some(selected) = selected else { continue };
+            let backends = backends(index, &selected, None, ip, &mut sources)?;
+            if backends.is_empty() && has_other_family_backends(index, &selected, ip) {
+                continue; // e.g. an IPv6 node address in front of IPv4-only backends
+            }
+            let (table_size, hash_source_ip) = load_balancer(index, None, &selected, &mut sources)?;
+            let address = ServiceAddress {
+                ip,
+                port,
+                protocol: L4Protocol::Tcp,
+            };
+            let name = format!(
+                "gateway/{}/{}:{port}",
+                resource.meta.namespace, resource.meta.name
+            );
+            plans.push(finish(
+                address,
+                name,
+                sources,
+                backends,
+                table_size,
+                hash_source_ip,
+            ));
+        }
+    }
+    Ok(plans)
+}
+
+fn finish(
+    address: ServiceAddress,
+    name: String,
+    sources: BTreeSet<String>,
+    backends: Vec<BackendPlan>,
+    table_size: u32,
+    hash_source_ip: bool,
+) -> ServicePlan {
+    let keys: Vec<String> = backends.iter().map(|b| b.address.to_string()).collect();
+    let shares: Vec<f64> = backends.iter().map(|b| b.share).collect();
+    let table = if backends.is_empty() {
+        Vec::new()
+    } else {
+        maglev::build_table(&keys, &shares, table_size)
+    };
+    ServicePlan {
+        address,
+        name,
+        sources: sources.into_iter().collect(),
+        plan: Plan::L4(L4Plan {
+            backends,
+            table,
+            hash_source_ip,
+        }),
+    }
+}
+
+/// True when `references` (a rule's or a match's `gateways`) name the Gateway `gateway`.
+fn gateway_listed(
+    index: &Index,
+    references: &[String],
+    namespace: &str,
+    gateway: &Resource,
+) -> bool {
+    references.iter().any(|r| {
+        r != "mesh"
+            && index
+                .gateway(r, namespace)
+                .is_some_and(|(found, _)| std::ptr::eq(found, gateway))
+    })
+}
+
+/// Whether match-level `gateways` let a match apply to `listener` (empty: inherit the rule's).
+fn match_gateways_apply(
+    index: &Index,
+    references: &[String],
+    namespace: &str,
+    listener: Listener,
+) -> bool {
+    if references.is_empty() {
+        return true;
+    }
+    match listener.gateway {
+        None => references.iter().any(|r| r == "mesh"),
+        Some(gateway) => gateway_listed(index, references, namespace, gateway),
+    }
+}
+
+fn l4_match_applies(
+    index: &Index,
+    rule: &Resource,
+    field: &str,
+    m: &L4MatchAttributes,
+    listener: Listener,
+) -> Result<bool> {
+    if m.port.is_some_and(|p| p != i64::from(listener.port)) {
+        return Ok(false);
+    }
+    if !match_gateways_apply(index, &m.gateways, &rule.meta.namespace, listener) {
+        return Ok(false);
+    }
+    if !m.destination_subnets.is_empty()
+        && !m
+            .destination_subnets
+            .iter()
+            .filter_map(|s| values::cidr(s).ok())
+            .any(|net| values::in_subnet(listener.ip, net))
+    {
+        return Ok(false);
+    }
+    // The kernel path selects a route per service address; conditions on the client need a
+    // per-connection classifier it does not have.
+    if m.source_subnet.is_some() {
+        return Err(ValidationError::new(
+            rule,
+            format!("{field}.sourceSubnet"),
+            "matching on the client subnet is not supported in this build",
+        ));
+    }
+    if !m.source_labels.is_empty() {
+        return Err(ValidationError::new(
+            rule,
+            format!("{field}.sourceLabels"),
+            "matching on client workload labels is not supported (mesh has no workload identity)",
+        ));
+    }
+    if m.source_namespace.is_some() {
+        return Err(ValidationError::new(
+            rule,
+            format!("{field}.sourceNamespace"),
+            "matching on the client namespace is not supported (mesh has no workload identity)",
+        ));
+    }
+    Ok(true)
+}
+
+/// First TCP route that applies; else the first applicable HTTP route if it needs nothing but
+/// weights; `None` when no route applies.
+fn select_route<'a>(
+    index: &Index,
+    rule: &'a Resource,
+    vs: &VirtualService,
+    listener: Listener,
+) -> Result<Option<Selected<'a>>> {
+    if !vs.tls.is_empty() {
+        return Err(ValidationError::new(
+            rule,
+            "spec.tls",
+            format!("TLS (SNI) routing {L7_NEEDED}"),
+        ));
+    }
+    for (i, route) in vs.tcp.iter().enumerate() {
+        let mut applies = route.matches.is_empty();
+        for (j, m) in route.matches.iter().enumerate() {
+            if l4_match_applies(
+                index,
+                rule,
+                &format!("spec.tcp[{i}].match[{j}]"),
+                m,
+                listener,
+            )? {
+                applies = true;
+                break;
+            }
+        }
+        if applies {
+            let destinations = route
+                .route
+                .iter()
+                .enumerate()
+                .map(|(k, d)| {
+                    (
+                        format!("spec.tcp[{i}].route[{k}].destination"),
+                        d.destination.clone(),
+                        d.weight.unwrap_or(0),
+                    )
+                })
+                .collect();
+            return Ok(Some(Selected { rule, destinations }));
+        }
+    }
+    for (i, route) in vs.http.iter().enumerate() {
+        let field = format!("spec.http[{i}]");
+        let applicable: Vec<_> = route
+            .matches
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.port.is_none_or(|p| p == i64::from(listener.port)))
+            .filter(|(_, m)| {
+                match_gateways_apply(index, &m.gateways, &rule.meta.namespace, listener)
+            })
+            .collect();
+        if !route.matches.is_empty() && applicable.is_empty() {
+            continue;
+        }
+        for (j, m) in applicable {
+            if let Some(condition) = m.first_l7_condition() {
+                return Err(ValidationError::new(
+                    rule,
+                    format!("{field}.match[{j}].{condition}"),
+                    format!("matching on {condition} {L7_NEEDED}"),
+                ));
+            }
+        }
+        l7_features(rule, &field, route)?;
+        let destinations = route
+            .route
+            .iter()
+            .enumerate()
+            .map(|(k, d)| {
+                (
+                    format!("{field}.route[{k}].destination"),
+                    d.destination.clone(),
+                    d.weight.unwrap_or(0),
+                )
+            })
+            .collect();
+        return Ok(Some(Selected { rule, destinations }));
+    }
+    Ok(None)
+}
+
+/// Rejects an HTTP route that asks for anything beyond weighted forwarding.
+fn l7_features(rule: &Resource, field: &str, route: &HttpRoute) -> Result<()> {
+    let features = [
+        (route.redirect.is_some(), "redirect"),
+        (route.direct_response.is_some(), "directResponse"),
+        (route.delegate.is_some(), "delegate"),
+        (route.rewrite.is_some(), "rewrite"),
+        // Per-request deadlines and retries cannot be enforced per connection; ignoring them
+        // would silently change behaviour.
+        (route.timeout.is_some(), "timeout"),
+        (route.retries.is_some(), "retries"),
+        (route.fault.is_some(), "fault"),
+        (route.mirror.is_some(), "mirror"),
+        (!route.mirrors.is_empty(), "mirrors"),
+        (route.mirror_percentage.is_some(), "mirrorPercentage"),
+        (route.mirror_percent.is_some(), "mirrorPercent"),
+        (route.cors_policy.is_some(), "corsPolicy"),
+        (route.headers.is_some(), "headers"),
+    ];
+    if let Some((_, name)) = features.iter().find(|(present, _)| *present) {
+        return Err(ValidationError::new(
+            rule,
+            format!("{field}.{name}"),
+            format!("{name} {L7_NEEDED}"),
+        ));
+    }
+    if let Some(k) = route.route.iter().position(|d| d.headers.is_some()) {
+        return Err(ValidationError::new(
+            rule,
+            format!("{field}.route[{k}].headers"),
+            format!("header manipulation {L7_NEEDED}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The destination host's port a route uses: the one named, else the service's own port when
+/// the host has it, else the host's only port.
+fn resolve_port<'e>(
+    entry: &'e ServiceEntry,
+    destination: &Destination,
+    service_port: Option<u16>,
+) -> std::result::Result<&'e ServicePort, String> {
+    let list = || {
+        entry
+            .ports
+            .iter()
+            .map(|p| p.number.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(port) = &destination.port {
+        return entry
+            .ports
+            .iter()
+            .find(|p| p.number == port.number)
+            .ok_or_else(|| {
+                format!(
+                    "host `{}` has no port {} (it has: {})",
+                    destination.host,
+                    port.number,
+                    list()
+                )
+            });
+    }
+    if let Some(found) =
+        service_port.and_then(|sp| entry.ports.iter().find(|p| p.number == i64::from(sp)))
+    {
+        return Ok(found);
+    }
+    match entry.ports.as_slice() {
+        [only] => Ok(only),
+        _ => Err(format!(
+            "host `{}` has several ports ({}); say which with port.number",
+            destination.host,
+            list()
+        )),
+    }
+}
+
+/// Backends of a selected route for a listener address: share = route weight share x endpoint
+/// weight share; endpoints of the other address family are left out (no NAT46).
+fn backends(
+    index: &Index,
+    selected: &Selected,
+    service_port: Option<u16>,
+    family_of: IpAddr,
+    sources: &mut BTreeSet<String>,
+) -> Result<Vec<BackendPlan>> {
+    let rule = selected.rule;
+    let ns = &rule.meta.namespace;
+    // Istio: a lone destination gets all traffic whatever its weight.
+    let weights: Vec<i64> = if selected.destinations.len() == 1 {
+        vec![1]
+    } else {
+        selected
+            .destinations
+            .iter()
+            .map(|(_, _, w)| (*w).max(0))
+            .collect()
+    };
+    let total: i64 = weights.iter().sum();
+    let mut merged: BTreeMap<SocketAddr, BackendPlan> = BTreeMap::new();
+    for ((field, destination, _), weight) in selected.destinations.iter().zip(weights) {
+        if weight == 0 || total == 0 {
+            continue;
+        }
+        let Some((entry_resource, entry)) = index.service_entry(&destination.host, ns) else {
+            return Err(ValidationError::new(
+                rule,
+                format!("{field}.host"),
+                format!(
+                    "no ServiceEntry defines host `{}` (a short name means `{}`)",
+                    destination.host,
+                    fqdn(&destination.host, ns)
+                ),
+            ));
+        };
+        sources.insert(entry_resource.id());
+        let port = resolve_port(entry, destination, service_port)
+            .map_err(|message| ValidationError::new(rule, format!("{field}.port"), message))?;
+        let mut selector = BTreeMap::new();
+        if let Some(subset) = &destination.subset {
+            let found =
+                index
+                    .destination_rule(&destination.host, ns)
+                    .and_then(|(dr_resource, dr)| {
+                        dr.subsets
+                            .iter()
+                            .find(|s| &s.name == subset)
+                            .map(|s| (dr_resource, s))
+                    });
+            let Some((dr_resource, found)) = found else {
+                return Err(ValidationError::new(
+                    rule,
+                    format!("{field}.subset"),
+                    format!(
+                        "subset `{subset}` is not defined for host `{}`",
+                        destination.host
+                    ),
+                ));
+            };
+            sources.insert(dr_resource.id());
+            selector = found.labels.clone();
+        }
+        let endpoints: Vec<(IpAddr, &crate::config::WorkloadEntry)> = entry
+            .endpoints
+            .iter()
+            .filter(|e| selects(&selector, &e.labels))
+            .filter_map(|e| e.address.parse::<IpAddr>().ok().map(|ip| (ip, e)))
+            .filter(|(ip, _)| ip.is_ipv4() == family_of.is_ipv4())
+            .collect();
+        let endpoint_total: i64 = endpoints
+            .iter()
+            .map(|(_, e)| e.effective_weight().max(0))
+            .sum();
+        if endpoint_total == 0 {
+            continue;
+        }
+        for (ip, endpoint) in endpoints {
+            let endpoint_weight = endpoint.effective_weight().max(0);
+            if endpoint_weight == 0 {
+                continue;
+            }
+            let share =
+                (weight as f64 / total as f64) * (endpoint_weight as f64 / endpoint_total as f64);
+            let target = port
+                .name
+                .as_ref()
+                .and_then(|name| endpoint.ports.get(name).copied())
+                .or(port.target_port)
+                .unwrap_or(port.number);
+            let target = values::port(target)
+                .map_err(|m| ValidationError::new(entry_resource, "spec.endpoints", m))?;
+            let address = SocketAddr::new(ip, target);
+            merged
+                .entry(address)
+                .and_modify(|b| {
+                    b.share += share;
+                    if b.subset != destination.subset {
+                        b.subset = None;
+                    }
+                })
+                .or_insert_with(|| BackendPlan {
+                    address,
+                    subset: destination.subset.clone(),
+                    labels: endpoint.labels.clone(),
+                    share,
+                });
+        }
+    }
+    Ok(merged.into_values().collect())
+}
+
+/// True when the selected destinations do have endpoints, just none of `family_of`'s family.
+fn has_other_family_backends(index: &Index, selected: &Selected, family_of: IpAddr) -> bool {
+    let ns = &selected.rule.meta.namespace;
+    selected.destinations.iter().any(|(_, d, _)| {
+        index.service_entry(&d.host, ns).is_some_and(|(_, entry)| {
+            entry
+                .endpoints
+                .iter()
+                .filter_map(|e| e.address.parse::<IpAddr>().ok())
+                .any(|ip| ip.is_ipv4() != family_of.is_ipv4())
+        })
+    })
+}
+
+/// Maglev table size and source-IP hashing from the DestinationRule of `host` (or, when `None`,
+/// of the first destination that gets traffic).
+fn load_balancer(
+    index: &Index,
+    host: Option<(String, String)>,
+    selected: &Selected,
+    sources: &mut BTreeSet<String>,
+) -> Result<(u32, bool)> {
+    let (host, ns) = match host {
+        Some(found) => found,
+        None => {
+            let weighted = selected.destinations.len() == 1;
+            let Some((_, d, _)) = selected
+                .destinations
+                .iter()
+                .find(|(_, _, w)| weighted || *w > 0)
+            else {
+                return Ok((mesh_common::DEFAULT_MAGLEV_TABLE_SIZE, false));
+            };
+            (d.host.clone(), selected.rule.meta.namespace.clone())
+        }
+    };
+    let Some((rule_resource, rule)) = index.destination_rule(&host, &ns) else {
+        return Ok((mesh_common::DEFAULT_MAGLEV_TABLE_SIZE, false));
+    };
+    let hash = rule
+        .traffic_policy
+        .as_ref()
+        .and_then(|p| p.load_balancer.as_ref())
+        .and_then(|lb| lb.consistent_hash.as_ref());
+    let Some(hash) = hash else {
+        return Ok((mesh_common::DEFAULT_MAGLEV_TABLE_SIZE, false));
+    };
+    sources.insert(rule_resource.id());
+    let field = "spec.trafficPolicy.loadBalancer.consistentHash";
+    for (present, key) in [
+        (hash.http_header_name.is_some(), "httpHeaderName"),
+        (hash.http_cookie.is_some(), "httpCookie"),
+        (
+            hash.http_query_parameter_name.is_some(),
+            "httpQueryParameterName",
+        ),
+    ] {
+        if present {
+            return Err(ValidationError::new(
+                rule_resource,
+                format!("{field}.{key}"),
+                format!("hashing on {key} {L7_NEEDED}"),
+            ));
+        }
+    }
+    let size = hash
+        .maglev
+        .as_ref()
+        .and_then(|m| m.table_size)
+        .and_then(|s| u32::try_from(s).ok())
+        .unwrap_or(mesh_common::DEFAULT_MAGLEV_TABLE_SIZE);
+    Ok((size, hash.use_source_ip == Some(true)))
+}

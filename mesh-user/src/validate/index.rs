@@ -1,0 +1,186 @@
+//! Lookups across resources (host -> ServiceEntry, host -> DestinationRule, gateway references),
+//! with Istio's short-name rule, shared by cross-resource validation and compile.
+
+use crate::config::{
+    DestinationRule, Gateway, Resource, ResourceKind, ResourceSet, ServiceEntry, VirtualService,
+};
+
+/// The Kubernetes-style FQDN of a host as seen from `namespace`: a name without dots is short
+/// for `<name>.<namespace>.svc.cluster.local`; anything else is taken as written.
+pub(crate) fn fqdn(host: &str, namespace: &str) -> String {
+    if host.contains('.') || host.contains('*') {
+        host.to_owned()
+    } else {
+        format!("{host}.{namespace}.svc.cluster.local")
+    }
+}
+
+/// Whether a host named in one namespace denotes a host defined in another: equal after
+/// short-name completion, or written identically.
+pub(crate) fn same_host(
+    host: &str,
+    namespace: &str,
+    defined: &str,
+    defined_namespace: &str,
+) -> bool {
+    host == defined || fqdn(host, namespace) == fqdn(defined, defined_namespace)
+}
+
+/// Typed views of a resource set, in source order.
+pub(crate) struct Index<'a> {
+    pub service_entries: Vec<(&'a Resource, &'a ServiceEntry)>,
+    pub destination_rules: Vec<(&'a Resource, &'a DestinationRule)>,
+    pub virtual_services: Vec<(&'a Resource, &'a VirtualService)>,
+    pub gateways: Vec<(&'a Resource, &'a Gateway)>,
+}
+
+impl<'a> Index<'a> {
+    pub(crate) fn new(set: &'a ResourceSet) -> Self {
+        let mut index = Index {
+            service_entries: Vec::new(),
+            destination_rules: Vec::new(),
+            virtual_services: Vec::new(),
+            gateways: Vec::new(),
+        };
+        for resource in &set.resources {
+            match &resource.kind {
+                ResourceKind::ServiceEntry(spec) => index.service_entries.push((resource, spec)),
+                ResourceKind::DestinationRule(spec) => {
+                    index.destination_rules.push((resource, spec))
+                }
+                ResourceKind::VirtualService(spec) => index.virtual_services.push((resource, spec)),
+                ResourceKind::Gateway(spec) => index.gateways.push((resource, spec)),
+            }
+        }
+        index
+    }
+
+    /// The first ServiceEntry defining `host` (as named from `namespace`).
+    pub(crate) fn service_entry(
+        &self,
+        host: &str,
+        namespace: &str,
+    ) -> Option<(&'a Resource, &'a ServiceEntry)> {
+        self.service_entries
+            .iter()
+            .copied()
+            .find(|(resource, entry)| {
+                entry
+                    .hosts
+                    .iter()
+                    .any(|h| same_host(host, namespace, h, &resource.meta.namespace))
+            })
+    }
+
+    /// The first DestinationRule for `host` (as named from `namespace`).
+    pub(crate) fn destination_rule(
+        &self,
+        host: &str,
+        namespace: &str,
+    ) -> Option<(&'a Resource, &'a DestinationRule)> {
+        self.destination_rules
+            .iter()
+            .copied()
+            .find(|(resource, rule)| {
+                same_host(host, namespace, &rule.host, &resource.meta.namespace)
+            })
+    }
+
+    /// The Gateway a VirtualService in `namespace` means by `reference` (`name` or `ns/name`).
+    pub(crate) fn gateway(
+        &self,
+        reference: &str,
+        namespace: &str,
+    ) -> Option<(&'a Resource, &'a Gateway)> {
+        let (ns, name) = gateway_ref(reference, namespace);
+        self.gateways
+            .iter()
+            .copied()
+            .find(|(resource, _)| resource.meta.namespace == ns && resource.meta.name == name)
+    }
+}
+
+/// Splits a gateway reference into (namespace, name); a bare name is in `namespace`.
+pub(crate) fn gateway_ref<'r>(reference: &'r str, namespace: &'r str) -> (&'r str, &'r str) {
+    reference.split_once('/').unwrap_or((namespace, reference))
+}
+
+/// True when every label of a subset selector is on the endpoint (an empty selector selects all).
+pub(crate) fn selects(
+    selector: &std::collections::BTreeMap<String, String>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    selector
+        .iter()
+        .all(|(key, value)| labels.get(key) == Some(value))
+}
+
+/// Every destination a VirtualService names, with its field path (routes and mirrors).
+pub(crate) fn destinations(spec: &VirtualService) -> Vec<(String, &crate::config::Destination)> {
+    let mut out = Vec::new();
+    for (i, route) in spec.http.iter().enumerate() {
+        for (k, d) in route.route.iter().enumerate() {
+            out.push((
+                format!("spec.http[{i}].route[{k}].destination"),
+                &d.destination,
+            ));
+        }
+        if let Some(mirror) = &route.mirror {
+            out.push((format!("spec.http[{i}].mirror"), mirror));
+        }
+        for (k, mirror) in route.mirrors.iter().enumerate() {
+            out.push((
+                format!("spec.http[{i}].mirrors[{k}].destination"),
+                &mirror.destination,
+            ));
+        }
+    }
+    for (i, route) in spec.tcp.iter().enumerate() {
+        for (k, d) in route.route.iter().enumerate() {
+            out.push((
+                format!("spec.tcp[{i}].route[{k}].destination"),
+                &d.destination,
+            ));
+        }
+    }
+    for (i, route) in spec.tls.iter().enumerate() {
+        for (k, d) in route.route.iter().enumerate() {
+            out.push((
+                format!("spec.tls[{i}].route[{k}].destination"),
+                &d.destination,
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_complete_with_the_namespace() {
+        assert_eq!(fqdn("reviews", "shop"), "reviews.shop.svc.cluster.local");
+        assert_eq!(fqdn("a.example.com", "shop"), "a.example.com");
+        assert!(same_host(
+            "reviews",
+            "shop",
+            "reviews.shop.svc.cluster.local",
+            "x"
+        ));
+        assert!(same_host(
+            "reviews.shop.svc.cluster.local",
+            "x",
+            "reviews",
+            "shop"
+        ));
+        assert!(!same_host(
+            "reviews",
+            "a",
+            "reviews.b.svc.cluster.local",
+            "b"
+        ));
+        // Written identically: the same host even across namespaces.
+        assert!(same_host("reviews", "a", "reviews", "b"));
+    }
+}
