@@ -5,7 +5,7 @@ use std::process::Command;
 
 fn run_sandbox() -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_mesh-sandbox"))
-        .args(["--no-wait", "--connections", "400"])
+        .args(["--no-wait", "--connections", "1000"])
         .output()
         .expect("running mesh-sandbox")
 }
