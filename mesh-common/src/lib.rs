@@ -229,6 +229,8 @@ pub struct TrafficCounters {
     pub reply_bytes: u64,
     /// New flows (conntrack misses that selected a backend).
     pub connections: u64,
+    /// TCP resets sent by backends (refused or aborted connections): the L4 health signal.
+    pub reply_resets: u64,
 }
 
 impl TrafficCounters {
@@ -239,6 +241,7 @@ impl TrafficCounters {
         self.reply_packets = self.reply_packets.wrapping_add(other.reply_packets);
         self.reply_bytes = self.reply_bytes.wrapping_add(other.reply_bytes);
         self.connections = self.connections.wrapping_add(other.connections);
+        self.reply_resets = self.reply_resets.wrapping_add(other.reply_resets);
     }
 }
 
@@ -276,7 +279,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowState>(), 48);
-        assert_eq!(size_of::<TrafficCounters>(), 40);
+        assert_eq!(size_of::<TrafficCounters>(), 48);
     }
 
     #[test]

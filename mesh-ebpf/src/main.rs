@@ -66,7 +66,10 @@ fn try_mesh_xdp(ctx: &XdpContext) -> Result<u32, ()> {
                 state.port,
                 state.service_id,
                 state.backend_id,
-                Direction::Reply,
+                // A reset from the backend is how L4 health is judged (refused or broken).
+                Direction::Reply {
+                    reset: parse::tcp_flags(ctx, &pkt) & parse::TCP_FLAG_RST != 0,
+                },
             )
         } else if let Some(state) = conntrack::request(&pkt.key, now) {
             // SAFETY: as above.

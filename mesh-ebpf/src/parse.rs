@@ -263,6 +263,22 @@ pub fn l4_csum(ctx: &XdpContext, pkt: &Packet) -> Result<*mut [u8; 2], ()> {
 
 /// Bounds-checks the fixed TCP or UDP header at `off`.
 #[inline(always)]
+/// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ...); 0 for UDP or a frame too short.
+#[inline(always)]
+pub fn tcp_flags(ctx: &XdpContext, pkt: &Packet) -> u8 {
+    if pkt.key.proto != PROTO_TCP {
+        return 0;
+    }
+    match ptr_at::<[u8; 14]>(ctx, pkt.l4_off) {
+        // SAFETY: bounds-checked by `ptr_at`.
+        Ok(hdr) => unsafe { (*hdr)[13] },
+        Err(()) => 0,
+    }
+}
+
+/// TCP flag: the sender resets the connection.
+pub const TCP_FLAG_RST: u8 = 0x04;
+
 fn l4_ptr(ctx: &XdpContext, off: usize, proto: u8) -> Result<*mut u8, ()> {
     if proto == PROTO_TCP {
         Ok(ptr_at::<[u8; TCP_HDR_LEN]>(ctx, off)? as *mut u8)

@@ -21,8 +21,8 @@ pub fn verdict(reason: u32, action: u32) -> u32 {
 pub enum Direction {
     /// Client -> service (destination NAT); `new_flow` when the backend was just selected.
     Request { new_flow: bool },
-    /// Backend -> client (reverse NAT).
-    Reply,
+    /// Backend -> client (reverse NAT); `reset` when the backend sent a TCP RST.
+    Reply { reset: bool },
 }
 
 /// Adds one packet of `bytes` to the service's and the backend's counters.
@@ -48,9 +48,12 @@ fn add(c: &mut TrafficCounters, bytes: u64, dir: Direction) {
                 c.connections += 1;
             }
         }
-        Direction::Reply => {
+        Direction::Reply { reset } => {
             c.reply_packets += 1;
             c.reply_bytes += bytes;
+            if reset {
+                c.reply_resets += 1;
+            }
         }
     }
 }

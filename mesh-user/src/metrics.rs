@@ -109,8 +109,8 @@ fn gauge_family(
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         if let Some(snapshot) = &self.snapshot {
-            let mut svc = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-            let mut be = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+            let mut svc: [Vec<(Labels, u64)>; 6] = Default::default();
+            let mut be: [Vec<(Labels, u64)>; 6] = Default::default();
             let mut active = Vec::new();
             for s in &snapshot.services {
                 let labels: Labels = vec![
@@ -162,8 +162,9 @@ impl Collector for KernelCollector {
                 "Reply packets from backends, reverse-translated by XDP",
                 "Reply bytes from backends, reverse-translated by XDP",
                 "New connections (flows) to the service",
+                "TCP resets sent by backends (refused or aborted connections)",
             ];
-            for i in 0..5 {
+            for i in 0..names.len() {
                 counter_family(
                     &mut encoder,
                     &format!("service_{}", names[i]),

@@ -71,6 +71,9 @@ pub struct Counters {
     pub reply_bytes: u64,
     /// New connections.
     pub connections: u64,
+    /// TCP resets from backends.
+    #[serde(default)]
+    pub reply_resets: u64,
 }
 
 impl From<TrafficCounters> for Counters {
@@ -81,6 +84,7 @@ impl From<TrafficCounters> for Counters {
             reply_packets: c.reply_packets,
             reply_bytes: c.reply_bytes,
             connections: c.connections,
+            reply_resets: c.reply_resets,
         }
     }
 }
