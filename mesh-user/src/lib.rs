@@ -13,5 +13,6 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod metrics;
+pub mod shift;
 pub mod store;
 pub mod validate;

@@ -1,0 +1,129 @@
+//! `meshctl shift` against a real meshd: a healthy canary is promoted to 100% in steps; a canary
+//! whose backend refuses connections is rolled back to 100% of the stable subset before the
+//! next step.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Result};
+use mesh_tests::{
+    meshd::{meshctl, meshctl_stdin, Meshd},
+    rules::{echo_service_entry, echo_split, meshd_args, RulesDir, ECHO_SUBSETS},
+    servers::tcp_connect,
+    topology::Topology,
+    traffic::{start_backends, tcp_split, vip},
+};
+
+/// Client load: new connections in a loop until stopped (at most 2 minutes), counting failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<(u64, u64)>>,
+}
+
+impl Load {
+    fn start(topo: &Topology) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let client = topo.client.name().to_string();
+        let handle = thread::spawn(move || {
+            let file = std::fs::File::open(format!("/var/run/netns/{client}")).expect("netns");
+            // SAFETY: setns on this thread only.
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match tcp_connect(vip(8080)) {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            (ok, failed)
+        });
+        Ok(Load { stop, handle: Some(handle) })
+    }
+
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().map(|h| h.join().unwrap_or((0, 0))).unwrap_or((0, 0))
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn shift_args() -> Vec<&'static str> {
+    vec![
+        "shift", "echo.mesh.test", "--from", "v1", "--to", "v3", "--step", "25", "--interval", "1s",
+        "--max-error-rate", "5%", "--min-requests", "5",
+    ]
+}
+
+#[test]
+fn healthy_canary_is_promoted_in_steps() -> Result<()> {
+    let topo = Topology::build(3)?;
+    let _servers = start_backends(&topo, false)?;
+    let rules = RulesDir::new(&topo)?;
+    rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
+    rules.write("dr.yaml", ECHO_SUBSETS)?;
+    let _meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+    let socket = rules.socket();
+    ensure!(meshctl_stdin(&socket, &["apply", "-f", "-"], &echo_split([100, 0, 0]))?.0);
+
+    let (ok, stdout, _) = meshctl(&socket, &[&shift_args()[..], &["--dry-run"]].concat())?;
+    ensure!(ok && stdout.contains("25%, 50%, 75%, 100%") && stdout.contains("nothing changed"), "{stdout}");
+
+    let load = Load::start(&topo)?;
+    let (ok, stdout, stderr) = meshctl(&socket, &shift_args())?;
+    let (sent, failed) = load.finish();
+    ensure!(ok, "shift failed:\n{stdout}\n{stderr}\nsent {sent} failed {failed}\n{}", meshctl(&socket, &["stats", "-o", "json"])?.1);
+    for step in ["step 1/4", "step 2/4", "step 3/4", "step 4/4", "promoted v3 to 100%"] {
+        ensure!(stdout.contains(step), "missing {step:?}:\n{stdout}");
+    }
+    ensure!(failed == 0, "{failed} of {sent} connections failed during the shift");
+    let seen = tcp_split(&topo.client, vip(8080), 200)?;
+    ensure!(seen.get("v3") == Some(&200), "after the shift: {seen:?}");
+    Ok(())
+}
+
+#[test]
+fn failing_canary_is_rolled_back_before_the_next_step() -> Result<()> {
+    let topo = Topology::build(3)?;
+    // v3 runs no TCP server on 8080: its host answers every connection with a reset.
+    let _servers = all_but_v3(&topo)?;
+    let rules = RulesDir::new(&topo)?;
+    rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
+    rules.write("dr.yaml", ECHO_SUBSETS)?;
+    let _meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+    let socket = rules.socket();
+    ensure!(meshctl_stdin(&socket, &["apply", "-f", "-"], &echo_split([100, 0, 0]))?.0);
+
+    let load = Load::start(&topo)?;
+    let (ok, stdout, stderr) = meshctl(&socket, &shift_args())?;
+    let _ = load.finish();
+    ensure!(!ok, "a failing canary was promoted:\n{stdout}");
+    ensure!(stdout.contains("step 1/4") && !stdout.contains("step 2/4"), "not stopped at step 1:\n{stdout}");
+    ensure!(stdout.contains("rolled back to 100% v1"), "{stdout}\n{stderr}");
+    let seen = tcp_split(&topo.client, vip(8080), 200)?;
+    ensure!(seen.get("v1") == Some(&200), "after the rollback: {seen:?}");
+    let (_, vs, _) = meshctl(&socket, &["get", "vs", "echo", "-o", "yaml"])?;
+    ensure!(vs.contains("weight: 100"), "{vs}");
+    Ok(())
+}
+
+/// TCP identity servers on v1 and v2 only.
+fn all_but_v3(topo: &Topology) -> Result<Vec<mesh_tests::servers::Server>> {
+    use mesh_tests::{servers::tcp_server, topology::backend_v4};
+    (1..=2)
+        .map(|i| tcp_server(&topo.backends[i - 1], std::net::SocketAddr::new(backend_v4(i), 8080), &format!("v{i}")))
+        .collect()
+}
