@@ -1,15 +1,19 @@
-//! The sandbox: the main job of `cargo xtask demo`.
+//! The sandbox: the main job of `cargo xtask demo`. Istio's Bookinfo traffic-management tutorial
+//! on one machine, without Kubernetes or sidecars.
 //!
-//! Builds a client, a node and three backends (reviews v1, v2, v3) as network namespaces, starts
-//! meshd on the node, then walks through traffic-shifting steps from `config/sandbox/`: each step
-//! applies a VirtualService, opens real TCP connections from the client to the reviews service
-//! address and prints the observed split per version next to the configured one. Afterwards it
-//! stays up until Ctrl-C (unless `--no-wait`) and tears everything down, also on failure.
+//! It builds network namespaces: a client, a node running meshd, and one host per Bookinfo
+//! workload (productpage, details, reviews v1/v2/v3, ratings) running the sample services of
+//! `tests/bookinfo.rs`. Every service-to-service call goes through the service addresses (east-
+//! west traffic through meshd on the node), and the client enters through the bookinfo Gateway
+//! on the node's address. Each tutorial step applies Istio's YAML from `config/bookinfo/` with
+//! meshctl, sends real requests, and prints the observed split per version next to the
+//! configured one. Then it stays up until Ctrl-C (unless `--no-wait`) and tears everything down,
+//! also on failure or interruption.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -18,23 +22,12 @@ use std::{
 use anyhow::{bail, Context, Result};
 use mesh_tests::{
     meshd::{meshctl, Meshd},
-    servers::{tcp_connect, tcp_server},
-    topology::{backend_v4, Topology},
+    topology::Topology,
+    web::{Client, NsProcess},
 };
 
-const REVIEWS_VIP: &str = "198.18.100.10:9080";
-const STEPS: &[(&str, &str)] = &[
-    ("step1-all-v1.yaml", "route all traffic to reviews v1"),
-    (
-        "step2-80-v1-20-v2.yaml",
-        "canary: shift 20% of connections to v2",
-    ),
-    ("step3-50-v1-50-v3.yaml", "split 50/50 between v1 and v3"),
-    (
-        "step4-all-v3.yaml",
-        "complete the migration: all traffic to v3",
-    ),
-];
+/// Where the client enters: the bookinfo Gateway on the node's address.
+const GATEWAY: &str = "198.18.1.1:8080";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -42,42 +35,88 @@ extern "C" fn on_interrupt(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
+/// What a step expects to see.
+enum Expect {
+    /// Requests (as `user`, if any) see reviews versions in these shares.
+    Split { user: Option<&'static str>, shares: &'static [(&'static str, f64)] },
+    /// Requests see only v1, and reviews v2 receives a mirrored copy of each.
+    Mirrored,
+}
+
+struct Step {
+    title: &'static str,
+    files: &'static [&'static str],
+    expect: &'static [Expect],
+    note: &'static str,
+}
+
+const STEPS: &[Step] = &[
+    Step {
+        title: "Route all traffic to v1 (and open the ingress gateway)",
+        files: &["bookinfo-gateway.yaml", "virtual-service-all-v1.yaml"],
+        expect: &[Expect::Split { user: None, shares: &[("v1", 1.0)] }],
+        note: "the gateway's URI matches run in meshd's L7 proxy; the all-v1 routes are weights only, so the kernel serves them",
+    },
+    Step {
+        title: "Route user jason to reviews v2, everyone else to v1",
+        files: &["virtual-service-reviews-test-v2.yaml"],
+        expect: &[
+            Expect::Split { user: Some("jason"), shares: &[("v2", 1.0)] },
+            Expect::Split { user: None, shares: &[("v1", 1.0)] },
+        ],
+        note: "a header match: reviews moves to the L7 proxy, same address, no restart",
+    },
+    Step {
+        title: "Shift 50% of the traffic to reviews v3",
+        files: &["virtual-service-reviews-50-v3.yaml"],
+        expect: &[Expect::Split { user: None, shares: &[("v1", 0.5), ("v3", 0.5)] }],
+        note: "weights only: back to the kernel path, split per connection (productpage opens one per call)",
+    },
+    Step {
+        title: "Route all traffic to reviews v3",
+        files: &["virtual-service-reviews-v3.yaml"],
+        expect: &[Expect::Split { user: None, shares: &[("v3", 1.0)] }],
+        note: "",
+    },
+    Step {
+        title: "Mirror reviews traffic to v2 while v1 serves it",
+        files: &["virtual-service-reviews-mirror-v2.yaml"],
+        expect: &[Expect::Mirrored],
+        note: "copies are fire-and-forget: v2's answers never reach the client",
+    },
+];
+
 struct Options {
     wait: bool,
-    connections: usize,
+    requests: usize,
     tolerance: f64,
 }
 
 fn parse_args() -> Result<Option<Options>> {
-    let mut options = Options {
-        wait: true,
-        connections: 1000,
-        tolerance: 0.05,
-    };
+    let mut options = Options { wait: true, requests: 1000, tolerance: 0.05 };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--no-wait" => options.wait = false,
-            "--connections" => {
-                options.connections = args
+            "--requests" => {
+                options.requests = args
                     .next()
-                    .context("--connections needs a number")?
-                    .parse()
-                    .context("--connections needs a number")?;
-                if !(10..=100_000).contains(&options.connections) {
-                    bail!("--connections must be between 10 and 100000");
-                }
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| (20..=100_000).contains(n))
+                    .context("--requests needs a number between 20 and 100000")?;
             }
             "-h" | "--help" => {
                 println!(
-                    "mesh-sandbox: meshd forwarding real traffic between network namespaces\n\n\
+                    "mesh-sandbox: Istio's Bookinfo traffic-management tutorial through meshd\n\n\
                      Usage: cargo xtask demo [-- OPTIONS]\n\n\
                      Options:\n  \
-                     --no-wait          run the steps, check them, tear down and exit (for tests)\n  \
-                     --connections N    connections per step (default 1000)\n  \
-                     -h, --help         this help\n\n\
-                     Each step applies a VirtualService from config/sandbox/ and prints the observed\n\
-                     split per version. Exits non-zero if a step's split is off by more than 5 points."
+                     --no-wait       run the steps, check them, tear down and exit (for tests and CI)\n  \
+                     --requests N    requests for the split steps (default 1000; others use N/5)\n  \
+                     -h, --help      this help\n\n\
+                     Each step applies Istio YAML from config/bookinfo/ with meshctl, sends real\n\
+                     requests to productpage through the ingress gateway and prints the reviews\n\
+                     version that answered, per version, next to the configured weights. Exits\n\
+                     non-zero if a step's split is off by more than 5 points."
                 );
                 return Ok(None);
             }
@@ -88,16 +127,10 @@ fn parse_args() -> Result<Option<Options>> {
 }
 
 fn main() -> ExitCode {
-    // SAFETY: installs a handler that only stores to an atomic.
+    // SAFETY: installs handlers that only store to an atomic.
     unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
+        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
     }
     match parse_args().and_then(|o| match o {
         Some(options) => run(&options),
@@ -113,130 +146,129 @@ fn main() -> ExitCode {
 
 fn check_interrupt() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted; tearing down");
+        bail!("interrupted; everything was torn down");
     }
     Ok(())
 }
 
 fn config_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/sandbox")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/bookinfo")
 }
+
+/// Bookinfo workloads: (backend index, service, version, extra args).
+const WORKLOADS: &[(usize, &str, &str)] = &[
+    (1, "productpage", "v1"),
+    (2, "details", "v1"),
+    (3, "reviews", "v1"),
+    (4, "reviews", "v2"),
+    (5, "reviews", "v3"),
+    (6, "ratings", "v1"),
+];
 
 fn run(options: &Options) -> Result<()> {
     let started = Instant::now();
-    progress("creating namespaces: client, node, reviews-v1, reviews-v2, reviews-v3");
-    let topo = Topology::build(3)?;
+    progress("creating namespaces: client, node, productpage, details, reviews-v1/v2/v3, ratings");
+    let topo = Topology::build(WORKLOADS.len())?;
     check_interrupt()?;
-    progress("starting the reviews backends (TCP servers that answer with their version)");
-    let mut servers = Vec::new();
-    for i in 1..=3 {
-        servers.push(tcp_server(
-            &topo.backends[i - 1],
-            SocketAddr::new(backend_v4(i), 9080),
-            &format!("v{i}"),
-        )?);
+
+    progress("starting the Bookinfo services");
+    let mut workloads = Vec::new();
+    for (i, service, version) in WORKLOADS {
+        let listen = format!("198.18.{}.1:9080", 1 + i);
+        let args: Vec<String> = [
+            "--service", service, "--version", version, "--listen", &listen,
+            "--details", "198.18.100.2:9080", "--reviews", "198.18.100.3:9080", "--ratings", "198.18.100.4:9080",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        workloads.push(NsProcess::start(&topo.backends[i - 1], "mesh-bookinfo", &args, &format!("{service} {version}"))?);
     }
+
     let rules_dir = std::env::temp_dir().join(format!("{}-sandbox-rules", topo.prefix));
     let _rules_guard = DirGuard(rules_dir.clone());
     std::fs::create_dir_all(&rules_dir)?;
-    copy(
-        &config_dir().join("00-reviews-service.yaml"),
-        &rules_dir.join("00-reviews-service.yaml"),
-    )?;
-
-    progress("starting meshd on the node (XDP on c0, b1, b2, b3)");
+    for file in ["00-services.yaml", "01-destination-rules.yaml"] {
+        std::fs::copy(config_dir().join(file), rules_dir.join(file)).with_context(|| format!("copying {file}"))?;
+    }
+    progress("starting meshd on the node (XDP on every node interface; services and subsets from config/bookinfo/0*.yaml)");
+    let socket = rules_dir.join("meshd.sock").display().to_string();
     let mut args = Vec::new();
     for interface in topo.node_interfaces() {
         args.extend(["--iface".to_string(), interface]);
     }
-    args.extend([
-        "--config".to_string(),
-        rules_dir.display().to_string(),
-        "--no-pin".to_string(),
-        "--no-state".to_string(),
-        "--socket".to_string(),
-        rules_dir.join("meshd.sock").display().to_string(),
-    ]);
-    let socket = rules_dir.join("meshd.sock").display().to_string();
+    args.extend(
+        ["--config", &rules_dir.display().to_string(), "--no-pin", "--no-state", "--socket", &socket]
+            .iter()
+            .map(|s| s.to_string()),
+    );
     let meshd = Meshd::start(&topo.node, &args)?;
+    for w in &mut workloads {
+        w.check_alive()?;
+    }
     progress(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
-    let target: SocketAddr = REVIEWS_VIP.parse()?;
 
+    let gateway: SocketAddr = GATEWAY.parse()?;
     let mut failures = Vec::new();
-    for (n, (file, title)) in STEPS.iter().enumerate() {
+    for (n, step) in STEPS.iter().enumerate() {
         check_interrupt()?;
-        println!(
-            "\n\x1b[1mStep {}/{}: {title}\x1b[0m  (config/sandbox/{file})",
-            n + 1,
-            STEPS.len()
-        );
-        let step_file = config_dir().join(file);
-        let (ok, stdout, stderr) =
-            meshctl(&socket, &["apply", "-f", &step_file.display().to_string()])?;
-        if !ok {
-            bail!("meshctl apply -f config/sandbox/{file} failed: {stderr}");
+        println!("\n\x1b[1mStep {}/{}: {}\x1b[0m", n + 1, STEPS.len(), step.title);
+        for file in step.files {
+            let path = config_dir().join(file);
+            let (ok, stdout, stderr) = meshctl(&socket, &["apply", "-f", &path.display().to_string()])?;
+            if !ok {
+                bail!("meshctl apply -f config/bookinfo/{file} failed:\n{stderr}");
+            }
+            println!("  $ meshctl apply -f config/bookinfo/{file}");
+            for line in stdout.lines() {
+                println!("    {line}");
+            }
         }
-        println!(
-            "  $ meshctl apply -f config/sandbox/{file}\n  {}",
-            stdout.trim()
-        );
-        let configured = configured_weights(&config_dir().join(file))?;
-        let connections = options.connections;
-        let seen = topo
-            .client
-            .run(move || -> Result<BTreeMap<String, usize>> {
-                let mut seen = BTreeMap::new();
-                for _ in 0..connections {
-                    if INTERRUPTED.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let (_stream, version) = tcp_connect(target)?;
-                    *seen.entry(version).or_insert(0) += 1;
+        if !step.note.is_empty() {
+            println!("  ({})", step.note);
+        }
+        for expect in step.expect {
+            check_interrupt()?;
+            match expect {
+                Expect::Split { user, shares } => {
+                    let count = if shares.len() > 1 { options.requests } else { (options.requests / 5).max(20) };
+                    let seen = requests(&topo, gateway, *user, count)?;
+                    report_split(n + 1, *user, shares, &seen, options.tolerance, &mut failures);
                 }
-                Ok(seen)
-            })??;
-        check_interrupt()?;
-        let total: usize = seen.values().sum();
-        println!("  {total} TCP connections from the client to reviews ({REVIEWS_VIP}):");
-        for version in ["v1", "v2", "v3"] {
-            let observed = *seen.get(version).unwrap_or(&0) as f64 / total.max(1) as f64;
-            let want = configured.get(version).copied().unwrap_or(0.0);
-            println!(
-                "  {version}  {}  {:5.1}%   configured {:5.1}%",
-                bar(observed, 40),
-                observed * 100.0,
-                want * 100.0
-            );
-            if (observed - want).abs() > options.tolerance {
-                failures.push(format!(
-                    "step {}: {version} observed {:.1}% vs configured {:.1}%",
-                    n + 1,
-                    observed * 100.0,
-                    want * 100.0
-                ));
+                Expect::Mirrored => {
+                    let count = (options.requests / 5).max(20);
+                    let before = shadow_requests(&topo)?;
+                    let seen = requests(&topo, gateway, None, count)?;
+                    report_split(n + 1, None, &[("v1", 1.0)], &seen, options.tolerance, &mut failures);
+                    // Copies are asynchronous: give the last ones a moment to land.
+                    let deadline = Instant::now() + Duration::from_secs(3);
+                    let mut mirrored = shadow_requests(&topo)? - before;
+                    while mirrored < count as u64 && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(100));
+                        mirrored = shadow_requests(&topo)? - before;
+                    }
+                    println!("  reviews v2 received {mirrored} mirrored copies (Host reviews-shadow) for {count} requests");
+                    if (mirrored as f64) < count as f64 * (1.0 - options.tolerance) {
+                        failures.push(format!("step {}: only {mirrored} of {count} requests mirrored to v2", n + 1));
+                    }
+                }
             }
         }
     }
     if !failures.is_empty() {
-        bail!(
-            "observed splits off by more than {:.0} points:\n  {}",
-            options.tolerance * 100.0,
-            failures.join("\n  ")
-        );
+        bail!("steps did not match their rules:\n  {}", failures.join("\n  "));
     }
-    println!(
-        "\nEvery step's observed split matched its rules (within {:.0} points).",
-        options.tolerance * 100.0
-    );
+    println!("\nEvery step's observed traffic matched its rules (within {:.0} points).", options.tolerance * 100.0);
 
     if options.wait {
         let client = topo.client.name();
         println!(
-            "\nThe sandbox stays up until Ctrl-C. Try, from another shell (as root):\n  \
-             nsenter --net=/var/run/netns/{client} bash -c 'for i in $(seq 10); do head -1 < /dev/tcp/198.18.100.10/9080; done'\n  \
-             target/release/meshctl --socket {socket} apply -f config/sandbox/step2-80-v1-20-v2.yaml\n  \
+            "\nThe sandbox stays up until Ctrl-C. From another shell, as root:\n  \
+             nsenter --net=/var/run/netns/{client} curl -s http://{GATEWAY}/productpage\n  \
+             nsenter --net=/var/run/netns/{client} curl -s -H 'cookie: session=jason' http://{GATEWAY}/productpage\n  \
+             target/release/meshctl --socket {socket} apply -f config/bookinfo/virtual-service-reviews-50-v3.yaml\n  \
              target/release/meshctl --socket {socket} stats --watch\n  \
-             target/release/meshctl --socket {socket} status"
+             target/release/meshctl --socket {socket} get vs"
         );
         while !INTERRUPTED.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
@@ -247,47 +279,80 @@ fn run(options: &Options) -> Result<()> {
     if !status.success() {
         bail!("meshd exited with {status}");
     }
-    drop(servers);
+    drop(workloads);
     drop(topo);
     progress("sandbox removed");
     Ok(())
 }
 
-/// Configured share per version, read back from the step's VirtualService.
-fn configured_weights(path: &Path) -> Result<BTreeMap<String, f64>> {
-    let doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
-    let route = doc["spec"]["tcp"][0]["route"]
-        .as_sequence()
-        .with_context(|| format!("{}: no spec.tcp[0].route", path.display()))?;
-    let mut weights = BTreeMap::new();
-    for destination in route {
-        let subset = destination["destination"]["subset"]
-            .as_str()
-            .context("route without a subset")?;
-        // Istio: a lone destination without a weight gets everything.
-        let weight = destination["weight"].as_f64().unwrap_or(100.0);
-        weights.insert(subset.to_string(), weight);
+/// `count` GETs of /productpage through the gateway; the reviews version of each answer.
+fn requests(topo: &Topology, gateway: SocketAddr, user: Option<&'static str>, count: usize) -> Result<BTreeMap<String, usize>> {
+    topo.client.run(move || -> Result<BTreeMap<String, usize>> {
+        let client = Client::new()?;
+        let cookie = user.map(|u| format!("session={u}"));
+        let mut seen = BTreeMap::new();
+        for _ in 0..count {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                break;
+            }
+            let headers: Vec<(&str, &str)> = cookie.iter().map(|c| ("cookie", c.as_str())).collect();
+            let answer = client.get(gateway, "/productpage", &headers)?;
+            let key = if answer.status == 200 {
+                answer.json()["reviews"].as_str().unwrap_or("?").to_string()
+            } else {
+                format!("HTTP {}", answer.status)
+            };
+            *seen.entry(key).or_insert(0) += 1;
+        }
+        Ok(seen)
+    })?
+}
+
+/// Mirrored requests reviews v2 has received so far (its own /stats, asked directly).
+fn shadow_requests(topo: &Topology) -> Result<u64> {
+    let v2: SocketAddr = "198.18.5.1:9080".parse()?;
+    topo.client.run(move || -> Result<u64> {
+        let answer = Client::new()?.get(v2, "/stats", &[])?;
+        answer.json()["shadow_requests"].as_u64().context("reviews v2 /stats")
+    })?
+}
+
+fn report_split(
+    step: usize,
+    user: Option<&str>,
+    shares: &[(&str, f64)],
+    seen: &BTreeMap<String, usize>,
+    tolerance: f64,
+    failures: &mut Vec<String>,
+) {
+    let total: usize = seen.values().sum();
+    println!("  {total} requests to productpage as {}; reviews answered by:", user.unwrap_or("an anonymous user"));
+    for version in ["v1", "v2", "v3"] {
+        let observed = *seen.get(version).unwrap_or(&0) as f64 / total.max(1) as f64;
+        let want = shares.iter().find(|(v, _)| *v == version).map(|(_, s)| *s).unwrap_or(0.0);
+        println!("    {version}  {}  {:5.1}%   configured {:5.1}%", bar(observed, 40), observed * 100.0, want * 100.0);
+        if (observed - want).abs() > tolerance {
+            failures.push(format!(
+                "step {step} ({}): reviews {version} {:.1}% vs configured {:.1}%",
+                user.unwrap_or("anonymous"),
+                observed * 100.0,
+                want * 100.0
+            ));
+        }
     }
-    let total: f64 = weights.values().sum();
-    Ok(weights.into_iter().map(|(k, v)| (k, v / total)).collect())
+    for (other, count) in seen.iter().filter(|(k, _)| !["v1", "v2", "v3"].contains(&k.as_str())) {
+        println!("    {other}: {count}");
+        failures.push(format!("step {step}: {count} requests answered {other}"));
+    }
 }
 
 fn bar(share: f64, width: usize) -> String {
-    let cells = (share * width as f64).round() as usize;
-    format!(
-        "{}{}",
-        "█".repeat(cells),
-        "·".repeat(width - cells.min(width))
-    )
+    let cells = ((share * width as f64).round() as usize).min(width);
+    format!("{}{}", "█".repeat(cells), "·".repeat(width - cells))
 }
 
 fn progress(what: &str) {
     eprintln!("==> {what}");
-}
-
-fn copy(from: &Path, to: &Path) -> Result<()> {
-    std::fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
-    Ok(())
 }
 
 struct DirGuard(PathBuf);

@@ -1,61 +1,92 @@
-//! The sandbox (the README's main job) runs unattended and checks its own splits; running it
-//! twice in a row must work, and it must leave nothing behind.
+//! The sandbox (the README's main job) runs unattended and checks its own steps; running it twice
+//! in a row works; interrupted with SIGINT it leaves no namespace, link, pinned map or process.
 
-use std::process::Command;
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
-fn run_sandbox() -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mesh-sandbox"))
-        .args(["--no-wait", "--connections", "1000"])
-        .output()
-        .expect("running mesh-sandbox")
+fn namespaces_of(pid: u32) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&format!("mt{pid}x")))
+        .map(str::to_string)
+        .collect()
 }
 
-fn namespaces() -> String {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&out.stdout).to_string()
+fn processes_named(name: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(name) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 #[test]
-fn sandbox_runs_twice_and_cleans_up() {
+fn sandbox_runs_twice_unattended() {
     for round in 1..=2 {
-        let out = run_sandbox();
+        let child = Command::new(env!("CARGO_BIN_EXE_mesh-sandbox"))
+            .args(["--no-wait", "--requests", "1000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running mesh-sandbox");
+        let pid = child.id();
+        let out = child.wait_with_output().expect("mesh-sandbox output");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "round {round} failed:\n{stdout}\n{stderr}"
-        );
-        assert!(
-            stdout.contains("Step 4/4"),
-            "round {round} did not reach the last step:\n{stdout}"
-        );
+        assert!(out.status.success(), "round {round} failed:\n{stdout}\n{stderr}");
+        assert!(stdout.contains("Step 5/5"), "round {round} did not reach the last step:\n{stdout}");
         assert!(stdout.contains("matched its rules"), "{stdout}");
+        assert!(namespaces_of(pid).is_empty(), "round {round} left namespaces: {:?}", namespaces_of(pid));
     }
-    // The sandbox process is gone, so none of its namespaces may remain.
-    let left: Vec<String> = namespaces()
-        .lines()
-        .filter(|l| l.contains("-sandbox") || l.contains("-node"))
-        .filter(|l| !l.starts_with(&format!("mt{}x", std::process::id())))
-        .map(str::to_string)
-        .collect();
-    assert!(
-        left.iter().all(|l| !is_dead_run(l)),
-        "leftover namespaces: {left:?}"
-    );
 }
 
-/// True for a namespace of a finished run (its pid no longer exists).
-fn is_dead_run(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix("mt") else {
-        return false;
+#[test]
+fn sigint_leaves_nothing_behind() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-sandbox"))
+        .args(["--requests", "100"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running mesh-sandbox");
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut up = false;
+    for line in lines.by_ref() {
+        if line.expect("line").contains("stays up until Ctrl-C") {
+            up = true;
+            break;
+        }
+        assert!(Instant::now() < deadline, "sandbox never came up");
+    }
+    assert!(up, "sandbox ended before staying up");
+    assert!(!namespaces_of(pid).is_empty(), "the sandbox should have namespaces while up");
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "sandbox ignored SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
     };
-    let Some((pid, _)) = rest.split_once('x') else {
-        return false;
-    };
-    pid.parse::<u32>()
-        .map(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
-        .unwrap_or(false)
+    for _ in lines {}
+    assert!(status.success(), "sandbox exited with {status} after SIGINT");
+    assert!(namespaces_of(pid).is_empty(), "namespaces left: {:?}", namespaces_of(pid));
+    // Its meshd and Bookinfo processes ran with paths under this sandbox's rules directory.
+    let marker = format!("mt{pid}x");
+    let left: Vec<u32> = processes_named(&marker);
+    assert!(left.is_empty(), "processes left: {left:?}");
+    // Nothing pinned: the sandbox runs meshd with --no-pin, so no pin directory may exist.
+    assert!(!std::path::Path::new(&format!("/sys/fs/bpf/{marker}0")).exists());
 }

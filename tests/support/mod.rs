@@ -12,3 +12,4 @@ pub mod rules;
 pub mod servers;
 pub mod topology;
 pub mod traffic;
+pub mod web;

@@ -80,7 +80,7 @@ fn main() -> Result<()> {
         Cmd::Demo { args } => {
             toolchain::ensure()?;
             require_root("the sandbox creates network namespaces and attaches XDP programs")?;
-            step("building meshd, meshctl and the sandbox (release)");
+            step("building meshd, meshctl, the sandbox and the Bookinfo services (release)");
             cargo(&["build", "--release", "-p", "mesh-user", "--bins"])?;
             cargo(&[
                 "build",
@@ -89,6 +89,8 @@ fn main() -> Result<()> {
                 "mesh-tests",
                 "--bin",
                 "mesh-sandbox",
+                "--bin",
+                "mesh-bookinfo",
             ])?;
             let mut cmd = Command::new("target/release/mesh-sandbox");
             cmd.args(&args).env("MESH_BIN_DIR", "target/release");
