@@ -387,6 +387,12 @@ fn stats_match_what_the_clients_sent() -> Result<()> {
         table.contains("50.0%") && table.contains("30.0%") && table.contains("20.0%"),
         "{table}"
     );
+    // The admin API is plain JSON over HTTP on the socket: curl works.
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--unix-socket", &socket, "http://mesh/v1/status"])
+        .output()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).context("curl /v1/status")?;
+    ensure!(status["interfaces"].as_array().is_some_and(|i| i.len() == 4), "{status}");
     // And the Prometheus endpoint carries the same numbers.
     let metrics = topo
         .node

@@ -27,6 +27,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("ethtool", "/usr/sbin/ethtool"),
     ("bpftool", "/usr/sbin/bpftool"),
+    ("curl", "/usr/bin/curl"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -39,7 +39,7 @@ struct Args {
 
     /// Istio YAML: a file, or a directory of *.yaml / *.yml files. Watched: changes are applied
     /// (all-or-nothing) within --watch-interval. Optional: rules can also come from `meshctl apply`.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", visible_alias = "config-dir")]
     config: Option<PathBuf>,
 
     /// How often the --config files are checked for changes.
