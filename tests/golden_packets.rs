@@ -233,6 +233,34 @@ fn reply_from_the_backend_gets_the_service_source() -> Result<()> {
 }
 
 #[test]
+fn backend_resets_are_counted_as_the_health_signal() -> Result<()> {
+    let mut lb = setup()?;
+    lb.install(&service(
+        3,
+        "198.18.0.10:80",
+        PROTO_TCP,
+        &["198.19.0.2:8080"],
+    ))?;
+    let client = sa("198.18.1.1:40000");
+    let request = Frame::tcp(client, sa("198.18.0.10:80"));
+    expect_translated(&mut lb, &request, &request.with_dst(sa("198.19.0.2:8080")))?;
+
+    // A refused connection: the backend answers the SYN with RST (no payload).
+    let mut reset = Frame::tcp(sa("198.19.0.2:8080"), client);
+    reset.l4 = L4::Tcp { syn: false };
+    reset.tcp_rst = true;
+    reset.payload.clear();
+    expect_translated(&mut lb, &reset, &reset.with_src(sa("198.18.0.10:80")))?;
+    let mut ack = Frame::tcp(sa("198.19.0.2:8080"), client);
+    ack.l4 = L4::Tcp { syn: false };
+    expect_translated(&mut lb, &ack, &ack.with_src(sa("198.18.0.10:80")))?;
+    for s in [lb.service_stats(3)?, lb.backend_stats(30)?] {
+        ensure!(s.reply_packets == 2 && s.reply_resets == 1, "stats {s:?}");
+    }
+    Ok(())
+}
+
+#[test]
 fn ipv6_tcp_flow_and_reply_are_translated() -> Result<()> {
     let mut lb = setup()?;
     lb.install(&service(

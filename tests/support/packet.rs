@@ -52,6 +52,8 @@ pub struct Frame {
     pub ipv6_fragment: bool,
     /// UDP over IPv4: send without a checksum (field 0).
     pub udp_no_checksum: bool,
+    /// TCP: set the RST flag.
+    pub tcp_rst: bool,
 }
 
 impl Frame {
@@ -71,6 +73,7 @@ impl Frame {
             ipv6_dest_opts: false,
             ipv6_fragment: false,
             udp_no_checksum: false,
+            tcp_rst: false,
         }
     }
 
@@ -109,6 +112,7 @@ impl Frame {
         if let L4::Tcp { syn } = self.l4 {
             tcp.syn = syn;
             tcp.ack = !syn;
+            tcp.rst = self.tcp_rst;
         }
         let udp_len = (UdpHeader::LEN + self.payload.len()) as u16;
         let mut udp = UdpHeader {
