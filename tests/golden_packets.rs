@@ -585,8 +585,21 @@ fn new_flows_use_the_active_generation() -> Result<()> {
     lb.set_active_generation(1)?;
     let second = Frame::tcp(sa("198.18.1.1:40001"), sa("198.18.0.10:80"));
     expect_translated(&mut lb, &second, &second.with_dst(sa("198.19.0.9:8080")))?;
-    // The flow created under generation 0 stays where it was.
-    expect_translated(&mut lb, &first, &first.with_dst(sa("198.19.0.2:8080")))
+    // The flow created under generation 0 stays where it was...
+    let mut first_ack = first.clone();
+    first_ack.l4 = L4::Tcp { syn: false };
+    expect_translated(
+        &mut lb,
+        &first_ack,
+        &first_ack.with_dst(sa("198.19.0.2:8080")),
+    )?;
+    // ...but a new connection from the same client port (a bare SYN) follows the rules now.
+    expect_translated(&mut lb, &first, &first.with_dst(sa("198.19.0.9:8080")))?;
+    expect_translated(
+        &mut lb,
+        &first_ack,
+        &first_ack.with_dst(sa("198.19.0.9:8080")),
+    )
 }
 
 fn ip(args: &[&str]) -> Result<()> {

@@ -55,6 +55,11 @@ fn try_mesh_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
 
+    let tcp_flags = parse::tcp_flags(ctx, &pkt);
+    // A bare SYN opens a new connection even when an earlier one on the same client port left
+    // its entry behind: it is balanced by the rules in force now, not the old choice.
+    let opening = tcp_flags & (parse::TCP_FLAG_SYN | parse::TCP_FLAG_ACK) == parse::TCP_FLAG_SYN;
+
     // A reply from a backend: its own tuple is the reverse-NAT key.
     let (side, addr, port, service_id, backend_id, dir) =
         if let Some(state) = conntrack::reply(&pkt.key, now) {
@@ -68,10 +73,14 @@ fn try_mesh_xdp(ctx: &XdpContext) -> Result<u32, ()> {
                 state.backend_id,
                 // A reset from the backend is how L4 health is judged (refused or broken).
                 Direction::Reply {
-                    reset: parse::tcp_flags(ctx, &pkt) & parse::TCP_FLAG_RST != 0,
+                    reset: tcp_flags & parse::TCP_FLAG_RST != 0,
                 },
             )
-        } else if let Some(state) = conntrack::request(&pkt.key, now) {
+        } else if let Some(state) = if opening {
+            None
+        } else {
+            conntrack::request(&pkt.key, now)
+        } {
             // SAFETY: as above.
             let state = unsafe { &*state };
             (

@@ -276,8 +276,12 @@ pub fn tcp_flags(ctx: &XdpContext, pkt: &Packet) -> u8 {
     }
 }
 
+/// TCP flag: the sender opens a connection.
+pub const TCP_FLAG_SYN: u8 = 0x02;
 /// TCP flag: the sender resets the connection.
 pub const TCP_FLAG_RST: u8 = 0x04;
+/// TCP flag: the acknowledgement number is valid (every segment after the first SYN).
+pub const TCP_FLAG_ACK: u8 = 0x10;
 
 fn l4_ptr(ctx: &XdpContext, off: usize, proto: u8) -> Result<*mut u8, ()> {
     if proto == PROTO_TCP {
