@@ -391,8 +391,14 @@ fn stats_match_what_the_clients_sent() -> Result<()> {
     let out = std::process::Command::new("curl")
         .args(["-s", "--unix-socket", &socket, "http://mesh/v1/status"])
         .output()?;
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).context("curl /v1/status")?;
-    ensure!(status["interfaces"].as_array().is_some_and(|i| i.len() == 4), "{status}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("curl /v1/status")?;
+    ensure!(
+        status["interfaces"]
+            .as_array()
+            .is_some_and(|i| i.len() == 4),
+        "{status}"
+    );
     // And the Prometheus endpoint carries the same numbers.
     let metrics = topo
         .node

@@ -38,7 +38,10 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 /// What a step expects to see.
 enum Expect {
     /// Requests (as `user`, if any) see reviews versions in these shares.
-    Split { user: Option<&'static str>, shares: &'static [(&'static str, f64)] },
+    Split {
+        user: Option<&'static str>,
+        shares: &'static [(&'static str, f64)],
+    },
     /// Requests see only v1, and reviews v2 receives a mirrored copy of each.
     Mirrored,
 }
@@ -93,7 +96,11 @@ struct Options {
 }
 
 fn parse_args() -> Result<Option<Options>> {
-    let mut options = Options { wait: true, requests: 1000, tolerance: 0.05 };
+    let mut options = Options {
+        wait: true,
+        requests: 1000,
+        tolerance: 0.05,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -129,8 +136,14 @@ fn parse_args() -> Result<Option<Options>> {
 fn main() -> ExitCode {
     // SAFETY: installs handlers that only store to an atomic.
     unsafe {
-        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
     }
     match parse_args().and_then(|o| match o {
         Some(options) => run(&options),
@@ -176,20 +189,36 @@ fn run(options: &Options) -> Result<()> {
     for (i, service, version) in WORKLOADS {
         let listen = format!("198.18.{}.1:9080", 1 + i);
         let args: Vec<String> = [
-            "--service", service, "--version", version, "--listen", &listen,
-            "--details", "198.18.100.2:9080", "--reviews", "198.18.100.3:9080", "--ratings", "198.18.100.4:9080",
+            "--service",
+            service,
+            "--version",
+            version,
+            "--listen",
+            &listen,
+            "--details",
+            "198.18.100.2:9080",
+            "--reviews",
+            "198.18.100.3:9080",
+            "--ratings",
+            "198.18.100.4:9080",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        workloads.push(NsProcess::start(&topo.backends[i - 1], "mesh-bookinfo", &args, &format!("{service} {version}"))?);
+        workloads.push(NsProcess::start(
+            &topo.backends[i - 1],
+            "mesh-bookinfo",
+            &args,
+            &format!("{service} {version}"),
+        )?);
     }
 
     let rules_dir = std::env::temp_dir().join(format!("{}-sandbox-rules", topo.prefix));
     let _rules_guard = DirGuard(rules_dir.clone());
     std::fs::create_dir_all(&rules_dir)?;
     for file in ["00-services.yaml", "01-destination-rules.yaml"] {
-        std::fs::copy(config_dir().join(file), rules_dir.join(file)).with_context(|| format!("copying {file}"))?;
+        std::fs::copy(config_dir().join(file), rules_dir.join(file))
+            .with_context(|| format!("copying {file}"))?;
     }
     progress("starting meshd on the node (XDP on every node interface; services and subsets from config/bookinfo/0*.yaml)");
     let socket = rules_dir.join("meshd.sock").display().to_string();
@@ -198,9 +227,16 @@ fn run(options: &Options) -> Result<()> {
         args.extend(["--iface".to_string(), interface]);
     }
     args.extend(
-        ["--config", &rules_dir.display().to_string(), "--no-pin", "--no-state", "--socket", &socket]
-            .iter()
-            .map(|s| s.to_string()),
+        [
+            "--config",
+            &rules_dir.display().to_string(),
+            "--no-pin",
+            "--no-state",
+            "--socket",
+            &socket,
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     let meshd = Meshd::start(&topo.node, &args)?;
     for w in &mut workloads {
@@ -212,10 +248,16 @@ fn run(options: &Options) -> Result<()> {
     let mut failures = Vec::new();
     for (n, step) in STEPS.iter().enumerate() {
         check_interrupt()?;
-        println!("\n\x1b[1mStep {}/{}: {}\x1b[0m", n + 1, STEPS.len(), step.title);
+        println!(
+            "\n\x1b[1mStep {}/{}: {}\x1b[0m",
+            n + 1,
+            STEPS.len(),
+            step.title
+        );
         for file in step.files {
             let path = config_dir().join(file);
-            let (ok, stdout, stderr) = meshctl(&socket, &["apply", "-f", &path.display().to_string()])?;
+            let (ok, stdout, stderr) =
+                meshctl(&socket, &["apply", "-f", &path.display().to_string()])?;
             if !ok {
                 bail!("meshctl apply -f config/bookinfo/{file} failed:\n{stderr}");
             }
@@ -231,15 +273,33 @@ fn run(options: &Options) -> Result<()> {
             check_interrupt()?;
             match expect {
                 Expect::Split { user, shares } => {
-                    let count = if shares.len() > 1 { options.requests } else { (options.requests / 5).max(20) };
+                    let count = if shares.len() > 1 {
+                        options.requests
+                    } else {
+                        (options.requests / 5).max(20)
+                    };
                     let seen = requests(&topo, gateway, *user, count)?;
-                    report_split(n + 1, *user, shares, &seen, options.tolerance, &mut failures);
+                    report_split(
+                        n + 1,
+                        *user,
+                        shares,
+                        &seen,
+                        options.tolerance,
+                        &mut failures,
+                    );
                 }
                 Expect::Mirrored => {
                     let count = (options.requests / 5).max(20);
                     let before = shadow_requests(&topo)?;
                     let seen = requests(&topo, gateway, None, count)?;
-                    report_split(n + 1, None, &[("v1", 1.0)], &seen, options.tolerance, &mut failures);
+                    report_split(
+                        n + 1,
+                        None,
+                        &[("v1", 1.0)],
+                        &seen,
+                        options.tolerance,
+                        &mut failures,
+                    );
                     // Copies are asynchronous: give the last ones a moment to land.
                     let deadline = Instant::now() + Duration::from_secs(3);
                     let mut mirrored = shadow_requests(&topo)? - before;
@@ -249,16 +309,25 @@ fn run(options: &Options) -> Result<()> {
                     }
                     println!("  reviews v2 received {mirrored} mirrored copies (Host reviews-shadow) for {count} requests");
                     if (mirrored as f64) < count as f64 * (1.0 - options.tolerance) {
-                        failures.push(format!("step {}: only {mirrored} of {count} requests mirrored to v2", n + 1));
+                        failures.push(format!(
+                            "step {}: only {mirrored} of {count} requests mirrored to v2",
+                            n + 1
+                        ));
                     }
                 }
             }
         }
     }
     if !failures.is_empty() {
-        bail!("steps did not match their rules:\n  {}", failures.join("\n  "));
+        bail!(
+            "steps did not match their rules:\n  {}",
+            failures.join("\n  ")
+        );
     }
-    println!("\nEvery step's observed traffic matched its rules (within {:.0} points).", options.tolerance * 100.0);
+    println!(
+        "\nEvery step's observed traffic matched its rules (within {:.0} points).",
+        options.tolerance * 100.0
+    );
 
     if options.wait {
         let client = topo.client.name();
@@ -286,26 +355,33 @@ fn run(options: &Options) -> Result<()> {
 }
 
 /// `count` GETs of /productpage through the gateway; the reviews version of each answer.
-fn requests(topo: &Topology, gateway: SocketAddr, user: Option<&'static str>, count: usize) -> Result<BTreeMap<String, usize>> {
-    topo.client.run(move || -> Result<BTreeMap<String, usize>> {
-        let client = Client::new()?;
-        let cookie = user.map(|u| format!("session={u}"));
-        let mut seen = BTreeMap::new();
-        for _ in 0..count {
-            if INTERRUPTED.load(Ordering::SeqCst) {
-                break;
+fn requests(
+    topo: &Topology,
+    gateway: SocketAddr,
+    user: Option<&'static str>,
+    count: usize,
+) -> Result<BTreeMap<String, usize>> {
+    topo.client
+        .run(move || -> Result<BTreeMap<String, usize>> {
+            let client = Client::new()?;
+            let cookie = user.map(|u| format!("session={u}"));
+            let mut seen = BTreeMap::new();
+            for _ in 0..count {
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    break;
+                }
+                let headers: Vec<(&str, &str)> =
+                    cookie.iter().map(|c| ("cookie", c.as_str())).collect();
+                let answer = client.get(gateway, "/productpage", &headers)?;
+                let key = if answer.status == 200 {
+                    answer.json()["reviews"].as_str().unwrap_or("?").to_string()
+                } else {
+                    format!("HTTP {}", answer.status)
+                };
+                *seen.entry(key).or_insert(0) += 1;
             }
-            let headers: Vec<(&str, &str)> = cookie.iter().map(|c| ("cookie", c.as_str())).collect();
-            let answer = client.get(gateway, "/productpage", &headers)?;
-            let key = if answer.status == 200 {
-                answer.json()["reviews"].as_str().unwrap_or("?").to_string()
-            } else {
-                format!("HTTP {}", answer.status)
-            };
-            *seen.entry(key).or_insert(0) += 1;
-        }
-        Ok(seen)
-    })?
+            Ok(seen)
+        })?
 }
 
 /// Mirrored requests reviews v2 has received so far (its own /stats, asked directly).
@@ -313,7 +389,9 @@ fn shadow_requests(topo: &Topology) -> Result<u64> {
     let v2: SocketAddr = "198.18.5.1:9080".parse()?;
     topo.client.run(move || -> Result<u64> {
         let answer = Client::new()?.get(v2, "/stats", &[])?;
-        answer.json()["shadow_requests"].as_u64().context("reviews v2 /stats")
+        answer.json()["shadow_requests"]
+            .as_u64()
+            .context("reviews v2 /stats")
     })?
 }
 
@@ -326,11 +404,23 @@ fn report_split(
     failures: &mut Vec<String>,
 ) {
     let total: usize = seen.values().sum();
-    println!("  {total} requests to productpage as {}; reviews answered by:", user.unwrap_or("an anonymous user"));
+    println!(
+        "  {total} requests to productpage as {}; reviews answered by:",
+        user.unwrap_or("an anonymous user")
+    );
     for version in ["v1", "v2", "v3"] {
         let observed = *seen.get(version).unwrap_or(&0) as f64 / total.max(1) as f64;
-        let want = shares.iter().find(|(v, _)| *v == version).map(|(_, s)| *s).unwrap_or(0.0);
-        println!("    {version}  {}  {:5.1}%   configured {:5.1}%", bar(observed, 40), observed * 100.0, want * 100.0);
+        let want = shares
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, s)| *s)
+            .unwrap_or(0.0);
+        println!(
+            "    {version}  {}  {:5.1}%   configured {:5.1}%",
+            bar(observed, 40),
+            observed * 100.0,
+            want * 100.0
+        );
         if (observed - want).abs() > tolerance {
             failures.push(format!(
                 "step {step} ({}): reviews {version} {:.1}% vs configured {:.1}%",
@@ -340,7 +430,10 @@ fn report_split(
             ));
         }
     }
-    for (other, count) in seen.iter().filter(|(k, _)| !["v1", "v2", "v3"].contains(&k.as_str())) {
+    for (other, count) in seen
+        .iter()
+        .filter(|(k, _)| !["v1", "v2", "v3"].contains(&k.as_str()))
+    {
         println!("    {other}: {count}");
         failures.push(format!("step {step}: {count} requests answered {other}"));
     }

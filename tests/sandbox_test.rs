@@ -8,7 +8,10 @@ use std::{
 };
 
 fn namespaces_of(pid: u32) -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with(&format!("mt{pid}x")))
@@ -19,7 +22,9 @@ fn namespaces_of(pid: u32) -> Vec<String> {
 fn processes_named(name: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(name) {
             pids.push(pid);
@@ -41,10 +46,20 @@ fn sandbox_runs_twice_unattended() {
         let out = child.wait_with_output().expect("mesh-sandbox output");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "round {round} failed:\n{stdout}\n{stderr}");
-        assert!(stdout.contains("Step 5/5"), "round {round} did not reach the last step:\n{stdout}");
+        assert!(
+            out.status.success(),
+            "round {round} failed:\n{stdout}\n{stderr}"
+        );
+        assert!(
+            stdout.contains("Step 5/5"),
+            "round {round} did not reach the last step:\n{stdout}"
+        );
         assert!(stdout.contains("matched its rules"), "{stdout}");
-        assert!(namespaces_of(pid).is_empty(), "round {round} left namespaces: {:?}", namespaces_of(pid));
+        assert!(
+            namespaces_of(pid).is_empty(),
+            "round {round} left namespaces: {:?}",
+            namespaces_of(pid)
+        );
     }
 }
 
@@ -69,7 +84,10 @@ fn sigint_leaves_nothing_behind() {
         assert!(Instant::now() < deadline, "sandbox never came up");
     }
     assert!(up, "sandbox ended before staying up");
-    assert!(!namespaces_of(pid).is_empty(), "the sandbox should have namespaces while up");
+    assert!(
+        !namespaces_of(pid).is_empty(),
+        "the sandbox should have namespaces while up"
+    );
     // SAFETY: plain kill(2) on our child.
     unsafe { libc::kill(pid as i32, libc::SIGINT) };
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -81,8 +99,15 @@ fn sigint_leaves_nothing_behind() {
         std::thread::sleep(Duration::from_millis(50));
     };
     for _ in lines {}
-    assert!(status.success(), "sandbox exited with {status} after SIGINT");
-    assert!(namespaces_of(pid).is_empty(), "namespaces left: {:?}", namespaces_of(pid));
+    assert!(
+        status.success(),
+        "sandbox exited with {status} after SIGINT"
+    );
+    assert!(
+        namespaces_of(pid).is_empty(),
+        "namespaces left: {:?}",
+        namespaces_of(pid)
+    );
     // Its meshd and Bookinfo processes ran with paths under this sandbox's rules directory.
     let marker = format!("mt{pid}x");
     let left: Vec<u32> = processes_named(&marker);

@@ -46,12 +46,18 @@ impl Load {
             }
             (ok, failed)
         });
-        Ok(Load { stop, handle: Some(handle) })
+        Ok(Load {
+            stop,
+            handle: Some(handle),
+        })
     }
 
     fn finish(mut self) -> (u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.take().map(|h| h.join().unwrap_or((0, 0))).unwrap_or((0, 0))
+        self.handle
+            .take()
+            .map(|h| h.join().unwrap_or((0, 0)))
+            .unwrap_or((0, 0))
     }
 }
 
@@ -63,8 +69,20 @@ impl Drop for Load {
 
 fn shift_args() -> Vec<&'static str> {
     vec![
-        "shift", "echo.mesh.test", "--from", "v1", "--to", "v3", "--step", "25", "--interval", "1s",
-        "--max-error-rate", "5%", "--min-requests", "5",
+        "shift",
+        "echo.mesh.test",
+        "--from",
+        "v1",
+        "--to",
+        "v3",
+        "--step",
+        "25",
+        "--interval",
+        "1s",
+        "--max-error-rate",
+        "5%",
+        "--min-requests",
+        "5",
     ]
 }
 
@@ -80,16 +98,32 @@ fn healthy_canary_is_promoted_in_steps() -> Result<()> {
     ensure!(meshctl_stdin(&socket, &["apply", "-f", "-"], &echo_split([100, 0, 0]))?.0);
 
     let (ok, stdout, _) = meshctl(&socket, &[&shift_args()[..], &["--dry-run"]].concat())?;
-    ensure!(ok && stdout.contains("25%, 50%, 75%, 100%") && stdout.contains("nothing changed"), "{stdout}");
+    ensure!(
+        ok && stdout.contains("25%, 50%, 75%, 100%") && stdout.contains("nothing changed"),
+        "{stdout}"
+    );
 
     let load = Load::start(&topo)?;
     let (ok, stdout, stderr) = meshctl(&socket, &shift_args())?;
     let (sent, failed) = load.finish();
-    ensure!(ok, "shift failed:\n{stdout}\n{stderr}\nsent {sent} failed {failed}\n{}", meshctl(&socket, &["stats", "-o", "json"])?.1);
-    for step in ["step 1/4", "step 2/4", "step 3/4", "step 4/4", "promoted v3 to 100%"] {
+    ensure!(
+        ok,
+        "shift failed:\n{stdout}\n{stderr}\nsent {sent} failed {failed}\n{}",
+        meshctl(&socket, &["stats", "-o", "json"])?.1
+    );
+    for step in [
+        "step 1/4",
+        "step 2/4",
+        "step 3/4",
+        "step 4/4",
+        "promoted v3 to 100%",
+    ] {
         ensure!(stdout.contains(step), "missing {step:?}:\n{stdout}");
     }
-    ensure!(failed == 0, "{failed} of {sent} connections failed during the shift");
+    ensure!(
+        failed == 0,
+        "{failed} of {sent} connections failed during the shift"
+    );
     let seen = tcp_split(&topo.client, vip(8080), 200)?;
     ensure!(seen.get("v3") == Some(&200), "after the shift: {seen:?}");
     Ok(())
@@ -111,8 +145,14 @@ fn failing_canary_is_rolled_back_before_the_next_step() -> Result<()> {
     let (ok, stdout, stderr) = meshctl(&socket, &shift_args())?;
     let _ = load.finish();
     ensure!(!ok, "a failing canary was promoted:\n{stdout}");
-    ensure!(stdout.contains("step 1/4") && !stdout.contains("step 2/4"), "not stopped at step 1:\n{stdout}");
-    ensure!(stdout.contains("rolled back to 100% v1"), "{stdout}\n{stderr}");
+    ensure!(
+        stdout.contains("step 1/4") && !stdout.contains("step 2/4"),
+        "not stopped at step 1:\n{stdout}"
+    );
+    ensure!(
+        stdout.contains("rolled back to 100% v1"),
+        "{stdout}\n{stderr}"
+    );
     let seen = tcp_split(&topo.client, vip(8080), 200)?;
     ensure!(seen.get("v1") == Some(&200), "after the rollback: {seen:?}");
     let (_, vs, _) = meshctl(&socket, &["get", "vs", "echo", "-o", "yaml"])?;
@@ -124,6 +164,12 @@ fn failing_canary_is_rolled_back_before_the_next_step() -> Result<()> {
 fn all_but_v3(topo: &Topology) -> Result<Vec<mesh_tests::servers::Server>> {
     use mesh_tests::{servers::tcp_server, topology::backend_v4};
     (1..=2)
-        .map(|i| tcp_server(&topo.backends[i - 1], std::net::SocketAddr::new(backend_v4(i), 8080), &format!("v{i}")))
+        .map(|i| {
+            tcp_server(
+                &topo.backends[i - 1],
+                std::net::SocketAddr::new(backend_v4(i), 8080),
+                &format!("v{i}"),
+            )
+        })
         .collect()
 }

@@ -1,11 +1,15 @@
-//! mesh's userspace: Istio rules in, BPF maps (and later the L7 proxy's route table) out.
+//! mesh's userspace: Istio rules in, BPF maps and the L7 proxy's route table out.
 //!
 //! The pipeline, one module per stage:
 //! - [`config`]: typed Istio resources read from YAML, with positions for errors;
 //! - [`validate`]: per-resource and cross-resource checks;
 //! - [`compile`]: a pure function from resources to a [`compile::DesiredState`];
 //! - [`dataplane`]: loads and attaches the kernel programs and applies a desired state to the
-//!   BPF maps atomically.
+//!   BPF maps atomically;
+//! - [`proxy`]: the L7 proxy serving the services whose routes need HTTP;
+//! - [`daemon`]: meshd's life cycle and the controller, the one place rules change;
+//! - [`admin`], [`store`], [`metrics`], [`shift`]: the admin API, the persisted rule layers,
+//!   Prometheus, progressive delivery.
 
 pub mod admin;
 pub mod compile;
@@ -13,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod metrics;
+pub mod proxy;
 pub mod shift;
 pub mod store;
 pub mod validate;

@@ -34,7 +34,9 @@ pub enum ShiftError {
 /// The canary weights of each step, ending at 100: `start` 0 and `step` 10 give 10, 20, ... 100.
 pub fn plan(start: u32, step: u32) -> Result<Vec<u32>, ShiftError> {
     if step == 0 || step > 100 {
-        return Err(ShiftError::Invalid(format!("--step must be 1..=100, got {step}")));
+        return Err(ShiftError::Invalid(format!(
+            "--step must be 1..=100, got {step}"
+        )));
     }
     let mut weights = Vec::new();
     let mut w = start.min(100);
@@ -67,20 +69,32 @@ pub fn find_routes(vs: &Value, from: &str, to: &str) -> Result<Vec<RouteRef>, Sh
     let name = vs["metadata"]["name"].as_str().unwrap_or("?").to_string();
     let mut found = Vec::new();
     for section in ["http", "tcp"] {
-        let Some(routes) = vs["spec"][section].as_array() else { continue };
+        let Some(routes) = vs["spec"][section].as_array() else {
+            continue;
+        };
         for (index, route) in routes.iter().enumerate() {
-            let Some(dests) = route["route"].as_array() else { continue };
-            let subsets: Vec<&str> = dests.iter().filter_map(|d| d["destination"]["subset"].as_str()).collect();
+            let Some(dests) = route["route"].as_array() else {
+                continue;
+            };
+            let subsets: Vec<&str> = dests
+                .iter()
+                .filter_map(|d| d["destination"]["subset"].as_str())
+                .collect();
             if !subsets.iter().any(|s| *s == from || *s == to) {
                 continue;
             }
             let port_only = route["match"].as_array().is_none_or(|matches| {
-                matches.iter().all(|m| m.as_object().is_some_and(|o| o.keys().all(|k| k == "port")))
+                matches
+                    .iter()
+                    .all(|m| m.as_object().is_some_and(|o| o.keys().all(|k| k == "port")))
             });
             if !port_only {
                 continue;
             }
-            let total: i64 = dests.iter().map(|d| d["weight"].as_i64().unwrap_or(0)).sum();
+            let total: i64 = dests
+                .iter()
+                .map(|d| d["weight"].as_i64().unwrap_or(0))
+                .sum();
             let canary: i64 = dests
                 .iter()
                 .filter(|d| d["destination"]["subset"].as_str() == Some(to))
@@ -88,7 +102,11 @@ pub fn find_routes(vs: &Value, from: &str, to: &str) -> Result<Vec<RouteRef>, Sh
                 .sum();
             // Istio: a lone destination gets everything whatever its weight says.
             let canary_weight = if dests.len() == 1 {
-                if subsets == [to] { 100 } else { 0 }
+                if subsets == [to] {
+                    100
+                } else {
+                    0
+                }
             } else if total > 0 {
                 (canary * 100 / total) as u32
             } else {
@@ -105,7 +123,11 @@ pub fn find_routes(vs: &Value, from: &str, to: &str) -> Result<Vec<RouteRef>, Sh
         }
     }
     if found.is_empty() {
-        return Err(ShiftError::NoRoute { vs: name, from: from.into(), to: to.into() });
+        return Err(ShiftError::NoRoute {
+            vs: name,
+            from: from.into(),
+            to: to.into(),
+        });
     }
     Ok(found)
 }
@@ -155,12 +177,20 @@ impl Health {
 
 /// The canary subset's health between `before` and `after` for the service named `service`
 /// (the ServiceEntry host, or its short name).
-pub fn subset_health(before: &StatsSnapshot, after: &StatsSnapshot, service: &str, subset: &str) -> Health {
+pub fn subset_health(
+    before: &StatsSnapshot,
+    after: &StatsSnapshot,
+    service: &str,
+    subset: &str,
+) -> Health {
     let matches = |name: &str| name == service || name.split('.').next() == Some(service);
     let mut health = Health::default();
     for now in after.services.iter().filter(|s| matches(&s.name)) {
         let old = before.services.iter().find(|s| s.address == now.address);
-        for b in now.backends.iter().filter(|b| b.subset.as_deref() == Some(subset) || (b.subset.is_none() && b.version.as_deref() == Some(subset))) {
+        for b in now.backends.iter().filter(|b| {
+            b.subset.as_deref() == Some(subset)
+                || (b.subset.is_none() && b.version.as_deref() == Some(subset))
+        }) {
             let prev = old
                 .and_then(|s| s.backends.iter().find(|x| x.address == b.address))
                 .map(|x| x.counters)
@@ -200,7 +230,14 @@ mod tests {
     fn finds_the_unconditional_routes_and_the_canary_weight() {
         let routes = find_routes(&reviews(), "v1", "v3").unwrap();
         assert_eq!(routes.len(), 1, "the jason route is left alone");
-        assert_eq!((routes[0].section.as_str(), routes[0].index, routes[0].canary_weight), ("http", 1, 20));
+        assert_eq!(
+            (
+                routes[0].section.as_str(),
+                routes[0].index,
+                routes[0].canary_weight
+            ),
+            ("http", 1, 20)
+        );
         assert!(find_routes(&reviews(), "v7", "v8").is_err());
         // Per-port TCP routes move together.
         let tcp = json!({"metadata": {"name": "echo"}, "spec": {"tcp": [
@@ -217,7 +254,10 @@ mod tests {
         let out = with_weights(&vs, &routes, "v1", "v3", 60);
         assert_eq!(out["spec"]["http"][0], vs["spec"]["http"][0]);
         assert_eq!(out["spec"]["http"][1]["route"][0]["weight"], 40);
-        assert_eq!(out["spec"]["http"][1]["route"][1]["destination"]["subset"], "v3");
+        assert_eq!(
+            out["spec"]["http"][1]["route"][1]["destination"]["subset"],
+            "v3"
+        );
         assert_eq!(out["spec"]["http"][1]["route"][1]["weight"], 60);
     }
 }

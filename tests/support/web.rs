@@ -29,7 +29,10 @@ pub struct Answer {
 impl Answer {
     /// The first value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The body as JSON (Null if it is not JSON).
@@ -47,7 +50,9 @@ impl Client {
     /// A client for the calling thread.
     pub fn new() -> Result<Self> {
         Ok(Client {
-            runtime: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
         })
     }
 
@@ -55,19 +60,31 @@ impl Client {
     pub fn get(&self, target: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Answer> {
         self.runtime.block_on(async {
             let exchange = async {
-                let stream = tokio::net::TcpStream::connect(target).await.with_context(|| format!("connecting to {target}"))?;
-                let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                let stream = tokio::net::TcpStream::connect(target)
+                    .await
+                    .with_context(|| format!("connecting to {target}"))?;
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
                 tokio::spawn(connection);
-                let mut request = Request::get(path).header("host", target.to_string()).header("connection", "close");
+                let mut request = Request::get(path)
+                    .header("host", target.to_string())
+                    .header("connection", "close");
                 for (k, v) in headers {
                     request = request.header(*k, *v);
                 }
-                let response = sender.send_request(request.body(Full::new(Bytes::new()))?).await?;
+                let response = sender
+                    .send_request(request.body(Full::new(Bytes::new()))?)
+                    .await?;
                 let status = response.status().as_u16();
                 let headers = response
                     .headers()
                     .iter()
-                    .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or_default().to_string()))
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_string(),
+                            v.to_str().unwrap_or_default().to_string(),
+                        )
+                    })
                     .collect();
                 let body = response.into_body().collect().await?.to_bytes();
                 anyhow::Ok(Answer {

@@ -570,6 +570,7 @@ fn print_stats(now: &StatsSnapshot, previous: Option<&StatsSnapshot>) {
             );
         }
     }
+    print!("{}", mesh_user::proxy::render_l7_stats(&now.l7));
 }
 
 fn bar(share: f64, width: usize) -> String {
@@ -659,11 +660,17 @@ async fn shift(client: &AdminClient, o: &ShiftOptions) -> Result<()> {
     let first_label = |h: &str| h.split('.').next().unwrap_or(h).to_string();
     let routes_service = |e: &ResourceEntry| {
         e.name == o.service
-            || e.resource["spec"]["hosts"]
-                .as_array()
-                .is_some_and(|hosts| hosts.iter().filter_map(|h| h.as_str()).any(|h| h == o.service || first_label(h) == first_label(&o.service)))
+            || e.resource["spec"]["hosts"].as_array().is_some_and(|hosts| {
+                hosts
+                    .iter()
+                    .filter_map(|h| h.as_str())
+                    .any(|h| h == o.service || first_label(h) == first_label(&o.service))
+            })
     };
-    let Some(entry) = entries.iter().find(|e| routes_service(e) && e.layer == "api") else {
+    let Some(entry) = entries
+        .iter()
+        .find(|e| routes_service(e) && e.layer == "api")
+    else {
         if let Some(file) = entries.iter().find(|e| routes_service(e)) {
             bail!(
                 "the VirtualService for {} comes from meshd --config ({}); shift rewrites VirtualServices applied with meshctl",
@@ -703,11 +710,22 @@ async fn shift(client: &AdminClient, o: &ShiftOptions) -> Result<()> {
             dry_run: false,
         }
     };
-    let host = entry.resource["spec"]["hosts"][0].as_str().unwrap_or(&o.service).to_string();
+    let host = entry.resource["spec"]["hosts"][0]
+        .as_str()
+        .unwrap_or(&o.service)
+        .to_string();
     for (n, weight) in steps.iter().enumerate() {
         let _: ApplyResponse = client.post("/v1/apply", &apply_weight(*weight)).await?;
         let current = *weight;
-        println!("step {}/{}: {} {}% / {} {}% in force", n + 1, steps.len(), o.from, 100 - weight, o.to, weight);
+        println!(
+            "step {}/{}: {} {}% / {} {}% in force",
+            n + 1,
+            steps.len(),
+            o.from,
+            100 - weight,
+            o.to,
+            weight
+        );
         let verdict = tokio::select! {
             v = watch_step(client, o, &host) => v?,
             _ = tokio::signal::ctrl_c() => {
@@ -769,7 +787,11 @@ async fn watch_step(client: &AdminClient, o: &ShiftOptions, host: &str) -> Resul
         let now: StatsSnapshot = client.get("/v1/stats").await?;
         let health = shift::subset_health(&baseline, &now, host, &o.to);
         if health.requests >= o.min_requests && health.error_rate() > o.max_error_rate {
-            let why = format!("error rate {:.2}% above {:.2}%", health.error_rate() * 100.0, o.max_error_rate * 100.0);
+            let why = format!(
+                "error rate {:.2}% above {:.2}%",
+                health.error_rate() * 100.0,
+                o.max_error_rate * 100.0
+            );
             return Ok(StepVerdict::Unhealthy(health, why));
         }
         let elapsed = started.elapsed();

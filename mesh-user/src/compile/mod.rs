@@ -3,9 +3,10 @@
 //! This module owns the decision "which rule serves which address, and can the kernel path do
 //! it": service addresses (ServiceEntry VIPs x ports, Gateway servers x node addresses), route
 //! selection (first matching TCP route, else a weights-only HTTP route), backend shares, and the
-//! weighted Maglev tables ([`maglev`]). Rules that need per-request (L7) behaviour are reported
-//! as errors naming the field, until the L7 proxy exists.
+//! weighted Maglev tables ([`maglev`]). Rules that need per-request (L7) behaviour compile into
+//! an [`L7Plan`] for the proxy inside meshd ([`l7`] says exactly when).
 
+mod l7;
 pub mod maglev;
 mod routes;
 mod state;
@@ -64,9 +65,11 @@ pub fn compile(set: &ResourceSet, node: &NodeContext) -> Result<DesiredState, Co
     }
     let mut distinct = BTreeMap::new();
     for service in &services {
-        let Plan::L4(plan) = &service.plan;
-        for backend in &plan.backends {
-            distinct.insert(backend.address, ());
+        // L7 backends are reached by the proxy's sockets, not through the BACKENDS map.
+        if let Plan::L4(plan) = &service.plan {
+            for backend in &plan.backends {
+                distinct.insert(backend.address, ());
+            }
         }
     }
     if distinct.len() > mesh_common::MAX_BACKENDS as usize {

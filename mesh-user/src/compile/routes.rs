@@ -1,5 +1,9 @@
 //! Service addresses, route selection and backend shares: everything between validated
 //! resources and a [`ServicePlan`].
+//!
+//! Per service address the first applicable route decides the path: a TCP route, or an HTTP
+//! route with nothing but weighted destinations, is served by the kernel (per connection); an
+//! HTTP route that needs to see requests is compiled into an L7 plan by [`super::l7`].
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,25 +24,38 @@ use crate::{
     },
 };
 
-/// The wording every "this build cannot do it" error ends with.
-pub(crate) const L7_NEEDED: &str = "needs the L7 proxy, which is not available in this build yet";
+/// The wording every "this build cannot do it" error ends with (TLS is the one thing the L7
+/// proxy does not do yet).
+pub(crate) const L7_NEEDED: &str =
+    "needs the L7 proxy with TLS support, which this build does not have";
 
 /// The address and port a route is being selected for.
 #[derive(Clone, Copy)]
-struct Listener<'a> {
-    ip: IpAddr,
-    port: u16,
+pub(super) struct Listener<'a> {
+    pub(super) ip: IpAddr,
+    pub(super) port: u16,
     /// `None` for a ServiceEntry VIP (the implicit `mesh` gateway).
-    gateway: Option<&'a Resource>,
+    pub(super) gateway: Option<&'a Resource>,
 }
 
 /// A chosen route: the rule it comes from and its weighted destinations.
 struct Selected<'a> {
     rule: &'a Resource,
     destinations: Vec<(String, Destination, i64)>,
+    /// Chosen from an HTTP route (or the host's default route): HTTP-only load balancing
+    /// (header, cookie, query hashing) may move it to the L7 proxy.
+    http: bool,
 }
 
-type Result<T> = std::result::Result<T, ValidationError>;
+/// The path a listener's first applicable route asks for.
+enum Choice<'a> {
+    /// Weighted destinations the kernel can serve per connection.
+    L4(Selected<'a>),
+    /// An HTTP route that needs per-request handling: the whole rule goes to the proxy.
+    L7,
+}
+
+pub(super) type Result<T> = std::result::Result<T, ValidationError>;
 
 pub(super) fn plan_services(
     set: &ResourceSet,
@@ -116,10 +133,30 @@ fn vip_service(
     let mut selected = None;
     if let Some((vs_resource, vs)) = rule {
         sources.insert(vs_resource.id());
-        selected = select_route(index, vs_resource, vs, listener)?;
+        match select_route(index, vs_resource, vs, listener)? {
+            Some(Choice::L7) => {
+                return super::l7::vip_plan(
+                    index,
+                    resource,
+                    entry,
+                    address,
+                    Some((*vs_resource, *vs)),
+                    listener,
+                    sources,
+                )
+            }
+            Some(Choice::L4(found)) => selected = Some(found),
+            None => {}
+        }
     }
     // No rule, or no route for this port: Istio sends traffic to the host's own endpoints.
+    let http_port = entry
+        .ports
+        .iter()
+        .find(|p| p.number == i64::from(address.port))
+        .is_some_and(|p| is_http_protocol(p.protocol.as_deref()));
     let selected = selected.unwrap_or_else(|| Selected {
+        http: http_port,
         rule: resource,
         destinations: vec![(
             "spec.hosts[0]".into(),
@@ -144,7 +181,15 @@ fn vip_service(
         .iter()
         .find(|h| index.destination_rule(h, ns).is_some())
         .map(|h| (h.clone(), ns.clone()));
-    let (table_size, hash_source_ip) = load_balancer(index, lb_host, &selected, &mut sources)?;
+    let (table_size, hash_source_ip) = match load_balancer(index, lb_host, &selected, &mut sources)?
+    {
+        Balancing::Kernel(size, by_source) => (size, by_source),
+        Balancing::NeedsHttp(_) if selected.http => {
+            let vs = rule.map(|(r, vs)| (*r, *vs));
+            return super::l7::vip_plan(index, resource, entry, address, vs, listener, sources);
+        }
+        Balancing::NeedsHttp(error) => return Err(error),
+    };
     Ok(finish(
         address,
         entry.hosts[0].clone(),
@@ -168,6 +213,7 @@ fn gateway_services(
             continue;
         };
         let protocol = server.port.protocol.to_ascii_uppercase();
+        let http_server = matches!(protocol.as_str(), "HTTP" | "HTTP2");
         if !matches!(protocol.as_str(), "TCP" | "HTTP" | "HTTP2") {
             return Err(ValidationError::new(
                 resource,
@@ -196,23 +242,24 @@ fn gateway_services(
             };
             let mut sources = BTreeSet::from([resource.id()]);
             let mut selected = None;
+            let mut needs_l7 = None;
+            let mut bound = Vec::new();
             for (vs_resource, vs) in &index.virtual_services {
                 if !gateway_listed(index, &vs.gateways, &vs_resource.meta.namespace, resource) {
                     continue;
                 }
-                if let Some(found) = select_route(index, vs_resource, vs, listener)? {
-                    sources.insert(vs_resource.id());
-                    selected = Some(found);
-                    break;
+                bound.push((*vs_resource, *vs));
+                match select_route(index, vs_resource, vs, listener)? {
+                    Some(Choice::L7) => {
+                        needs_l7.get_or_insert(vs_resource.id());
+                    }
+                    Some(Choice::L4(found)) if selected.is_none() => {
+                        sources.insert(vs_resource.id());
+                        selected = Some(found);
+                    }
+                    Some(Choice::L4(_)) | None => {}
                 }
             }
-            // A server no rule routes is left to the node's own stack.
-            let Some(selected) = selected else { continue };
-            let backends = backends(index, &selected, None, ip, &mut sources)?;
-            if backends.is_empty() && has_other_family_backends(index, &selected, ip) {
-                continue; // e.g. an IPv6 node address in front of IPv4-only backends
-            }
-            let (table_size, hash_source_ip) = load_balancer(index, None, &selected, &mut sources)?;
             let address = ServiceAddress {
                 ip,
                 port,
@@ -222,6 +269,36 @@ fn gateway_services(
                 "gateway/{}/{}:{port}",
                 resource.meta.namespace, resource.meta.name
             );
+            if let Some(rule) = &needs_l7 {
+                if !http_server {
+                    return Err(ValidationError::new(
+                        resource,
+                        format!("{field}.port.protocol"),
+                        format!("`{rule}` has HTTP routes that need the L7 proxy, which serves gateway servers with protocol HTTP or HTTP2, not {protocol}"),
+                    ));
+                }
+                plans.push(super::l7::gateway_plan(
+                    index, resource, server, address, name, &bound, listener, sources,
+                )?);
+                continue;
+            }
+            // A server no rule routes is left to the node's own stack.
+            let Some(selected) = selected else { continue };
+            let backends = backends(index, &selected, None, ip, &mut sources)?;
+            if backends.is_empty() && has_other_family_backends(index, &selected, ip) {
+                continue; // e.g. an IPv6 node address in front of IPv4-only backends
+            }
+            let (table_size, hash_source_ip) =
+                match load_balancer(index, None, &selected, &mut sources)? {
+                    Balancing::Kernel(size, by_source) => (size, by_source),
+                    Balancing::NeedsHttp(_) if selected.http && http_server => {
+                        plans.push(super::l7::gateway_plan(
+                            index, resource, server, address, name, &bound, listener, sources,
+                        )?);
+                        continue;
+                    }
+                    Balancing::NeedsHttp(error) => return Err(error),
+                };
             plans.push(finish(
                 address,
                 name,
@@ -293,6 +370,28 @@ fn match_gateways_apply(
     }
 }
 
+/// Whether a match's `port` and `gateways` let it apply to `listener` (the per-connection
+/// conditions).
+pub(super) fn http_match_applies(
+    index: &Index,
+    rule: &Resource,
+    m: &crate::config::HttpMatchRequest,
+    listener: Listener,
+) -> bool {
+    m.port.is_none_or(|p| p == i64::from(listener.port))
+        && match_gateways_apply(index, &m.gateways, &rule.meta.namespace, listener)
+}
+
+/// Istio port protocols that carry HTTP.
+pub(super) fn is_http_protocol(protocol: Option<&str>) -> bool {
+    protocol.is_some_and(|p| {
+        matches!(
+            p.to_ascii_uppercase().as_str(),
+            "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB"
+        )
+    })
+}
+
 fn l4_match_applies(
     index: &Index,
     rule: &Resource,
@@ -341,14 +440,14 @@ fn l4_match_applies(
     Ok(true)
 }
 
-/// First TCP route that applies; else the first applicable HTTP route if it needs nothing but
-/// weights; `None` when no route applies.
+/// First TCP route that applies; else the first applicable HTTP route: [`Choice::L4`] when it
+/// needs nothing but weights, [`Choice::L7`] otherwise; `None` when no route applies.
 fn select_route<'a>(
     index: &Index,
     rule: &'a Resource,
     vs: &VirtualService,
     listener: Listener,
-) -> Result<Option<Selected<'a>>> {
+) -> Result<Option<Choice<'a>>> {
     if !vs.tls.is_empty() {
         return Err(ValidationError::new(
             rule,
@@ -383,7 +482,11 @@ fn select_route<'a>(
                     )
                 })
                 .collect();
-            return Ok(Some(Selected { rule, destinations }));
+            return Ok(Some(Choice::L4(Selected {
+                rule,
+                destinations,
+                http: false,
+            })));
         }
     }
     for (i, route) in vs.http.iter().enumerate() {
@@ -400,16 +503,13 @@ fn select_route<'a>(
         if !route.matches.is_empty() && applicable.is_empty() {
             continue;
         }
-        for (j, m) in applicable {
-            if let Some(condition) = m.first_l7_condition() {
-                return Err(ValidationError::new(
-                    rule,
-                    format!("{field}.match[{j}].{condition}"),
-                    format!("matching on {condition} {L7_NEEDED}"),
-                ));
-            }
+        if applicable
+            .iter()
+            .any(|(_, m)| m.first_l7_condition().is_some())
+            || l7_feature(route).is_some()
+        {
+            return Ok(Some(Choice::L7));
         }
-        l7_features(rule, &field, route)?;
         let destinations = route
             .route
             .iter()
@@ -422,13 +522,17 @@ fn select_route<'a>(
                 )
             })
             .collect();
-        return Ok(Some(Selected { rule, destinations }));
+        return Ok(Some(Choice::L4(Selected {
+            rule,
+            destinations,
+            http: true,
+        })));
     }
     Ok(None)
 }
 
-/// Rejects an HTTP route that asks for anything beyond weighted forwarding.
-fn l7_features(rule: &Resource, field: &str, route: &HttpRoute) -> Result<()> {
+/// Names the first thing an HTTP route asks for beyond weighted forwarding, or `None`.
+pub(super) fn l7_feature(route: &HttpRoute) -> Option<&'static str> {
     let features = [
         (route.redirect.is_some(), "redirect"),
         (route.direct_response.is_some(), "directResponse"),
@@ -447,25 +551,18 @@ fn l7_features(rule: &Resource, field: &str, route: &HttpRoute) -> Result<()> {
         (route.headers.is_some(), "headers"),
     ];
     if let Some((_, name)) = features.iter().find(|(present, _)| *present) {
-        return Err(ValidationError::new(
-            rule,
-            format!("{field}.{name}"),
-            format!("{name} {L7_NEEDED}"),
-        ));
+        return Some(name);
     }
-    if let Some(k) = route.route.iter().position(|d| d.headers.is_some()) {
-        return Err(ValidationError::new(
-            rule,
-            format!("{field}.route[{k}].headers"),
-            format!("header manipulation {L7_NEEDED}"),
-        ));
-    }
-    Ok(())
+    route
+        .route
+        .iter()
+        .any(|d| d.headers.is_some())
+        .then_some("route.headers")
 }
 
 /// The destination host's port a route uses: the one named, else the service's own port when
 /// the host has it, else the host's only port.
-fn resolve_port<'e>(
+pub(super) fn resolve_port<'e>(
     entry: &'e ServiceEntry,
     destination: &Destination,
     service_port: Option<u16>,
@@ -635,6 +732,15 @@ fn has_other_family_backends(index: &Index, selected: &Selected, family_of: IpAd
     })
 }
 
+/// What a DestinationRule's load balancer asks of the path.
+enum Balancing {
+    /// Maglev table size and source-IP hashing: the kernel can do it.
+    Kernel(u32, bool),
+    /// Hashing on a header, cookie or query parameter: only the L7 proxy can (the error says
+    /// why when the route cannot go there).
+    NeedsHttp(ValidationError),
+}
+
 /// Maglev table size and source-IP hashing from the DestinationRule of `host` (or, when `None`,
 /// of the first destination that gets traffic).
 fn load_balancer(
@@ -642,7 +748,7 @@ fn load_balancer(
     host: Option<(String, String)>,
     selected: &Selected,
     sources: &mut BTreeSet<String>,
-) -> Result<(u32, bool)> {
+) -> Result<Balancing> {
     let (host, ns) = match host {
         Some(found) => found,
         None => {
@@ -652,13 +758,19 @@ fn load_balancer(
                 .iter()
                 .find(|(_, _, w)| weighted || *w > 0)
             else {
-                return Ok((mesh_common::DEFAULT_MAGLEV_TABLE_SIZE, false));
+                return Ok(Balancing::Kernel(
+                    mesh_common::DEFAULT_MAGLEV_TABLE_SIZE,
+                    false,
+                ));
             };
             (d.host.clone(), selected.rule.meta.namespace.clone())
         }
     };
     let Some((rule_resource, rule)) = index.destination_rule(&host, &ns) else {
-        return Ok((mesh_common::DEFAULT_MAGLEV_TABLE_SIZE, false));
+        return Ok(Balancing::Kernel(
+            mesh_common::DEFAULT_MAGLEV_TABLE_SIZE,
+            false,
+        ));
     };
     let hash = rule
         .traffic_policy
@@ -666,7 +778,10 @@ fn load_balancer(
         .and_then(|p| p.load_balancer.as_ref())
         .and_then(|lb| lb.consistent_hash.as_ref());
     let Some(hash) = hash else {
-        return Ok((mesh_common::DEFAULT_MAGLEV_TABLE_SIZE, false));
+        return Ok(Balancing::Kernel(
+            mesh_common::DEFAULT_MAGLEV_TABLE_SIZE,
+            false,
+        ));
     };
     sources.insert(rule_resource.id());
     let field = "spec.trafficPolicy.loadBalancer.consistentHash";
@@ -679,11 +794,11 @@ fn load_balancer(
         ),
     ] {
         if present {
-            return Err(ValidationError::new(
+            return Ok(Balancing::NeedsHttp(ValidationError::new(
                 rule_resource,
                 format!("{field}.{key}"),
-                format!("hashing on {key} {L7_NEEDED}"),
-            ));
+                format!("hashing on {key} needs the L7 proxy, which serves HTTP routes and HTTP, HTTP2 or GRPC ports; this service is routed as TCP"),
+            )));
         }
     }
     let size = hash
@@ -692,5 +807,5 @@ fn load_balancer(
         .and_then(|m| m.table_size)
         .and_then(|s| u32::try_from(s).ok())
         .unwrap_or(mesh_common::DEFAULT_MAGLEV_TABLE_SIZE);
-    Ok((size, hash.use_source_ip == Some(true)))
+    Ok(Balancing::Kernel(size, hash.use_source_ip == Some(true)))
 }

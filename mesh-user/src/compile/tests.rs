@@ -25,8 +25,17 @@ fn compile_str(text: &str) -> Result<DesiredState, CompileError> {
 }
 
 fn l4(service: &ServicePlan) -> &L4Plan {
-    let Plan::L4(plan) = &service.plan;
-    plan
+    match &service.plan {
+        Plan::L4(plan) => plan,
+        Plan::L7(_) => panic!("{} was compiled for the L7 proxy", service.name),
+    }
+}
+
+fn l7(service: &ServicePlan) -> &L7Plan {
+    match &service.plan {
+        Plan::L7(plan) => plan,
+        Plan::L4(_) => panic!("{} was compiled for the kernel path", service.name),
+    }
 }
 
 /// Slots per backend address in a plan's table.
@@ -275,44 +284,157 @@ fn weights_only_http_route_compiles_to_l4() {
 }
 
 #[test]
-fn http_routes_needing_l7_are_refused_with_the_field() {
-    let cases = [
-        (
-            "    match: [{uri: {prefix: /api}}]\n",
-            "spec.http[0].match[0].uri: matching on uri needs the L7 proxy",
-        ),
-        (
-            "    rewrite: {uri: /v2}\n",
-            "spec.http[0].rewrite: rewrite needs the L7 proxy",
-        ),
-        (
-            "    timeout: 1s\n",
-            "spec.http[0].timeout: timeout needs the L7 proxy",
-        ),
-        (
-            "    fault: {abort: {httpStatus: 503, percentage: {value: 1}}}\n",
-            "spec.http[0].fault: fault needs the L7 proxy",
-        ),
-        (
-            "    mirror: {host: echo}\n",
-            "spec.http[0].mirror: mirror needs the L7 proxy",
-        ),
-    ];
-    for (extra, want) in cases {
+fn http_routes_needing_requests_compile_to_an_l7_plan() {
+    for extra in [
+        "    match: [{uri: {prefix: /api}}]\n",
+        "    rewrite: {uri: /v2}\n",
+        "    timeout: 1s\n",
+        "    fault: {abort: {httpStatus: 503, percentage: {value: 1}}}\n",
+        "    mirror: {host: echo, subset: v2}\n",
+        "    retries: {attempts: 3, retryOn: 5xx}\n",
+        "    headers: {request: {set: {x-a: b}}}\n",
+        "    corsPolicy: {allowOrigins: [{exact: 'http://a.test'}]}\n",
+    ] {
         let text = with_vs(&format!(
-            "  http:\n  - route:\n    - destination: {{host: echo}}\n{extra}"
+            "  http:\n  - route:\n    - destination: {{host: echo, subset: v1}}\n{extra}"
         ));
-        let message = compile_str(&text).unwrap_err().to_string();
-        assert!(message.contains(want), "{message}");
-        assert!(
-            message.contains("which is not available in this build yet"),
-            "{message}"
-        );
-        assert!(
-            message.starts_with("test.yaml: document 3 (VirtualService shop/echo): "),
-            "{message}"
+        let state = compile_str(&text).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        let plan = l7(&state.services[0]);
+        assert_eq!(plan.virtual_hosts.len(), 1, "{extra}");
+        assert_eq!(plan.virtual_hosts[0].domains, ["*"]);
+        assert_eq!(
+            plan.clusters[0].backends[0].address.to_string(),
+            "198.18.2.1:80"
         );
     }
+}
+
+#[test]
+fn weights_only_http_routes_stay_in_the_kernel() {
+    let text = with_vs(
+        "  http:\n  - route:\n    - {destination: {host: echo, subset: v1}, weight: 50}\n    - {destination: {host: echo, subset: v2}, weight: 50}\n",
+    );
+    l4(&compile_str(&text).unwrap().services[0]);
+}
+
+#[test]
+fn l7_plan_keeps_route_order_matches_and_weights() {
+    let text = with_vs(
+        "  http:\n  - name: jason\n    match: [{headers: {End-User: {exact: jason}}}, {queryParams: {u: {regex: 'j.*'}}}]\n    route: [{destination: {host: echo, subset: v2}}]\n  - route:\n    - {destination: {host: echo, subset: v1}, weight: 75}\n    - {destination: {host: echo, subset: v2}, weight: 25}\n    retries: {attempts: 4, perTryTimeout: 250ms, retryOn: 'gateway-error,503'}\n",
+    );
+    let state = compile_str(&text).unwrap();
+    let plan = l7(&state.services[0]);
+    let routes = &plan.virtual_hosts[0].routes;
+    assert_eq!(routes[0].name, "jason");
+    assert_eq!(routes[1].name, "echo.http[1]");
+    assert_eq!(routes[0].matches.len(), 2);
+    assert_eq!(
+        routes[0].matches[0].headers,
+        [(
+            "end-user".to_string(),
+            StringMatchPlan::Exact("jason".into())
+        )]
+    );
+    // v2 is one cluster shared by both routes.
+    assert_eq!(plan.clusters.len(), 2);
+    let RouteActionPlan::Forward { destinations } = &routes[1].action else {
+        panic!("forward expected");
+    };
+    assert_eq!(
+        destinations.iter().map(|d| d.weight).collect::<Vec<_>>(),
+        [75, 25]
+    );
+    assert_eq!(routes[1].retries.attempts, 4);
+    assert_eq!(
+        routes[1].retries.per_try_timeout,
+        Some(std::time::Duration::from_millis(250))
+    );
+    assert_eq!(routes[1].retries.retriable_status_codes, [503]);
+    assert!(routes[1]
+        .retries
+        .retry_on
+        .contains(&"retriable-status-codes".to_string()));
+    // No retries given: Istio's default policy.
+    assert_eq!(routes[0].retries, RetryPlan::istio_default());
+}
+
+#[test]
+fn header_hashing_moves_an_http_port_to_the_proxy_but_not_a_tcp_one() {
+    let hash =
+        "  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: x-user}\n";
+    let text = format!("{ECHO_SE}{hash}");
+    let state = compile_str(&text).unwrap();
+    let plan = l7(&state.services[0]);
+    assert_eq!(
+        plan.clusters[0].policy.load_balancer,
+        LoadBalancerPlan::HashHeader {
+            name: "x-user".into()
+        }
+    );
+    let tcp = text.replace("protocol: HTTP, name: http", "protocol: TCP, name: tcp");
+    let message = compile_str(&tcp).unwrap_err().to_string();
+    assert!(
+        message.contains("hashing on httpHeaderName needs the L7 proxy"),
+        "{message}"
+    );
+}
+
+#[test]
+fn destination_rule_policies_reach_the_cluster_subset_over_host() {
+    let text = format!(
+        "{ECHO_SE}  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN}}\n    connectionPool:\n      tcp: {{maxConnections: 10, connectTimeout: 2s}}\n      http: {{http1MaxPendingRequests: 5}}\n    outlierDetection: {{consecutive5xxErrors: 3, baseEjectionTime: 20s}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: echo, namespace: shop}}\nspec:\n  hosts: [echo]\n  http:\n  - match: [{{uri: {{prefix: /}}}}]\n    route: [{{destination: {{host: echo, subset: v1}}}}]\n"
+    )
+    .replace(
+        "  - {name: v1, labels: {version: v1}}\n",
+        "  - {name: v1, labels: {version: v1}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}\n",
+    );
+    let state = compile_str(&text).unwrap();
+    let policy = &l7(&state.services[0]).clusters[0].policy;
+    assert_eq!(policy.load_balancer, LoadBalancerPlan::Random);
+    assert_eq!(policy.connection_pool.max_connections, Some(10));
+    assert_eq!(policy.connection_pool.max_pending_requests, Some(5));
+    assert_eq!(
+        policy.connection_pool.connect_timeout,
+        Some(std::time::Duration::from_secs(2))
+    );
+    let outlier = policy.outlier_detection.as_ref().unwrap();
+    assert_eq!(outlier.consecutive_5xx, Some(3));
+    assert_eq!(
+        outlier.base_ejection_time,
+        std::time::Duration::from_secs(20)
+    );
+    assert_eq!(outlier.max_ejection_percent, 10);
+}
+
+#[test]
+fn bad_regex_is_refused_with_the_field() {
+    let text = with_vs(
+        "  http:\n  - match: [{uri: {regex: '/a(['}}]\n    route: [{destination: {host: echo}}]\n",
+    );
+    let message = compile_str(&text).unwrap_err().to_string();
+    assert!(
+        message.contains("spec.http[0].match[0].uri.regex: not a valid RE2 regex"),
+        "{message}"
+    );
+}
+
+#[test]
+fn http_gateway_routes_by_host_through_the_proxy() {
+    let text = format!(
+        "{ECHO_SE}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw, namespace: shop}}\nspec:\n  servers:\n  - port: {{number: 8000, protocol: HTTP, name: http}}\n    hosts: ['*']\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: shop}}\nspec:\n  hosts: [web.test]\n  gateways: [gw]\n  http:\n  - match: [{{uri: {{prefix: /a}}}}]\n    route: [{{destination: {{host: echo, subset: v2, port: {{number: 80}}}}}}]\n"
+    );
+    let state = compile_str(&text).unwrap();
+    let gateway = state
+        .services
+        .iter()
+        .find(|s| s.address.port == 8000)
+        .unwrap();
+    let plan = l7(gateway);
+    assert_eq!(plan.virtual_hosts[0].domains, ["web.test"]);
+    assert_eq!(
+        plan.clusters[0].backends[0].address.to_string(),
+        "198.18.3.1:80"
+    );
 }
 
 #[test]
@@ -420,20 +542,6 @@ spec:
     assert_eq!(
         l4(&state.services[0]).backends[0].address.to_string(),
         "198.18.5.1:9999"
-    );
-}
-
-#[test]
-fn http_header_hashing_is_refused() {
-    let text = format!(
-        "{ECHO_SE}  trafficPolicy:\n    loadBalancer:\n      consistentHash: {{httpHeaderName: x-user}}\n"
-    );
-    let message = compile_str(&text).unwrap_err().to_string();
-    assert!(
-        message.contains(
-            "consistentHash.httpHeaderName: hashing on httpHeaderName needs the L7 proxy"
-        ),
-        "{message}"
     );
 }
 

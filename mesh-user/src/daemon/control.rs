@@ -57,6 +57,9 @@ pub struct Controller {
     last_apply: Option<ApplyRecord>,
     current: DesiredState,
     started: Instant,
+    /// The L7 proxy (None: L7 services get their SERVICES entry but nobody serves them, as in
+    /// tests of the controller alone).
+    proxy: Option<crate::proxy::Proxy>,
     /// Apply counters and durations for the metrics endpoint.
     pub metrics: Metrics,
 }
@@ -79,7 +82,47 @@ impl Controller {
             last_apply: None,
             current: DesiredState::default(),
             started: Instant::now(),
+            proxy: None,
             metrics: Metrics::default(),
+        }
+    }
+
+    /// Serves L7 services with `proxy`.
+    pub fn with_proxy(mut self, proxy: crate::proxy::Proxy) -> Self {
+        self.proxy = Some(proxy);
+        self
+    }
+
+    /// Removes what the proxy added to the node (local routes); at exit.
+    pub fn shutdown_proxy(&self) {
+        if let Some(proxy) = &self.proxy {
+            proxy.shutdown();
+        }
+    }
+
+    /// Writes `state` to the dataplane with the proxy around the flip: listeners for new L7
+    /// addresses open before it, listeners of addresses that left close (drain) after it.
+    fn apply_state(&mut self, state: &DesiredState) -> Result<ApplyReport, String> {
+        if let Some(proxy) = &self.proxy {
+            if let Err(e) = proxy.prepare(state) {
+                // Nothing flipped: the rules in force stay served as they were.
+                proxy.commit(&self.current);
+                return Err(e.to_string());
+            }
+        }
+        match self.dataplane.apply(state) {
+            Ok(report) => {
+                if let Some(proxy) = &self.proxy {
+                    proxy.commit(state);
+                }
+                Ok(report)
+            }
+            Err(e) => {
+                if let Some(proxy) = &self.proxy {
+                    proxy.commit(&self.current);
+                }
+                Err(e.to_string())
+            }
         }
     }
 
@@ -226,7 +269,7 @@ impl Controller {
         if !dry_run {
             if let Err(e) = self.store.commit_api(candidate) {
                 // Kernel and disk must agree: put the previous rules back.
-                let _ = self.dataplane.apply(&previous);
+                let _ = self.apply_state(&previous);
                 self.current = previous;
                 let message = format!("{e}; the previous rules were restored");
                 self.record(trigger, Err(&message), started.elapsed().as_micros() as u64);
@@ -276,14 +319,13 @@ impl Controller {
         if dry_run {
             return Ok(None);
         }
-        match self.dataplane.apply(&state) {
+        match self.apply_state(&state) {
             Ok(report) => {
                 self.current = state;
                 self.record(trigger, Ok(()), started.elapsed().as_micros() as u64);
                 Ok(Some(report))
             }
-            Err(e) => {
-                let message = e.to_string();
+            Err(message) => {
                 self.record(trigger, Err(&message), started.elapsed().as_micros() as u64);
                 Err(Rejection::bad_request(message))
             }
@@ -329,11 +371,16 @@ impl Controller {
             .collect()
     }
 
-    /// Kernel counters.
+    /// Kernel counters, plus the L7 proxy's per route and destination.
     pub fn stats(&self) -> Result<StatsSnapshot, Rejection> {
-        self.dataplane
+        let mut snapshot = self
+            .dataplane
             .stats()
-            .map_err(|e| Rejection::internal(e.to_string()))
+            .map_err(|e| Rejection::internal(e.to_string()))?;
+        if let Some(proxy) = &self.proxy {
+            snapshot.l7 = proxy.stats();
+        }
+        Ok(snapshot)
     }
 
     /// What `meshctl status` shows.
@@ -383,7 +430,13 @@ impl Controller {
     pub fn render_metrics(&self) -> String {
         let snapshot = self.dataplane.stats().ok();
         let fill = self.dataplane.fill_levels();
-        self.metrics.render(snapshot.as_ref(), &fill)
+        let text = self.metrics.render(snapshot.as_ref(), &fill);
+        let Some(proxy) = &self.proxy else {
+            return text;
+        };
+        // One exposition: the proxy's families go before the closing `# EOF`.
+        let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
+        format!("{body}{}# EOF\n", proxy.render_metrics())
     }
 }
 

@@ -93,7 +93,8 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         node,
         options.config.clone(),
         options.state_file.clone(),
-    );
+    )
+    .with_proxy(crate::proxy::Proxy::new(tokio::runtime::Handle::current()));
     // Rules before attaching: bad rules fail here, before any packet is touched.
     let report = controller
         .load_files("startup")
@@ -142,6 +143,10 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(&options.socket);
+    controller
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .shutdown_proxy();
     if options.pin_dir.is_some() {
         info!("programs and maps stay pinned and keep forwarding; `meshd --cleanup` removes them");
     }

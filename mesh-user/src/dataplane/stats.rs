@@ -26,6 +26,10 @@ pub struct StatsSnapshot {
     pub services: Vec<ServiceStats>,
     /// Packets per pass/drop/forward reason, by reason name.
     pub reasons: Vec<(String, u64)>,
+    /// Services served by the L7 proxy: requests per route and destination (filled in by the
+    /// controller; empty from older meshd versions).
+    #[serde(default)]
+    pub l7: Vec<crate::proxy::L7ServiceStats>,
 }
 
 /// Counters of one service address.
@@ -156,6 +160,7 @@ impl Dataplane {
             taken_at,
             services,
             reasons,
+            l7: Vec::new(),
         })
     }
 

@@ -23,7 +23,7 @@ use aya::{
 use mesh_common::{
     map_names, port_from_wire, port_to_wire, Backend, ServiceInfo, ServiceKey, TrafficCounters,
     FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
-    SERVICE_FLAG_HASH_SOURCE_IP,
+    SERVICE_FLAG_HASH_SOURCE_IP, SERVICE_FLAG_L7_PROXY,
 };
 
 use super::{map_err, DataplaneError};
@@ -198,8 +198,7 @@ impl Tables {
                 }
             };
             new_service_ids.insert(service.address, id);
-            let Plan::L4(plan) = &service.plan;
-            for backend in &plan.backends {
+            for backend in kernel_backends(&service.plan) {
                 let key = (service.address, backend.address);
                 let id = match self.backend_ids.get(&key) {
                     Some(id) => *id,
@@ -238,32 +237,38 @@ impl Tables {
                     .map_err(map_err("opening MAGLEV"))?;
             let mut cursor = u32::from(next_gen) * self.pool_entries;
             for service in &state.services {
-                let Plan::L4(plan) = &service.plan;
-                let ids: Vec<u32> = plan
-                    .backends
+                let (table, hash_source_ip, l7) = match &service.plan {
+                    Plan::L4(plan) => (plan.table.as_slice(), plan.hash_source_ip, false),
+                    // The XDP program passes the service's packets to the stack (the proxy).
+                    Plan::L7(_) => (&[][..], false, true),
+                };
+                let ids: Vec<u32> = kernel_backends(&service.plan)
                     .iter()
                     .map(|b| new_backend_ids[&(service.address, b.address)])
                     .collect();
-                for (i, slot) in plan.table.iter().enumerate() {
+                for (i, slot) in table.iter().enumerate() {
                     maglev
                         .set(cursor + i as u32, ids[*slot as usize], 0)
                         .map_err(map_err("writing MAGLEV"))?;
                 }
                 let mut flags = 0;
-                if plan.hash_source_ip {
+                if hash_source_ip {
                     flags |= SERVICE_FLAG_HASH_SOURCE_IP;
+                }
+                if l7 {
+                    flags |= SERVICE_FLAG_L7_PROXY;
                 }
                 infos.push((
                     service_key(&service.address, next_gen),
                     ServiceInfo {
                         service_id: new_service_ids[&service.address],
                         table_offset: cursor,
-                        table_size: plan.table.len() as u32,
+                        table_size: table.len() as u32,
                         flags,
                     },
                 ));
-                cursor += plan.table.len() as u32;
-                maglev_entries += plan.table.len();
+                cursor += table.len() as u32;
+                maglev_entries += table.len();
             }
         }
 
@@ -309,24 +314,20 @@ impl Tables {
         self.installed = state
             .services
             .iter()
-            .map(|s| {
-                let Plan::L4(plan) = &s.plan;
-                InstalledService {
-                    address: s.address,
-                    name: s.name.clone(),
-                    service_id: self.service_ids[&s.address],
-                    backends: plan
-                        .backends
-                        .iter()
-                        .map(|b| InstalledBackend {
-                            address: b.address,
-                            backend_id: self.backend_ids[&(s.address, b.address)],
-                            subset: b.subset.clone(),
-                            version: b.labels.get("version").cloned(),
-                            share: b.share,
-                        })
-                        .collect(),
-                }
+            .map(|s| InstalledService {
+                address: s.address,
+                name: s.name.clone(),
+                service_id: self.service_ids[&s.address],
+                backends: kernel_backends(&s.plan)
+                    .iter()
+                    .map(|b| InstalledBackend {
+                        address: b.address,
+                        backend_id: self.backend_ids[&(s.address, b.address)],
+                        subset: b.subset.clone(),
+                        version: b.labels.get("version").cloned(),
+                        share: b.share,
+                    })
+                    .collect(),
             })
             .collect();
         Ok(ApplyReport {
@@ -342,9 +343,9 @@ impl Tables {
         let entries: usize = state
             .services
             .iter()
-            .map(|s| {
-                let Plan::L4(plan) = &s.plan;
-                plan.table.len()
+            .map(|s| match &s.plan {
+                Plan::L4(plan) => plan.table.len(),
+                Plan::L7(_) => 0,
             })
             .sum();
         if entries > self.pool_entries as usize {
@@ -361,6 +362,14 @@ impl Tables {
             )));
         }
         Ok(())
+    }
+}
+
+/// Backends the kernel forwards to: an L7 service has none (the proxy connects itself).
+fn kernel_backends(plan: &Plan) -> &[crate::compile::BackendPlan] {
+    match plan {
+        Plan::L4(plan) => &plan.backends,
+        Plan::L7(_) => &[],
     }
 }
 
