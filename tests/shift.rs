@@ -27,7 +27,13 @@ struct Load {
 }
 
 impl Load {
+    /// New TCP connections to the `echo` VIP.
     fn start(topo: &Topology) -> Result<Self> {
+        Self::start_with(topo, || tcp_connect(vip(8080)).is_ok())
+    }
+
+    /// Runs `one` (a request that says whether it succeeded) in a loop in the client namespace.
+    fn start_with(topo: &Topology, one: fn() -> bool) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let client = topo.client.name().to_string();
@@ -38,9 +44,10 @@ impl Load {
             let (mut ok, mut failed) = (0u64, 0u64);
             let deadline = Instant::now() + Duration::from_secs(120);
             while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match tcp_connect(vip(8080)) {
-                    Ok(_) => ok += 1,
-                    Err(_) => failed += 1,
+                if one() {
+                    ok += 1;
+                } else {
+                    failed += 1;
                 }
                 thread::sleep(Duration::from_millis(2));
             }
@@ -172,4 +179,151 @@ fn all_but_v3(topo: &Topology) -> Result<Vec<mesh_tests::servers::Server>> {
             )
         })
         .collect()
+}
+
+const WEB_VIP: &str = "198.18.100.5:80";
+
+/// An HTTP service on the L7 proxy (a route timeout needs it): `web` with v1 and v3.
+fn web_rules(v3_weight: u32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: web}}
+spec:
+  hosts: [web.mesh.test]
+  addresses: [198.18.100.5]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 198.18.2.1, labels: {{version: v1}}}}
+  - {{address: 198.18.4.1, labels: {{version: v3}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web}}
+spec:
+  host: web.mesh.test
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v3, labels: {{version: v3}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web}}
+spec:
+  hosts: [web.mesh.test]
+  http:
+  - timeout: 5s
+    route:
+    - {{destination: {{host: web.mesh.test, subset: v1}}, weight: {}}}
+    - {{destination: {{host: web.mesh.test, subset: v3}}, weight: {v3_weight}}}
+",
+        100 - v3_weight
+    )
+}
+
+fn web_request() -> bool {
+    mesh_tests::http::get_once(WEB_VIP.parse().expect("addr"), "/", "web.mesh.test", &[])
+        .map(|r| r.status < 500)
+        .unwrap_or(false)
+}
+
+fn web_backends(topo: &Topology) -> Result<Vec<mesh_tests::http::HttpServer>> {
+    use mesh_tests::{http::http_server, topology::backend_v4};
+    Ok(vec![
+        http_server(
+            &topo.backends[0],
+            std::net::SocketAddr::new(backend_v4(1), 80),
+            "v1",
+        )?,
+        http_server(
+            &topo.backends[2],
+            std::net::SocketAddr::new(backend_v4(3), 80),
+            "v3",
+        )?,
+    ])
+}
+
+fn l7_shift_args() -> Vec<&'static str> {
+    vec![
+        "shift",
+        "web",
+        "--from",
+        "v1",
+        "--to",
+        "v3",
+        "--step",
+        "50",
+        "--interval",
+        "1500ms",
+        "--max-error-rate",
+        "5%",
+        "--min-requests",
+        "10",
+    ]
+}
+
+#[test]
+fn healthy_l7_canary_is_promoted() -> Result<()> {
+    let topo = Topology::build(3)?;
+    let _servers = web_backends(&topo)?;
+    let rules = RulesDir::new(&topo)?;
+    let _meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+    let socket = rules.socket();
+    let (ok, _, stderr) = meshctl_stdin(&socket, &["apply", "-f", "-"], &web_rules(0))?;
+    ensure!(ok, "{stderr}");
+    let load = Load::start_with(&topo, web_request)?;
+    let (ok, stdout, stderr) = meshctl(&socket, &l7_shift_args())?;
+    let (sent, failed) = load.finish();
+    ensure!(ok, "shift failed:\n{stdout}\n{stderr}");
+    ensure!(
+        stdout.contains("step 2/2") && stdout.contains("promoted v3 to 100%"),
+        "{stdout}"
+    );
+    ensure!(
+        failed == 0,
+        "{failed} of {sent} requests failed during the shift"
+    );
+    Ok(())
+}
+
+#[test]
+fn l7_canary_answering_500_on_20_percent_is_rolled_back() -> Result<()> {
+    let topo = Topology::build(3)?;
+    let servers = web_backends(&topo)?;
+    // v3 answers 500 to every fifth request: 20% errors.
+    servers[1]
+        .behaviour
+        .fail_every
+        .store(5, std::sync::atomic::Ordering::Relaxed);
+    servers[1]
+        .behaviour
+        .fail_status
+        .store(500, std::sync::atomic::Ordering::Relaxed);
+    let rules = RulesDir::new(&topo)?;
+    let _meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+    let socket = rules.socket();
+    let (ok, _, stderr) = meshctl_stdin(&socket, &["apply", "-f", "-"], &web_rules(0))?;
+    ensure!(ok, "{stderr}");
+    let load = Load::start_with(&topo, web_request)?;
+    let (ok, stdout, stderr) = meshctl(&socket, &l7_shift_args())?;
+    let _ = load.finish();
+    ensure!(!ok, "a failing canary was promoted:\n{stdout}");
+    ensure!(
+        stdout.contains("step 1/2") && !stdout.contains("step 2/2"),
+        "not stopped at step 1:\n{stdout}"
+    );
+    ensure!(
+        stdout.contains("rolled back to 100% v1"),
+        "{stdout}\n{stderr}"
+    );
+    let v3_before = servers[1].count();
+    for _ in 0..50 {
+        ensure!(web_request(), "request failed after the rollback");
+    }
+    ensure!(
+        servers[1].count() == v3_before,
+        "v3 still receives traffic after the rollback"
+    );
+    Ok(())
 }

@@ -158,10 +158,13 @@ pub fn with_weights(vs: &Value, routes: &[RouteRef], from: &str, to: &str, canar
 /// Traffic and errors of one subset between two snapshots.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Health {
-    /// New connections (kernel path) or requests (L7) in the window.
+    /// New connections (kernel path) plus requests (L7 proxy) in the window.
     pub requests: u64,
-    /// Resets (kernel path) or 5xx answers (L7) in the window.
+    /// Resets (kernel path) plus 5xx answers (L7 proxy) in the window.
     pub errors: u64,
+    /// p99 latency in seconds (upper bound of its histogram bucket) of the L7 requests in the
+    /// window; `None` without L7 requests.
+    pub p99: Option<f64>,
 }
 
 impl Health {
@@ -176,14 +179,16 @@ impl Health {
 }
 
 /// The canary subset's health between `before` and `after` for the service named `service`
-/// (the ServiceEntry host, or its short name).
+/// (the ServiceEntry host, or its short name): kernel-path connections and resets of its
+/// backends, plus L7 requests, 5xx answers and latency of the routes' destinations.
 pub fn subset_health(
     before: &StatsSnapshot,
     after: &StatsSnapshot,
     service: &str,
     subset: &str,
 ) -> Health {
-    let matches = |name: &str| name == service || name.split('.').next() == Some(service);
+    let short = |name: &str| name.split('.').next().unwrap_or(name).to_string();
+    let matches = |name: &str| name == service || short(name) == short(service);
     let mut health = Health::default();
     for now in after.services.iter().filter(|s| matches(&s.name)) {
         let old = before.services.iter().find(|s| s.address == now.address);
@@ -199,12 +204,71 @@ pub fn subset_health(
             health.errors += b.counters.reply_resets.saturating_sub(prev.reply_resets);
         }
     }
+    // L7: destinations are named "host|subset|port"; the host is the destination service.
+    let mut buckets: Vec<u64> = Vec::new();
+    let destination_matches = |d: &crate::proxy::L7DestinationStats| {
+        d.subset.as_deref() == Some(subset) && d.destination.split('|').next().is_some_and(matches)
+    };
+    for now in &after.l7 {
+        let old = before.l7.iter().find(|s| s.address == now.address);
+        for route in &now.routes {
+            let old_route = old.and_then(|s| s.routes.iter().find(|r| r.route == route.route));
+            for d in route.destinations.iter().filter(|d| destination_matches(d)) {
+                let prev = old_route.and_then(|r| {
+                    r.destinations
+                        .iter()
+                        .find(|x| x.destination == d.destination)
+                });
+                let prev_requests = prev.map(|p| p.requests).unwrap_or(0);
+                let prev_5xx = prev.map(|p| p.status_classes[4]).unwrap_or(0);
+                health.requests += d.requests.saturating_sub(prev_requests);
+                health.errors += d.status_classes[4].saturating_sub(prev_5xx);
+                if buckets.len() < d.latency_buckets.len() {
+                    buckets.resize(d.latency_buckets.len(), 0);
+                }
+                for (i, count) in d.latency_buckets.iter().enumerate() {
+                    let prev_count = prev
+                        .and_then(|p| p.latency_buckets.get(i))
+                        .copied()
+                        .unwrap_or(0);
+                    buckets[i] += count.saturating_sub(prev_count);
+                }
+            }
+        }
+    }
+    health.p99 = p99(&buckets);
     health
+}
+
+/// The upper bound of the bucket holding the 99th percentile of `buckets` (non-cumulative
+/// counts), `None` when empty.
+fn p99(buckets: &[u64]) -> Option<f64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (total * 99).div_ceil(100);
+    let mut seen = 0;
+    for (i, count) in buckets.iter().enumerate() {
+        seen += count;
+        if seen >= rank {
+            return Some(crate::proxy::latency_bucket_bound(i));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn p99_is_the_bound_of_the_bucket_holding_the_99th_percentile() {
+        assert_eq!(p99(&[]), None);
+        // 98 fast (<= 1 ms), 2 slow (<= 4 ms): the 99th request is slow.
+        assert_eq!(p99(&[98, 0, 2]), Some(0.004));
+        assert_eq!(p99(&[100, 0, 0]), Some(0.001));
+    }
 
     #[test]
     fn plans_steps_up_to_100() {

@@ -24,8 +24,10 @@ use crate::netns::Netns;
 /// What a backend does, changeable while it runs.
 #[derive(Debug, Default)]
 pub struct Behaviour {
-    /// Answer 503 to every n-th request (0: never).
+    /// Answer `fail_status` (503 when 0) to every n-th request (0: never).
     pub fail_every: AtomicU64,
+    /// The status of the failing requests of `fail_every` (0: 503).
+    pub fail_status: AtomicU64,
     /// Answer this status to every request (0: 200).
     pub status: AtomicU64,
     /// Sleep this many milliseconds before answering every request.
@@ -139,7 +141,10 @@ impl Conn {
                 s => s,
             };
             if fail_every > 0 && n.is_multiple_of(fail_every) {
-                status = 503;
+                status = match b.fail_status.load(Ordering::Relaxed) {
+                    0 => 503,
+                    s => s,
+                };
             }
             let mut body = format!(
                 "identity={}\nhost={host}\npath={}\nmethod={}\n",

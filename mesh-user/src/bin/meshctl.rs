@@ -735,11 +735,14 @@ async fn shift(client: &AdminClient, o: &ShiftOptions) -> Result<()> {
         };
         match verdict {
             StepVerdict::Healthy(h) => println!(
-                "  {}: {} connections/requests, {} errors ({:.2}%): healthy",
+                "  {}: {} connections/requests, {} errors ({:.2}%){}: healthy",
                 o.to,
                 h.requests,
                 h.errors,
-                h.error_rate() * 100.0
+                h.error_rate() * 100.0,
+                h.p99
+                    .map(|p| format!(", p99 <= {:.0} ms", p * 1000.0))
+                    .unwrap_or_default()
             ),
             StepVerdict::Unhealthy(h, why) => {
                 let _: ApplyResponse = client.post("/v1/apply", &apply_weight(0)).await?;
@@ -786,6 +789,16 @@ async fn watch_step(client: &AdminClient, o: &ShiftOptions, host: &str) -> Resul
         tokio::time::sleep(tick).await;
         let now: StatsSnapshot = client.get("/v1/stats").await?;
         let health = shift::subset_health(&baseline, &now, host, &o.to);
+        if let (Some(limit), Some(p99)) = (o.max_latency_p99, health.p99) {
+            if health.requests >= o.min_requests && p99 > limit.as_secs_f64() {
+                let why = format!(
+                    "p99 latency {:.0} ms above {:.0} ms",
+                    p99 * 1000.0,
+                    limit.as_secs_f64() * 1000.0
+                );
+                return Ok(StepVerdict::Unhealthy(health, why));
+            }
+        }
         if health.requests >= o.min_requests && health.error_rate() > o.max_error_rate {
             let why = format!(
                 "error rate {:.2}% above {:.2}%",

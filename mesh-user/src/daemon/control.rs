@@ -135,9 +135,11 @@ impl Controller {
     /// the result. Used at startup and when the files change.
     pub fn load_files(&mut self, trigger: &str) -> Result<ApplyReport, Rejection> {
         let files = match &self.config_path {
-            Some(path) => {
-                config::load_path(path).map_err(|e| Rejection::bad_request(e.to_string()))
-            }
+            // A watched directory may be empty (rules then come from meshctl only).
+            Some(path) => match config::load_path(path) {
+                Err(config::ConfigError::EmptyDirectory { .. }) => Ok(ResourceSet::default()),
+                other => other.map_err(|e| Rejection::bad_request(e.to_string())),
+            },
             None => Ok(ResourceSet::default()),
         };
         let files = match files {

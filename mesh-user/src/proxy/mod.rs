@@ -60,7 +60,9 @@ use arc_swap::ArcSwap;
 use hyper_util::{rt::TokioExecutor, server::conn::auto};
 use tokio::sync::Semaphore;
 
-pub use stats::{render_l7_stats, L7DestinationStats, L7RouteStats, L7ServiceStats};
+pub use stats::{
+    latency_bucket_bound, render_l7_stats, L7DestinationStats, L7RouteStats, L7ServiceStats,
+};
 
 use crate::compile::{DesiredState, L4Protocol, L7Plan, Plan, ServiceAddress};
 use local_routes::LocalRoutes;

@@ -4,7 +4,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -24,9 +27,20 @@ use crate::compile::ServiceAddress;
 type Labels = Vec<(String, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
+/// Upper bounds (seconds) of the latency buckets: 1 ms doubling to ~16 s, then +Inf.
+pub const LATENCY_BUCKET_COUNT: usize = 15;
+
 fn latency_histogram() -> Histogram {
-    // 1 ms .. ~16 s.
-    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+    Histogram::new(exponential_buckets(0.001, 2.0, LATENCY_BUCKET_COUNT as u16))
+}
+
+/// Upper bound in seconds of latency bucket `i` (the last bucket is unbounded).
+pub fn latency_bucket_bound(i: usize) -> f64 {
+    if i >= LATENCY_BUCKET_COUNT {
+        f64::INFINITY
+    } else {
+        0.001 * 2f64.powi(i as i32)
+    }
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -52,6 +66,9 @@ pub struct StatsKey {
 pub struct RouteCounters {
     by_class: [Counter; 5],
     latency: Histogram,
+    /// The same observations as `latency`, readable back (prometheus-client keeps its buckets
+    /// private): `meshctl shift` judges a canary's p99 from them.
+    buckets: Arc<[AtomicU64; LATENCY_BUCKET_COUNT + 1]>,
 }
 
 impl RouteCounters {
@@ -59,7 +76,19 @@ impl RouteCounters {
     pub fn observe(&self, status: u16, elapsed: Duration) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.by_class[class].inc();
-        self.latency.observe(elapsed.as_secs_f64());
+        let seconds = elapsed.as_secs_f64();
+        self.latency.observe(seconds);
+        let bucket = (0..LATENCY_BUCKET_COUNT)
+            .find(|i| seconds <= latency_bucket_bound(*i))
+            .unwrap_or(LATENCY_BUCKET_COUNT);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn latency_buckets(&self) -> Vec<u64> {
+        self.buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
     }
 
     fn classes(&self) -> [u64; 5] {
@@ -111,7 +140,11 @@ impl ProxyStats {
             self.requests.get_or_create(&labels).clone()
         });
         let latency = self.latency.get_or_create(&base).clone();
-        let counters = Arc::new(RouteCounters { by_class, latency });
+        let counters = Arc::new(RouteCounters {
+            by_class,
+            latency,
+            buckets: Arc::new(std::array::from_fn(|_| AtomicU64::new(0))),
+        });
         entries.insert(key.clone(), counters.clone());
         counters
     }
@@ -153,6 +186,7 @@ impl ProxyStats {
                         status_classes,
                         configured_share: share,
                         observed_share: 0.0,
+                        latency_buckets: counters.latency_buckets(),
                     });
             }
             let routes: Vec<L7RouteStats> = routes
@@ -250,6 +284,9 @@ pub struct L7DestinationStats {
     pub configured_share: Option<f64>,
     /// Observed share of the route's forwarded requests.
     pub observed_share: f64,
+    /// Requests per latency bucket (bounds: [`latency_bucket_bound`]), not cumulative.
+    #[serde(default)]
+    pub latency_buckets: Vec<u64>,
 }
 
 /// The L7 part of `meshctl stats` as text.
