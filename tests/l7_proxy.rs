@@ -653,6 +653,9 @@ fn switching_between_kernel_path_and_proxy_while_clients_run() -> Result<()> {
     }
     let failed = attempts.iter().filter(|a| a.error.is_some()).count();
     eprintln!("switching: {failed} failed of {} requests", attempts.len());
+    for a in attempts.iter().filter(|a| a.error.is_some()) {
+        eprintln!("  failed: {:?}", a.error);
+    }
     ensure!(
         failed <= 4 * switches.len(),
         "{failed} failures of {} requests",

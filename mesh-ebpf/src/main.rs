@@ -13,6 +13,7 @@
 mod conntrack;
 mod csum;
 mod forward;
+mod local;
 mod maps;
 mod nat;
 mod parse;
@@ -96,6 +97,14 @@ fn try_mesh_xdp(ctx: &XdpContext) -> Result<u32, ()> {
                 return Ok(verdict(reason::PASS_NOT_SERVICE, xdp_action::XDP_PASS));
             };
             if svc.flags & SERVICE_FLAG_L7_PROXY != 0 {
+                return Ok(verdict(reason::PASS_L7_PROXY, xdp_action::XDP_PASS));
+            }
+            // A connection the proxy still holds from before this service moved to the kernel
+            // path: balancing it as a new flow would reset it.
+            if pkt.key.proto == mesh_common::PROTO_TCP
+                && tcp_flags & parse::TCP_FLAG_SYN == 0
+                && local::is_local_connection(ctx, &pkt.key)
+            {
                 return Ok(verdict(reason::PASS_L7_PROXY, xdp_action::XDP_PASS));
             }
             if svc.table_size == 0 {
