@@ -121,15 +121,18 @@ fn vip_service(
         port: address.port,
         gateway: None,
     };
-    let rule = index.virtual_services.iter().find(|(vs_resource, vs)| {
-        vs.applies_to_mesh()
-            && vs.hosts.iter().any(|h| {
-                entry
-                    .hosts
-                    .iter()
-                    .any(|own| same_host(h, &vs_resource.meta.namespace, own, ns))
-            })
-    });
+    let rule = index
+        .virtual_services_for(&entry.hosts, ns)
+        .into_iter()
+        .find(|(vs_resource, vs)| {
+            vs.applies_to_mesh()
+                && vs.hosts.iter().any(|h| {
+                    entry
+                        .hosts
+                        .iter()
+                        .any(|own| same_host(h, &vs_resource.meta.namespace, own, ns))
+                })
+        });
     let mut selected = None;
     if let Some((vs_resource, vs)) = rule {
         sources.insert(vs_resource.id());
@@ -140,7 +143,7 @@ fn vip_service(
                     resource,
                     entry,
                     address,
-                    Some((*vs_resource, *vs)),
+                    Some((vs_resource, vs)),
                     listener,
                     sources,
                 )
@@ -185,7 +188,7 @@ fn vip_service(
     {
         Balancing::Kernel(size, by_source) => (size, by_source),
         Balancing::NeedsHttp(_) if selected.http => {
-            let vs = rule.map(|(r, vs)| (*r, *vs));
+            let vs = rule;
             return super::l7::vip_plan(index, resource, entry, address, vs, listener, sources);
         }
         Balancing::NeedsHttp(error) => return Err(error),

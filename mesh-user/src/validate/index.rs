@@ -1,6 +1,8 @@
 //! Lookups across resources (host -> ServiceEntry, host -> DestinationRule, gateway references),
 //! with Istio's short-name rule, shared by cross-resource validation and compile.
 
+use std::collections::HashMap;
+
 use crate::config::{
     DestinationRule, Gateway, Resource, ResourceKind, ResourceSet, ServiceEntry, VirtualService,
 };
@@ -26,12 +28,54 @@ pub(crate) fn same_host(
     host == defined || fqdn(host, namespace) == fqdn(defined, defined_namespace)
 }
 
-/// Typed views of a resource set, in source order.
+/// Typed views of a resource set, in source order, with hash indexes by host so that lookups
+/// stay O(1) with tens of thousands of services.
 pub(crate) struct Index<'a> {
     pub service_entries: Vec<(&'a Resource, &'a ServiceEntry)>,
     pub destination_rules: Vec<(&'a Resource, &'a DestinationRule)>,
     pub virtual_services: Vec<(&'a Resource, &'a VirtualService)>,
     pub gateways: Vec<(&'a Resource, &'a Gateway)>,
+    service_entries_by_host: HostIndex,
+    destination_rules_by_host: HostIndex,
+    virtual_services_by_host: HostIndex,
+    gateways_by_name: HashMap<(&'a str, &'a str), usize>,
+}
+
+/// Positions (in source order) of the resources naming each host, by the host as written and
+/// by its FQDN: [`same_host`] matches either way.
+#[derive(Default)]
+struct HostIndex {
+    literal: HashMap<String, Vec<usize>>,
+    fqdn: HashMap<String, Vec<usize>>,
+}
+
+impl HostIndex {
+    fn add(&mut self, host: &str, namespace: &str, position: usize) {
+        let literal = self.literal.entry(host.to_owned()).or_default();
+        if literal.last() != Some(&position) {
+            literal.push(position);
+        }
+        let full = self.fqdn.entry(fqdn(host, namespace)).or_default();
+        if full.last() != Some(&position) {
+            full.push(position);
+        }
+    }
+
+    /// Positions of resources whose host is the same host as `host` named from `namespace`,
+    /// in source order.
+    fn find(&self, host: &str, namespace: &str) -> Vec<usize> {
+        let mut found: Vec<usize> = self
+            .literal
+            .get(host)
+            .into_iter()
+            .chain(self.fqdn.get(&fqdn(host, namespace)))
+            .flatten()
+            .copied()
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        found
+    }
 }
 
 impl<'a> Index<'a> {
@@ -41,15 +85,45 @@ impl<'a> Index<'a> {
             destination_rules: Vec::new(),
             virtual_services: Vec::new(),
             gateways: Vec::new(),
+            service_entries_by_host: HostIndex::default(),
+            destination_rules_by_host: HostIndex::default(),
+            virtual_services_by_host: HostIndex::default(),
+            gateways_by_name: HashMap::new(),
         };
         for resource in &set.resources {
+            let ns = resource.meta.namespace.as_str();
             match &resource.kind {
-                ResourceKind::ServiceEntry(spec) => index.service_entries.push((resource, spec)),
-                ResourceKind::DestinationRule(spec) => {
-                    index.destination_rules.push((resource, spec))
+                ResourceKind::ServiceEntry(spec) => {
+                    for host in &spec.hosts {
+                        index
+                            .service_entries_by_host
+                            .add(host, ns, index.service_entries.len());
+                    }
+                    index.service_entries.push((resource, spec));
                 }
-                ResourceKind::VirtualService(spec) => index.virtual_services.push((resource, spec)),
-                ResourceKind::Gateway(spec) => index.gateways.push((resource, spec)),
+                ResourceKind::DestinationRule(spec) => {
+                    index.destination_rules_by_host.add(
+                        &spec.host,
+                        ns,
+                        index.destination_rules.len(),
+                    );
+                    index.destination_rules.push((resource, spec));
+                }
+                ResourceKind::VirtualService(spec) => {
+                    for host in &spec.hosts {
+                        index
+                            .virtual_services_by_host
+                            .add(host, ns, index.virtual_services.len());
+                    }
+                    index.virtual_services.push((resource, spec));
+                }
+                ResourceKind::Gateway(spec) => {
+                    index
+                        .gateways_by_name
+                        .entry((ns, resource.meta.name.as_str()))
+                        .or_insert(index.gateways.len());
+                    index.gateways.push((resource, spec));
+                }
             }
         }
         index
@@ -61,15 +135,8 @@ impl<'a> Index<'a> {
         host: &str,
         namespace: &str,
     ) -> Option<(&'a Resource, &'a ServiceEntry)> {
-        self.service_entries
-            .iter()
-            .copied()
-            .find(|(resource, entry)| {
-                entry
-                    .hosts
-                    .iter()
-                    .any(|h| same_host(host, namespace, h, &resource.meta.namespace))
-            })
+        let first = *self.service_entries_by_host.find(host, namespace).first()?;
+        Some(self.service_entries[first])
     }
 
     /// The first DestinationRule for `host` (as named from `namespace`).
@@ -78,12 +145,29 @@ impl<'a> Index<'a> {
         host: &str,
         namespace: &str,
     ) -> Option<(&'a Resource, &'a DestinationRule)> {
-        self.destination_rules
+        let first = *self
+            .destination_rules_by_host
+            .find(host, namespace)
+            .first()?;
+        Some(self.destination_rules[first])
+    }
+
+    /// VirtualServices naming any of `hosts` (as defined in `namespace`), in source order.
+    pub(crate) fn virtual_services_for(
+        &self,
+        hosts: &[String],
+        namespace: &str,
+    ) -> Vec<(&'a Resource, &'a VirtualService)> {
+        let mut positions: Vec<usize> = hosts
             .iter()
-            .copied()
-            .find(|(resource, rule)| {
-                same_host(host, namespace, &rule.host, &resource.meta.namespace)
-            })
+            .flat_map(|h| self.virtual_services_by_host.find(h, namespace))
+            .collect();
+        positions.sort_unstable();
+        positions.dedup();
+        positions
+            .into_iter()
+            .map(|i| self.virtual_services[i])
+            .collect()
     }
 
     /// The Gateway a VirtualService in `namespace` means by `reference` (`name` or `ns/name`).
@@ -93,10 +177,8 @@ impl<'a> Index<'a> {
         namespace: &str,
     ) -> Option<(&'a Resource, &'a Gateway)> {
         let (ns, name) = gateway_ref(reference, namespace);
-        self.gateways
-            .iter()
-            .copied()
-            .find(|(resource, _)| resource.meta.namespace == ns && resource.meta.name == name)
+        let position = *self.gateways_by_name.get(&(ns, name))?;
+        Some(self.gateways[position])
     }
 }
 
