@@ -21,8 +21,8 @@ use tracing::{debug, info, warn};
 use super::{ApplyRequest, DeleteRequest, ErrorBody};
 use crate::daemon::control::{Controller, Rejection};
 
-/// Largest request body accepted (a rule bundle).
-const MAX_BODY_BYTES: usize = 16 << 20;
+/// Largest request body accepted (a rule bundle: 30 000 services are about 17 MiB of YAML).
+const MAX_BODY_BYTES: usize = 64 << 20;
 
 type Shared = Arc<Mutex<Controller>>;
 
