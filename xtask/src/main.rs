@@ -46,6 +46,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the benchmark suite; the report goes to target/bench/ (and docs/benchmarks.md in full
+    /// mode).
+    Bench {
+        /// Small counts, done in well under a minute (a smoke run; numbers not to quote).
+        #[arg(long)]
+        quick: bool,
+        /// More arguments for the benchmark (see `cargo xtask bench -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -93,6 +103,28 @@ fn main() -> Result<()> {
                 "mesh-bookinfo",
             ])?;
             let mut cmd = Command::new("target/release/mesh-sandbox");
+            cmd.args(&args).env("MESH_BIN_DIR", "target/release");
+            run(&mut cmd)
+        }
+        Cmd::Bench { quick, args } => {
+            toolchain::ensure()?;
+            require_root("the benchmark creates network namespaces and attaches XDP programs")?;
+            step("building meshd, meshctl and the benchmark (release)");
+            cargo(&["build", "--release", "-p", "mesh-user", "--bins"])?;
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "mesh-tests",
+                "--bin",
+                "mesh-bench",
+            ])?;
+            let mut cmd = Command::new("target/release/mesh-bench");
+            if quick {
+                cmd.arg("--quick");
+            } else {
+                cmd.args(["--docs", "docs/benchmarks.md"]);
+            }
             cmd.args(&args).env("MESH_BIN_DIR", "target/release");
             run(&mut cmd)
         }

@@ -1,0 +1,199 @@
+//! `mesh-bench`, the job of `cargo xtask bench [--quick]`: measures mesh's XDP data plane and
+//! control plane against kernel peers and writes a Markdown report with PNG plots.
+//!
+//! Sections: 1 per-packet cost through BPF_PROG_TEST_RUN (`micro.rs`), 2 forwarding through a
+//! node namespace against nftables/iptables/routing (`forward.rs`, generator and counters in
+//! `rawbpf.rs`, peers in `peers.rs`), 3 scale with the number of services (`micro.rs` per packet,
+//! `scale.rs` through meshd), 4 L7 (not in this build), 5 split quality (`micro.rs` observed
+//! split, `split.rs` disruption). `report.rs` and `plot.rs` write the output.
+//!
+//! A section that fails is reported as such; the others still run. Everything a section creates
+//! (namespaces, meshd, XDP attachments, nft tables, temp files) is torn down on drop.
+
+mod forward;
+mod micro;
+mod peers;
+mod plot;
+mod rawbpf;
+mod report;
+mod scale;
+mod split;
+mod util;
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{progress, Plan};
+
+/// Removes a file or directory on drop.
+pub struct DirGuard(pub PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if self.0.is_dir() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+struct Args {
+    quick: bool,
+    out: PathBuf,
+    docs: Option<PathBuf>,
+}
+
+const HELP: &str = "mesh-bench: mesh's benchmark suite (run it with `cargo xtask bench`)
+
+Usage: mesh-bench [--quick] [--out DIR] [--docs FILE]
+
+  --quick       small counts, finishes in well under a minute (the test suite runs this)
+  --out DIR     where report.md, summary.json and the PNG plots go (default target/bench)
+  --docs FILE   also copy the report there (cargo xtask bench: docs/benchmarks.md, full mode)
+  -h, --help    this help
+
+Needs root (namespaces, XDP). Installs nftables and iptables with apt-get when missing.";
+
+fn parse_args() -> Result<Option<Args>> {
+    let mut args = Args {
+        quick: false,
+        out: PathBuf::from("target/bench"),
+        docs: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => args.quick = true,
+            "--out" => args.out = it.next().context("--out needs a directory")?.into(),
+            "--docs" => args.docs = Some(it.next().context("--docs needs a file")?.into()),
+            "-h" | "--help" => {
+                println!("{HELP}");
+                return Ok(None);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    Ok(Some(args))
+}
+
+fn sh_out(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn machine() -> Vec<(String, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    vec![
+        ("kernel (`uname -r`)".into(), sh_out("uname", &["-r"])),
+        ("CPU".into(), model),
+        ("cores (`nproc`)".into(), sh_out("nproc", &[])),
+        (
+            "date (UTC)".into(),
+            sh_out("date", &["-u", "+%Y-%m-%d %H:%M"]),
+        ),
+        (
+            "mesh commit".into(),
+            format!(
+                "{} (plus uncommitted work in the tree)",
+                sh_out("git", &["rev-parse", "--short", "HEAD"])
+            ),
+        ),
+    ]
+}
+
+fn run(args: &Args) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("mesh-bench needs root: it creates network namespaces and loads XDP programs");
+    }
+    let started = Instant::now();
+    let plan = Plan::new(args.quick);
+    progress(&format!(
+        "{} run; report in {}",
+        if plan.quick { "quick" } else { "full" },
+        args.out.display()
+    ));
+
+    progress("section 1: per-packet cost");
+    let micro = micro::per_packet(&plan).map_err(|e| format!("{e:#}"));
+    progress("section 5: split quality");
+    let split =
+        micro::observed_split(plan.split_flows, vec![251, 4093]).map_err(|e| format!("{e:#}"));
+    let mut disruption: Vec<split::DisruptionPoint> = plan
+        .disruption_sizes
+        .iter()
+        .map(|n| split::disruption(*n, mesh_common::DEFAULT_MAGLEV_TABLE_SIZE))
+        .collect();
+    disruption.extend(
+        plan.disruption_sizes
+            .iter()
+            .map(|n| split::disruption(*n, 251)),
+    );
+    progress("section 3: per-packet cost vs number of services");
+    let scale_packet = micro::scale(&plan).map_err(|e| format!("{e:#}"));
+    progress("section 2: forwarding (installing nftables/iptables if missing)");
+    let peers = peers::ensure_peers();
+    let forwarding = forward::run(&plan, &peers).map_err(|e| format!("{e:#}"));
+    progress("section 3: applying rule sets through meshd");
+    let scale_apply = scale::run(&plan);
+
+    let results = report::Results {
+        quick: plan.quick,
+        command: if plan.quick {
+            "cargo xtask bench --quick".into()
+        } else {
+            "cargo xtask bench".into()
+        },
+        machine: machine(),
+        micro,
+        forwarding,
+        scale_packet,
+        scale_apply,
+        split,
+        disruption,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    };
+    let md = report::write(&results, &args.out)?;
+    if let Some(docs) = &args.docs {
+        std::fs::write(
+            docs,
+            md.replace("Plot: `", "Plot (generated under `target/bench/`): `"),
+        )
+        .with_context(|| format!("writing {}", docs.display()))?;
+        progress(&format!("report copied to {}", docs.display()));
+    }
+    progress(&format!(
+        "done in {:.0} s: {}",
+        started.elapsed().as_secs_f64(),
+        args.out.join("report.md").display()
+    ));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match parse_args().and_then(|a| match a {
+        Some(a) => run(&a),
+        None => Ok(()),
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
