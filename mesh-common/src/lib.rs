@@ -21,11 +21,11 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     /// Array: Maglev lookup table pool; entries are backend ids.
     pub const MAGLEV: &str = "MAGLEV";
-    /// LRU hash: client-side [`FlowKey`](crate::FlowKey) -> [`FlowState`](crate::FlowState).
+    /// LRU hash: [`FlowKey`](crate::FlowKey) as seen on the wire -> [`FlowState`](crate::FlowState).
+    /// Holds both directions of every flow (one lookup per packet whichever way it goes): the
+    /// client -> service entry names the backend, the backend -> client entry the service
+    /// address to restore on replies (see [`FlowState::direction`](crate::FlowState)).
     pub const CONNTRACK: &str = "CONNTRACK";
-    /// LRU hash: backend-side [`FlowKey`](crate::FlowKey) -> [`FlowState`](crate::FlowState)
-    /// holding the service address to restore on replies.
-    pub const REVERSE_NAT: &str = "REVERSE_NAT";
     /// Per-CPU array: service id -> [`TrafficCounters`](crate::TrafficCounters).
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     /// Per-CPU array: backend id -> [`TrafficCounters`](crate::TrafficCounters).
@@ -49,8 +49,15 @@ pub const MAX_BACKENDS: u32 = 131_072;
 /// Default number of Maglev entries per generation (the `MAGLEV` map holds
 /// `GENERATIONS * maglev_pool_entries`; meshd may resize it at load time).
 pub const DEFAULT_MAGLEV_POOL_ENTRIES: u32 = 1 << 22;
-/// Default capacity of each connection-tracking LRU map (meshd may resize it at load time).
-pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+/// Default capacity of the connection-tracking LRU map, in entries (meshd may resize it at load
+/// time); every flow takes two entries, one per direction.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 524_288;
+/// Default connection-tracking capacity in flows.
+pub const DEFAULT_CONNTRACK_FLOWS: u32 = DEFAULT_CONNTRACK_ENTRIES / 2;
+/// [`FlowState::direction`]: the entry of the client -> service direction.
+pub const FLOW_REQUEST: u8 = 0;
+/// [`FlowState::direction`]: the entry of the backend -> client direction.
+pub const FLOW_REPLY: u8 = 1;
 /// Default Maglev table size per service when the rules do not give one (prime).
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 4_093;
 /// Largest Maglev table size per service (prime, as in Envoy/Istio).
@@ -169,7 +176,7 @@ pub struct Backend {
     pub _pad: u8,
 }
 
-/// Key of the connection-tracking maps: one direction of a flow as seen on the wire.
+/// Key of [`map_names::CONNTRACK`]: one direction of a flow as seen on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
@@ -189,11 +196,11 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the connection-tracking maps.
+/// Value of [`map_names::CONNTRACK`].
 ///
-/// In [`map_names::CONNTRACK`] (key: client -> service address) `addr`/`port` are the chosen
-/// backend; in [`map_names::REVERSE_NAT`] (key: backend -> client) they are the service address
-/// to restore as the source of replies.
+/// In a [`FLOW_REQUEST`] entry (key: client -> service address) `addr`/`port` are the chosen
+/// backend; in a [`FLOW_REPLY`] entry (key: backend -> client) they are the service address to
+/// restore as the source of replies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowState {
@@ -201,8 +208,10 @@ pub struct FlowState {
     pub addr: [u8; 16],
     /// Port to write, network order.
     pub port: u16,
+    /// [`FLOW_REQUEST`] or [`FLOW_REPLY`].
+    pub direction: u8,
     /// Explicit padding, always zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// Service id (for counters).
     pub service_id: u32,
     /// Backend id (for counters).

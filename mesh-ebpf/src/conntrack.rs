@@ -1,35 +1,21 @@
-//! Connection tracking: the client-side CONNTRACK entry that pins a flow to its backend, and the
-//! backend-side REVERSE_NAT entry that restores the service address on replies.
-//!
-//! Both are LRU maps, so idle flows age out without a sweeper in the kernel.
+//! Connection tracking: per flow, a client-side entry that pins it to its backend and a
+//! backend-side entry that restores the service address on replies, both in one LRU map so
+//! that every packet costs one lookup whichever way it goes, and idle flows age out without a
+//! sweeper in the kernel.
 
 use aya_ebpf::maps::LruHashMap;
-use mesh_common::{Backend, FlowKey, FlowState};
+use mesh_common::{Backend, FlowKey, FlowState, FLOW_REPLY, FLOW_REQUEST};
 
-use crate::maps::{CONNTRACK, REVERSE_NAT};
+use crate::maps::CONNTRACK;
 
 /// `last_seen_ns` is rewritten at most this often: a write per packet would bounce the entry's
 /// cache line between CPUs for no gain in precision anyone uses.
 const REFRESH_NS: u64 = 1_000_000_000;
 
-/// The state of a reply (backend -> client) flow, if the packet's own tuple is tracked.
+/// The tracked state of the packet's own tuple, either direction (see `FlowState::direction`).
 #[inline(always)]
-pub fn reply(key: &FlowKey, now: u64) -> Option<*const FlowState> {
-    lookup(&REVERSE_NAT, key, now)
-}
-
-/// The backend of an established client -> service flow.
-#[inline(always)]
-pub fn request(key: &FlowKey, now: u64) -> Option<*const FlowState> {
-    lookup(&CONNTRACK, key, now)
-}
-
-#[inline(always)]
-fn lookup(
-    map: &LruHashMap<FlowKey, FlowState>,
-    key: &FlowKey,
-    now: u64,
-) -> Option<*const FlowState> {
+pub fn lookup(key: &FlowKey, now: u64) -> Option<*const FlowState> {
+    let map: &LruHashMap<FlowKey, FlowState> = &CONNTRACK;
     let entry = map.get_ptr_mut(key)?;
     // SAFETY: a map value pointer stays valid for the whole program run (RCU); a racing writer
     // only stores another recent timestamp.
@@ -53,6 +39,7 @@ pub fn track(client: &FlowKey, backend: &Backend, service_id: u32, backend_id: u
         port: backend.port,
         service_id,
         backend_id,
+        direction: FLOW_REQUEST,
         created_ns: now,
         last_seen_ns: now,
         ..FlowState::default()
@@ -70,5 +57,6 @@ pub fn track(client: &FlowKey, backend: &Backend, service_id: u32, backend_id: u
     };
     state.addr = client.dst_addr;
     state.port = client.dst_port;
-    let _ = REVERSE_NAT.insert(&reply_key, &state, 0);
+    state.direction = FLOW_REPLY;
+    let _ = CONNTRACK.insert(&reply_key, &state, 0);
 }

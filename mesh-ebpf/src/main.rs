@@ -23,7 +23,7 @@ mod stats;
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
-use mesh_common::{reason, SERVICE_FLAG_L7_PROXY};
+use mesh_common::{reason, FLOW_REPLY, SERVICE_FLAG_L7_PROXY};
 
 use crate::{
     nat::Side,
@@ -61,38 +61,32 @@ fn try_mesh_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     // its entry behind: it is balanced by the rules in force now, not the old choice.
     let opening = tcp_flags & (parse::TCP_FLAG_SYN | parse::TCP_FLAG_ACK) == parse::TCP_FLAG_SYN;
 
-    // A reply from a backend: its own tuple is the reverse-NAT key.
-    let (side, addr, port, service_id, backend_id, dir) =
-        if let Some(state) = conntrack::reply(&pkt.key, now) {
-            // SAFETY: map values stay valid for the whole run.
-            let state = unsafe { &*state };
-            (
-                Side::Source,
-                state.addr,
-                state.port,
-                state.service_id,
-                state.backend_id,
-                // A reset from the backend is how L4 health is judged (refused or broken).
-                Direction::Reply {
-                    reset: tcp_flags & parse::TCP_FLAG_RST != 0,
-                },
-            )
-        } else if let Some(state) = if opening {
-            None
-        } else {
-            conntrack::request(&pkt.key, now)
-        } {
-            // SAFETY: as above.
-            let state = unsafe { &*state };
-            (
-                Side::Destination,
-                state.addr,
-                state.port,
-                state.service_id,
-                state.backend_id,
-                Direction::Request { new_flow: false },
-            )
-        } else {
+    // One lookup whichever way the packet goes: a reply from a backend finds its reverse-NAT
+    // entry, a packet of an established flow its backend.
+    let tracked = conntrack::lookup(&pkt.key, now);
+    // SAFETY: map values stay valid for the whole run.
+    let tracked = tracked.map(|state| unsafe { &*state });
+    let (side, addr, port, service_id, backend_id, dir) = match tracked {
+        Some(state) if state.direction == FLOW_REPLY => (
+            Side::Source,
+            state.addr,
+            state.port,
+            state.service_id,
+            state.backend_id,
+            // A reset from the backend is how L4 health is judged (refused or broken).
+            Direction::Reply {
+                reset: tcp_flags & parse::TCP_FLAG_RST != 0,
+            },
+        ),
+        Some(state) if !opening => (
+            Side::Destination,
+            state.addr,
+            state.port,
+            state.service_id,
+            state.backend_id,
+            Direction::Request { new_flow: false },
+        ),
+        _ => {
             let Some(svc) = select::service(&pkt.key) else {
                 return Ok(verdict(reason::PASS_NOT_SERVICE, xdp_action::XDP_PASS));
             };
@@ -126,7 +120,8 @@ fn try_mesh_xdp(ctx: &XdpContext) -> Result<u32, ()> {
                 backend_id,
                 Direction::Request { new_flow: true },
             )
-        };
+        }
+    };
     // Decided before the packet changes, so the stack sees the original packet and sends the
     // ICMP time exceeded itself.
     if pkt.ttl <= 1 {

@@ -1,7 +1,6 @@
 //! Every map of the program, named exactly as in `mesh_common::map_names`.
 //!
-//! Sizes are the contract's defaults; meshd may resize MAGLEV, CONNTRACK and REVERSE_NAT at load
-//! time, so the code relies only on the lookups' own bounds checks. Nothing is pinned here:
+//! Sizes are the contract's defaults; meshd may resize MAGLEV and CONNTRACK at load time, so the code relies only on the lookups' own bounds checks. Nothing is pinned here:
 //! pinning is userspace's decision.
 
 use aya_ebpf::{
@@ -32,14 +31,10 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 pub static MAGLEV: Array<u32> =
     Array::with_max_entries(GENERATIONS * DEFAULT_MAGLEV_POOL_ENTRIES, 0);
 
-/// Client -> service tuple to the backend chosen for the flow.
+/// Both directions of every flow: client -> service to the chosen backend, backend -> client to
+/// the service address restored on replies.
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
-
-/// Backend -> client tuple to the service address restored on replies.
-#[map]
-pub static REVERSE_NAT: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
 
 /// Service id -> traffic counters.

@@ -62,7 +62,6 @@ fn load(pool: u32, conntrack: u32) -> Result<Lb> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(map_names::MAGLEV, 2 * pool)
         .map_max_entries(map_names::CONNTRACK, conntrack)
-        .map_max_entries(map_names::REVERSE_NAT, conntrack)
         .load(EBPF_OBJECT)
         .context("loading the BPF object")?;
     for name in [XDP_PROGRAM_NAME, XDP_PASS_PROGRAM_NAME] {
@@ -168,7 +167,7 @@ fn per_packet_inner(plan: &Plan, jit: String) -> Result<MicroResult> {
     let self_est = udp(client, sa(SELF_VIP))?;
     let self_reply = udp(sa(SELF_VIP), client)?;
     let self_est6 = udp(client6, sa(SELF_VIP6))?;
-    // Prime the self-mapped flows (creates their CONNTRACK and REVERSE_NAT entries).
+    // Prime the self-mapped flows (creates their CONNTRACK entries, one per direction).
     for frame in [&self_est, &self_est6] {
         let (v, _) = run(&lb, XDP_PROGRAM_NAME, frame, 1)?;
         ensure!(v == XDP_PASS, "priming verdict {v}");

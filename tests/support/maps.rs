@@ -72,7 +72,6 @@ impl Lb {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::MAGLEV, 2 * TEST_MAGLEV_POOL_ENTRIES)
             .map_max_entries(map_names::CONNTRACK, TEST_CONNTRACK_ENTRIES)
-            .map_max_entries(map_names::REVERSE_NAT, TEST_CONNTRACK_ENTRIES)
             .load(EBPF_OBJECT)
             .context("loading the BPF object")?;
         let prog: &mut Xdp = ebpf

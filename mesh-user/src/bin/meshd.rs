@@ -82,8 +82,8 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = mesh_common::DEFAULT_MAGLEV_POOL_ENTRIES)]
     maglev_pool_entries: u32,
 
-    /// Connection-tracking capacity (connections); least recently used entries are evicted.
-    #[arg(long, value_name = "N", default_value_t = mesh_common::DEFAULT_CONNTRACK_ENTRIES)]
+    /// Connection-tracking capacity in flows; the least recently used flows are evicted.
+    #[arg(long, value_name = "N", default_value_t = mesh_common::DEFAULT_CONNTRACK_FLOWS)]
     conntrack_entries: u32,
 
     /// Detach the pinned programs and remove the pinned maps under --pin-dir, then exit.

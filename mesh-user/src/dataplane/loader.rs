@@ -39,7 +39,7 @@ pub struct DataplaneOptions {
     pub pin_dir: Option<PathBuf>,
     /// Maglev entries available per rule generation (all services' tables together).
     pub maglev_pool_entries: u32,
-    /// Capacity of each connection-tracking map.
+    /// Connection-tracking capacity in flows (the map holds two entries per flow).
     pub conntrack_entries: u32,
 }
 
@@ -48,7 +48,7 @@ impl Default for DataplaneOptions {
         Self {
             pin_dir: None,
             maglev_pool_entries: mesh_common::DEFAULT_MAGLEV_POOL_ENTRIES,
-            conntrack_entries: mesh_common::DEFAULT_CONNTRACK_ENTRIES,
+            conntrack_entries: mesh_common::DEFAULT_CONNTRACK_FLOWS,
         }
     }
 }
@@ -79,7 +79,6 @@ const PINNED_MAPS: &[&str] = &[
     map_names::BACKENDS,
     map_names::MAGLEV,
     map_names::CONNTRACK,
-    map_names::REVERSE_NAT,
     map_names::SERVICE_STATS,
     map_names::BACKEND_STATS,
     map_names::REASON_STATS,
@@ -104,8 +103,13 @@ impl Dataplane {
                     .checked_mul(GENERATIONS)
                     .ok_or_else(|| DataplaneError::Capacity("maglev pool too large".into()))?,
             )
-            .map_max_entries(map_names::CONNTRACK, options.conntrack_entries)
-            .map_max_entries(map_names::REVERSE_NAT, options.conntrack_entries);
+            // Two entries per flow, one per direction.
+            .map_max_entries(
+                map_names::CONNTRACK,
+                options.conntrack_entries.checked_mul(2).ok_or_else(|| {
+                    DataplaneError::Capacity("conntrack capacity too large".into())
+                })?,
+            );
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use mesh_common::{map_names, reason, FlowKey, FlowState, TrafficCounters};
+use mesh_common::{map_names, reason, FlowKey, FlowState, TrafficCounters, FLOW_REQUEST};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -193,13 +193,17 @@ impl Dataplane {
         let installed = self.tables.installed();
         let backends: u64 = installed.iter().map(|s| s.backends.len() as u64).sum();
         let maglev: u64 = self.tables.maglev_entries_in_use();
-        let count = |name: &str| -> u64 {
-            map(&self.ebpf, name)
-                .ok()
-                .and_then(|m| BpfHashMap::<&MapData, FlowKey, FlowState>::try_from(m).ok())
-                .map(|m| m.keys().filter(Result::is_ok).count() as u64)
-                .unwrap_or(0)
-        };
+        // Flows: the client-side entries (each flow also has a reply-side one).
+        let flows = map(&self.ebpf, map_names::CONNTRACK)
+            .ok()
+            .and_then(|m| BpfHashMap::<&MapData, FlowKey, FlowState>::try_from(m).ok())
+            .map(|m| {
+                m.iter()
+                    .filter_map(Result::ok)
+                    .filter(|(_, state)| state.direction == FLOW_REQUEST)
+                    .count() as u64
+            })
+            .unwrap_or(0);
         vec![
             FillLevel {
                 name: map_names::SERVICES.into(),
@@ -218,12 +222,7 @@ impl Dataplane {
             },
             FillLevel {
                 name: map_names::CONNTRACK.into(),
-                used: count(map_names::CONNTRACK),
-                capacity: u64::from(self.options.conntrack_entries),
-            },
-            FillLevel {
-                name: map_names::REVERSE_NAT.into(),
-                used: count(map_names::REVERSE_NAT),
+                used: flows,
                 capacity: u64::from(self.options.conntrack_entries),
             },
         ]
@@ -240,7 +239,11 @@ impl Dataplane {
         };
         let now = monotonic_ns();
         let window = ACTIVE_FLOW_WINDOW.as_nanos() as u64;
-        for (_, state) in flows.iter().filter_map(Result::ok) {
+        for (_, state) in flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, state)| state.direction == FLOW_REQUEST)
+        {
             if now.saturating_sub(state.last_seen_ns) <= window {
                 *out.entry(state.backend_id).or_insert(0) += 1;
             }
