@@ -105,7 +105,10 @@ impl Setup {
         if !http.is_empty() {
             rules.write("vs.yaml", &virtual_service(http))?;
         }
-        let meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+        // JSON logs: the access-log check parses them.
+        let mut args = meshd_args(&topo, &rules);
+        args.extend(["--log-format".to_string(), "json".to_string()]);
+        let meshd = Meshd::start(&topo.node, &args)?;
         Ok(Self {
             servers,
             meshd,
@@ -193,6 +196,63 @@ fn header_route_sends_jason_to_v2_and_everyone_else_to_v1() -> Result<()> {
     ensure!(
         out.contains("L7 proxy") && out.contains("web.mesh.test|v2|80"),
         "{out}"
+    );
+    // One JSON access-log line per request, naming route, subset and backend.
+    let access: Vec<serde_json::Value> = setup
+        .meshd
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "mesh::access")
+        .collect();
+    ensure!(
+        access.len() >= 1000,
+        "{} access-log lines for 1000 requests; the log starts:\n{}",
+        access.len(),
+        setup
+            .meshd
+            .log()
+            .lines()
+            .take(8)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let jason = access
+        .iter()
+        .find(|v| v["fields"]["subset"] == "v2")
+        .context("no access-log line for subset v2")?;
+    for field in [
+        "method",
+        "authority",
+        "path",
+        "route",
+        "backend",
+        "status",
+        "duration_ms",
+        "bytes",
+    ] {
+        ensure!(
+            !jason["fields"][field].is_null(),
+            "access log lacks {field}: {jason}"
+        );
+    }
+    // Prometheus carries the L7 families next to the kernel ones.
+    let metrics = setup
+        .topo
+        .node
+        .exec("curl", &["-s", "http://127.0.0.1:9464/metrics"])?;
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    ensure!(
+        text.contains("mesh_l7_requests_total"),
+        "no L7 requests in /metrics"
+    );
+    ensure!(
+        text.contains("mesh_l7_request_duration_seconds_bucket"),
+        "no L7 latency histogram"
+    );
+    ensure!(
+        text.contains("mesh_rule_applies_total"),
+        "no apply counter in /metrics"
     );
     Ok(())
 }
