@@ -138,21 +138,9 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map(|i| text.split_at(i))
-        .unwrap_or((text, "s"));
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 500ms, 1s or 2m"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("`{text}`: unit must be ms, s or m")),
-    };
-    if !(0.01..=3600.0).contains(&seconds) {
-        return Err(format!("`{text}` is out of range (10ms..1h)"));
-    }
-    Ok(std::time::Duration::from_secs_f64(seconds))
+    mesh_user::config::Duration::parse_in(
+        text,
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(3600),
+    )
 }

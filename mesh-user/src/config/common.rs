@@ -47,6 +47,19 @@ impl StringMatch {
 pub struct Duration(pub String);
 
 impl Duration {
+    /// Parses a command-line duration (same syntax) and checks it lies in `min..=max`.
+    pub fn parse_in(
+        text: &str,
+        min: std::time::Duration,
+        max: std::time::Duration,
+    ) -> Result<std::time::Duration, String> {
+        let value = Duration(text.to_owned()).parse()?;
+        if value < min || value > max {
+            return Err(format!("`{text}` is out of range ({min:?} to {max:?})"));
+        }
+        Ok(value)
+    }
+
     /// Parses Go/Istio duration syntax: one or more `<decimal><unit>` groups, units `ns`, `us`,
     /// `µs`, `ms`, `s`, `m`, `h`. Negative durations and bare numbers are rejected.
     pub fn parse(&self) -> Result<std::time::Duration, String> {
