@@ -177,6 +177,29 @@ fn header_route_sends_jason_to_v2_and_everyone_else_to_v1() -> Result<()> {
         nobody == BTreeMap::from([("v1".into(), 50)]),
         "no header: {nobody:?}"
     );
+    // HTTP/2 without TLS (h2c, prior knowledge) on the same port is routed the same way.
+    for (user, want) in [("jason", "v2"), ("alice", "v1")] {
+        let out = setup.topo.client.exec(
+            "curl",
+            &[
+                "-s",
+                "--http2-prior-knowledge",
+                "-w",
+                "\nhttp_version=%{http_version}\n",
+                "-H",
+                &format!("end-user: {user}"),
+                "-H",
+                &format!("host: {HOST}"),
+                &format!("http://{}/h2", vip()),
+            ],
+        )?;
+        let body = String::from_utf8_lossy(&out.stdout);
+        ensure!(body.contains("http_version=2"), "not HTTP/2: {body}");
+        ensure!(
+            body.contains(&format!("identity={want}")),
+            "h2c as {user}: {body}"
+        );
+    }
     // The request really crossed the proxy with its headers and Host intact.
     let reply = setup.client(|| get_once(vip(), "/x", HOST, &[("end-user", "jason")]))?;
     ensure!(reply.field("host") == Some(HOST), "{}", reply.body);
