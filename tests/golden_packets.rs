@@ -572,6 +572,31 @@ fn l7_proxy_service_passes_untouched() -> Result<()> {
 }
 
 #[test]
+fn a_reused_client_port_reaches_the_proxy_after_the_service_moved_there() -> Result<()> {
+    let mut lb = setup()?;
+    let svc = service(20, "198.18.0.10:80", PROTO_TCP, &["198.19.0.2:8080"]);
+    lb.install(&svc)?;
+    let syn = Frame::tcp(sa("198.18.1.1:40000"), sa("198.18.0.10:80"));
+    let mut ack = syn.clone();
+    ack.l4 = L4::Tcp { syn: false };
+    expect_translated(&mut lb, &syn, &syn.with_dst(sa("198.19.0.2:8080")))?;
+    expect_translated(&mut lb, &ack, &ack.with_dst(sa("198.19.0.2:8080")))?;
+    // The service moves to the L7 proxy (next generation); the client reuses its port.
+    let mut l7 = svc.clone();
+    l7.flags = SERVICE_FLAG_L7_PROXY;
+    lb.write_service(1, &l7)?;
+    lb.set_active_generation(1)?;
+    expect_untouched(&mut lb, &syn.build()?, XDP_PASS, reason::PASS_L7_PROXY)?;
+    // The rest of the new connection must reach the proxy too, not the old backend.
+    let (verdict, out) = lb.run(&ack.build()?)?;
+    ensure!(
+        verdict == XDP_PASS && out == ack.build()?,
+        "the ACK was hijacked by the stale entry"
+    );
+    Ok(())
+}
+
+#[test]
 fn new_flows_use_the_active_generation() -> Result<()> {
     let mut lb = setup()?;
     let old = service(19, "198.18.0.10:80", PROTO_TCP, &["198.19.0.2:8080"]);

@@ -60,3 +60,9 @@ pub fn track(client: &FlowKey, backend: &Backend, service_id: u32, backend_id: u
     state.direction = FLOW_REPLY;
     let _ = CONNTRACK.insert(&reply_key, &state, 0);
 }
+
+/// Removes the entry of `key` (a stale client -> service entry).
+#[inline(always)]
+pub fn forget(key: &FlowKey) {
+    let _ = CONNTRACK.remove(key);
+}

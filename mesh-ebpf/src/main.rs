@@ -87,6 +87,12 @@ fn try_mesh_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             Direction::Request { new_flow: false },
         ),
         _ => {
+            // A bare SYN on a client port whose earlier connection left its entry: that entry
+            // is stale. Drop it now, or the rest of this new connection would follow the old
+            // choice (fatal when the service has moved to the proxy since).
+            if tracked.is_some() {
+                conntrack::forget(&pkt.key);
+            }
             let Some(svc) = select::service(&pkt.key) else {
                 return Ok(verdict(reason::PASS_NOT_SERVICE, xdp_action::XDP_PASS));
             };
