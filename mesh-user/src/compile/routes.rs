@@ -315,6 +315,9 @@ fn gateway_services(
     Ok(plans)
 }
 
+/// "No tableSize in the rules": [`finish`] sizes the table by the number of backends.
+const AUTO_TABLE_SIZE: u32 = 0;
+
 fn finish(
     address: ServiceAddress,
     name: String,
@@ -323,6 +326,10 @@ fn finish(
     table_size: u32,
     hash_source_ip: bool,
 ) -> ServicePlan {
+    let table_size = match table_size {
+        AUTO_TABLE_SIZE => maglev::default_table_size(backends.len()),
+        configured => configured,
+    };
     let keys: Vec<String> = backends.iter().map(|b| b.address.to_string()).collect();
     let shares: Vec<f64> = backends.iter().map(|b| b.share).collect();
     let table = if backends.is_empty() {
@@ -761,19 +768,13 @@ fn load_balancer(
                 .iter()
                 .find(|(_, _, w)| weighted || *w > 0)
             else {
-                return Ok(Balancing::Kernel(
-                    mesh_common::DEFAULT_MAGLEV_TABLE_SIZE,
-                    false,
-                ));
+                return Ok(Balancing::Kernel(AUTO_TABLE_SIZE, false));
             };
             (d.host.clone(), selected.rule.meta.namespace.clone())
         }
     };
     let Some((rule_resource, rule)) = index.destination_rule(&host, &ns) else {
-        return Ok(Balancing::Kernel(
-            mesh_common::DEFAULT_MAGLEV_TABLE_SIZE,
-            false,
-        ));
+        return Ok(Balancing::Kernel(AUTO_TABLE_SIZE, false));
     };
     let hash = rule
         .traffic_policy
@@ -781,10 +782,7 @@ fn load_balancer(
         .and_then(|p| p.load_balancer.as_ref())
         .and_then(|lb| lb.consistent_hash.as_ref());
     let Some(hash) = hash else {
-        return Ok(Balancing::Kernel(
-            mesh_common::DEFAULT_MAGLEV_TABLE_SIZE,
-            false,
-        ));
+        return Ok(Balancing::Kernel(AUTO_TABLE_SIZE, false));
     };
     sources.insert(rule_resource.id());
     let field = "spec.trafficPolicy.loadBalancer.consistentHash";
@@ -809,6 +807,6 @@ fn load_balancer(
         .as_ref()
         .and_then(|m| m.table_size)
         .and_then(|s| u32::try_from(s).ok())
-        .unwrap_or(mesh_common::DEFAULT_MAGLEV_TABLE_SIZE);
+        .unwrap_or(AUTO_TABLE_SIZE);
     Ok(Balancing::Kernel(size, hash.use_source_ip == Some(true)))
 }
