@@ -129,7 +129,12 @@ mod tests {
     fn default_sizes_are_prime_and_grow_with_the_backends() {
         // Self-contained (the benchmark compiles this file on its own): trial division.
         for size in super::DEFAULT_SIZES {
-            assert!((2..size).take_while(|d| d * d <= size).all(|d| size % d != 0), "{size}");
+            assert!(
+                (2..size)
+                    .take_while(|d| d * d <= size)
+                    .all(|d| size % d != 0),
+                "{size}"
+            );
         }
         assert_eq!(super::default_table_size(2), 4093);
         assert_eq!(super::default_table_size(10), 16_381);
