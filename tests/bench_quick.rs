@@ -30,7 +30,26 @@ fn quick_bench_writes_a_complete_report() {
             "missing {heading:?} in:\n{report}"
         );
     }
-    assert!(report.contains("not measured yet: the L7 proxy is not in this build"));
+    // Section 4: mesh's proxy is always measured (the peers only when already installed: quick
+    // mode installs nothing); its keep-alive and fixed-rate rows carry numbers.
+    let l7 = report
+        .split("## 4. L7")
+        .nth(1)
+        .and_then(|s| s.split("## 5. Split quality").next())
+        .expect("section 4");
+    let mesh_rows: Vec<&str> = l7.lines().filter(|l| l.starts_with("| mesh |")).collect();
+    assert_eq!(
+        mesh_rows.len(),
+        3,
+        "keep-alive, close, fixed-rate rows:\n{l7}"
+    );
+    for row in &mesh_rows {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let v: f64 = cells[2]
+            .parse()
+            .unwrap_or_else(|_| panic!("{:?} in {row:?} is not a number", cells[2]));
+        assert!(v > 0.0, "{row}");
+    }
 
     // Section 1's table: every hot-loop figure of the established flow parses as a number.
     let row = report
@@ -56,6 +75,12 @@ fn quick_bench_writes_a_complete_report() {
         "scale_cost_ratio_largest_vs_1",
         "weight_error_points",
         "disruption_max_excess_points",
+        "l7_mesh_keepalive_rps",
+        "l7_mesh_p99_us",
+        "l7_mesh_vs_envoy_keepalive_per_core",
+        "l7_mesh_vs_nginx_keepalive_per_core",
+        "l7_p99_mesh_vs_envoy",
+        "l7_p99_mesh_vs_nginx",
     ] {
         let v = map
             .get(key)
@@ -70,6 +95,8 @@ fn quick_bench_writes_a_complete_report() {
         "established_hot_ns",
         "weight_error_points",
         "disruption_max_excess_points",
+        "l7_mesh_keepalive_rps",
+        "l7_mesh_p99_us",
     ] {
         assert!(
             map[key].is_f64(),
@@ -81,6 +108,8 @@ fn quick_bench_writes_a_complete_report() {
         "cost_vs_services.png",
         "disruption_vs_n.png",
         "pps_per_system.png",
+        "l7_latency.png",
+        "l7_rps.png",
     ] {
         assert!(out.join(png).exists(), "{png} missing");
     }

