@@ -141,13 +141,17 @@ fn run(args: &Args) -> Result<()> {
     let mut disruption: Vec<split::DisruptionPoint> = plan
         .disruption_sizes
         .iter()
-        .map(|n| split::disruption(*n, mesh_common::DEFAULT_MAGLEV_TABLE_SIZE))
+        .map(|n| split::disruption(*n, split::maglev::default_table_size(*n)))
         .collect();
-    disruption.extend(
-        plan.disruption_sizes
-            .iter()
-            .map(|n| split::disruption(*n, 251)),
-    );
+    // Fixed sizes for comparison: mesh's smallest default and a small explicit tableSize.
+    for m in [mesh_common::DEFAULT_MAGLEV_TABLE_SIZE, 251] {
+        disruption.extend(
+            plan.disruption_sizes
+                .iter()
+                .filter(|n| split::maglev::default_table_size(**n) != m)
+                .map(|n| split::disruption(*n, m)),
+        );
+    }
     progress("section 3: per-packet cost vs number of services");
     let scale_packet = micro::scale(&plan).map_err(|e| format!("{e:#}"));
     progress("section 2: forwarding (installing nftables/iptables if missing)");

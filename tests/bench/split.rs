@@ -26,6 +26,8 @@ pub struct DisruptionPoint {
     pub moved_pct: f64,
     /// 100/N.
     pub ideal_pct: f64,
+    /// The table size is the one meshd uses for N backends when the rules set none.
+    pub is_default: bool,
 }
 
 fn key(i: usize) -> String {
@@ -54,5 +56,6 @@ pub fn disruption(n: usize, m: u32) -> DisruptionPoint {
         table_size: m,
         moved_pct: 100.0 * moved as f64 / f64::from(m),
         ideal_pct: 100.0 / n as f64,
+        is_default: m == maglev::default_table_size(n),
     }
 }
