@@ -122,8 +122,11 @@ impl RuleStore {
 
     /// The rule set that `files` and `api` layers give together, or a conflict.
     pub fn combine(files: &ResourceSet, api: &ResourceSet) -> Result<ResourceSet, StoreError> {
+        let in_files = files.index_by_key();
         for resource in &api.resources {
-            if let Some(file) = files.resources.iter().find(|f| f.key() == resource.key()) {
+            let (kind, namespace, name) = resource.key();
+            let found = in_files.get(&(kind.to_owned(), namespace.to_owned(), name.to_owned()));
+            if let Some(file) = found.map(|i| &files.resources[*i]) {
                 return Err(StoreError::Conflict {
                     incoming: resource.source.to_string(),
                     resource: resource.display_name(),

@@ -186,16 +186,31 @@ impl ResourceSet {
     /// Loading a directory does *not* use this (it concatenates), so duplicates within one input
     /// are still reported by `validate`.
     pub fn merge(&mut self, other: ResourceSet) {
+        // Indexed by identity: applying tens of thousands of resources must not be quadratic.
+        let mut positions: std::collections::HashMap<(String, String, String), usize> = self
+            .resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (owned_key(r), i))
+            .collect();
         for resource in other.resources {
-            match self
-                .resources
-                .iter_mut()
-                .find(|r| r.key() == resource.key())
-            {
-                Some(existing) => *existing = resource,
-                None => self.resources.push(resource),
+            match positions.get(&owned_key(&resource)) {
+                Some(&i) => self.resources[i] = resource,
+                None => {
+                    positions.insert(owned_key(&resource), self.resources.len());
+                    self.resources.push(resource);
+                }
             }
         }
+    }
+
+    /// Positions by identity (kind, namespace, name); the first one where an identity repeats.
+    pub fn index_by_key(&self) -> std::collections::HashMap<(String, String, String), usize> {
+        let mut index = std::collections::HashMap::with_capacity(self.resources.len());
+        for (i, r) in self.resources.iter().enumerate() {
+            index.entry(owned_key(r)).or_insert(i);
+        }
+        index
     }
 
     /// Multi-document Istio YAML for all resources, in order; parses back with [`parse_str`].
@@ -466,3 +481,9 @@ pub fn parse_str(file_label: &str, text: &str) -> Result<ResourceSet, ConfigErro
 
 #[cfg(test)]
 mod tests;
+
+/// A resource's identity as an owned map key.
+fn owned_key(r: &Resource) -> (String, String, String) {
+    let (kind, namespace, name) = r.key();
+    (kind.to_owned(), namespace.to_owned(), name.to_owned())
+}

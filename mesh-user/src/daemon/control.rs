@@ -176,11 +176,14 @@ impl Controller {
         }
         // Within one submission a resource may appear once: a second copy is almost always a
         // mistake (two files defining the same rule), and silently keeping one would hide it.
+        let first_of = incoming.index_by_key();
         for (i, resource) in incoming.resources.iter().enumerate() {
-            if let Some(first) = incoming.resources[..i]
-                .iter()
-                .find(|r| r.key() == resource.key())
-            {
+            let (kind, namespace, name) = resource.key();
+            let first = first_of
+                .get(&(kind.to_owned(), namespace.to_owned(), name.to_owned()))
+                .filter(|first| **first != i)
+                .map(|first| &incoming.resources[*first]);
+            if let Some(first) = first {
                 let message = format!(
                     "{}: duplicate resource: {} is defined twice in this submission (first in {})",
                     resource.source,
@@ -191,17 +194,16 @@ impl Controller {
                 return Err(Rejection::bad_request(message));
             }
         }
+        let existing = self.store.api().index_by_key();
         let changes: Vec<ResourceChange> = incoming
             .resources
             .iter()
             .map(|r| {
-                let action = match self
-                    .store
-                    .api()
-                    .resources
-                    .iter()
-                    .find(|e| e.key() == r.key())
-                {
+                let (kind, namespace, name) = r.key();
+                let found = existing
+                    .get(&(kind.to_owned(), namespace.to_owned(), name.to_owned()))
+                    .map(|i| &self.store.api().resources[*i]);
+                let action = match found {
                     None => "created",
                     Some(existing) if existing.kind == r.kind && existing.meta == r.meta => {
                         "unchanged"
