@@ -13,10 +13,10 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use mesh_common::{map_names, Backend, ServiceInfo, ServiceKey};
 use mesh_tests::{
     meshd::{meshctl, meshctl_stdin, Meshd},
-    rules::{echo_service_entry, echo_split, meshd_args, RulesDir, ECHO_SUBSETS},
+    rules::{echo_service_entry, echo_split, meshd_args, RulesDir},
     servers::{tcp_connect, tcp_echo},
     topology::Topology,
-    traffic::{assert_shares, start_backends, tcp_split, vip},
+    traffic::{assert_shares, tcp_split, vip, EchoSetup},
 };
 
 /// A bpffs pin directory for one test; `meshd --cleanup` and removal on drop.
@@ -106,12 +106,9 @@ fn apply(socket: &str, yaml: &str) -> Result<String> {
 
 #[test]
 fn apply_while_200_connections_are_open_breaks_none() -> Result<()> {
-    let topo = Topology::build(3)?;
-    let _servers = start_backends(&topo, false)?;
-    let rules = RulesDir::new(&topo)?;
-    rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
-    rules.write("dr.yaml", ECHO_SUBSETS)?;
-    let _meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+    let setup = EchoSetup::new(None)?;
+    let (topo, rules) = (&setup.topo, &setup.rules);
+    let _meshd = Meshd::start(&topo.node, &meshd_args(topo, rules))?;
     let socket = rules.socket();
     let out = apply(&socket, &echo_split([100, 0, 0]))?;
     ensure!(
@@ -141,13 +138,10 @@ fn apply_while_200_connections_are_open_breaks_none() -> Result<()> {
 
 #[test]
 fn a_bundle_with_one_bad_resource_changes_nothing() -> Result<()> {
-    let topo = Topology::build(3)?;
-    let _servers = start_backends(&topo, false)?;
-    let rules = RulesDir::new(&topo)?;
-    rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
-    rules.write("dr.yaml", ECHO_SUBSETS)?;
-    let pins = PinDir::new(&topo);
-    let _meshd = Meshd::start(&topo.node, &pinned_args(&topo, &rules, &pins))?;
+    let setup = EchoSetup::new(None)?;
+    let (topo, rules) = (&setup.topo, &setup.rules);
+    let pins = PinDir::new(topo);
+    let _meshd = Meshd::start(&topo.node, &pinned_args(topo, rules, &pins))?;
     let socket = rules.socket();
     apply(&socket, &echo_split([70, 20, 10]))?;
     let before = rule_maps(&pins.0)?;
@@ -268,13 +262,10 @@ fn bad_inputs_each_get_a_precise_error_and_change_nothing() -> Result<()> {
 
 #[test]
 fn restart_keeps_100_long_lived_connections_and_the_rules() -> Result<()> {
-    let topo = Topology::build(3)?;
-    let _servers = start_backends(&topo, false)?;
-    let rules = RulesDir::new(&topo)?;
-    rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
-    rules.write("dr.yaml", ECHO_SUBSETS)?;
-    let pins = PinDir::new(&topo);
-    let args = pinned_args(&topo, &rules, &pins);
+    let setup = EchoSetup::new(None)?;
+    let (topo, rules) = (&setup.topo, &setup.rules);
+    let pins = PinDir::new(topo);
+    let args = pinned_args(topo, rules, &pins);
     let meshd = Meshd::start(&topo.node, &args)?;
     let socket = rules.socket();
     apply(&socket, &echo_split([70, 20, 10]))?;
@@ -316,13 +307,9 @@ fn restart_keeps_100_long_lived_connections_and_the_rules() -> Result<()> {
 
 #[test]
 fn stats_match_what_the_clients_sent() -> Result<()> {
-    let topo = Topology::build(3)?;
-    let _servers = start_backends(&topo, false)?;
-    let rules = RulesDir::new(&topo)?;
-    rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
-    rules.write("dr.yaml", ECHO_SUBSETS)?;
-    rules.write("vs.yaml", &echo_split([50, 30, 20]))?;
-    let _meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+    let setup = EchoSetup::new(Some([50, 30, 20]))?;
+    let (topo, rules) = (&setup.topo, &setup.rules);
+    let _meshd = Meshd::start(&topo.node, &meshd_args(topo, rules))?;
     let socket = rules.socket();
 
     // 300 UDP datagrams of 100 bytes, each from a fresh socket. A flow is a source port: the

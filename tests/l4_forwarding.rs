@@ -14,18 +14,14 @@ use mesh_tests::{
     rules::{echo_service_entry, echo_split, meshd_args, RulesDir, ECHO_SUBSETS, VIP_V6},
     servers::{tcp_connect, tcp_echo},
     topology::{backend_v6, Topology, NODE_V4},
-    traffic::{assert_shares, start_backends, tcp_split, udp_split, vip},
+    traffic::{assert_shares, start_backends, tcp_split, udp_split, vip, EchoSetup},
 };
 
 #[test]
 fn tcp_connections_follow_weights_70_20_10() -> Result<()> {
-    let topo = Topology::build(3)?;
-    let _servers = start_backends(&topo, false)?;
-    let rules = RulesDir::new(&topo)?;
-    rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
-    rules.write("dr.yaml", ECHO_SUBSETS)?;
-    rules.write("vs.yaml", &echo_split([70, 20, 10]))?;
-    let _meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+    let setup = EchoSetup::new(Some([70, 20, 10]))?;
+    let (topo, rules) = (&setup.topo, &setup.rules);
+    let _meshd = Meshd::start(&topo.node, &meshd_args(topo, rules))?;
 
     let seen = tcp_split(&topo.client, vip(8080), 2000)?;
     assert_eq!(seen.values().sum::<usize>(), 2000);
@@ -34,13 +30,9 @@ fn tcp_connections_follow_weights_70_20_10() -> Result<()> {
 
 #[test]
 fn established_connections_keep_their_backend_when_weights_change() -> Result<()> {
-    let topo = Topology::build(3)?;
-    let _servers = start_backends(&topo, false)?;
-    let rules = RulesDir::new(&topo)?;
-    rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
-    rules.write("dr.yaml", ECHO_SUBSETS)?;
-    rules.write("vs.yaml", &echo_split([100, 0, 0]))?;
-    let mut meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+    let setup = EchoSetup::new(Some([100, 0, 0]))?;
+    let (topo, rules) = (&setup.topo, &setup.rules);
+    let mut meshd = Meshd::start(&topo.node, &meshd_args(topo, rules))?;
 
     // 50 long-lived connections, all on v1.
     let mut streams = topo
@@ -75,13 +67,9 @@ fn established_connections_keep_their_backend_when_weights_change() -> Result<()
 
 #[test]
 fn udp_flows_follow_weights_70_20_10() -> Result<()> {
-    let topo = Topology::build(3)?;
-    let _servers = start_backends(&topo, false)?;
-    let rules = RulesDir::new(&topo)?;
-    rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
-    rules.write("dr.yaml", ECHO_SUBSETS)?;
-    rules.write("vs.yaml", &echo_split([70, 20, 10]))?;
-    let _meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+    let setup = EchoSetup::new(Some([70, 20, 10]))?;
+    let (topo, rules) = (&setup.topo, &setup.rules);
+    let _meshd = Meshd::start(&topo.node, &meshd_args(topo, rules))?;
 
     let seen = udp_split(&topo.client, vip(8081), 2000)?;
     assert_shares(&seen, &[("v1", 0.70), ("v2", 0.20), ("v3", 0.10)], 0.03)

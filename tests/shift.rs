@@ -17,7 +17,7 @@ use mesh_tests::{
     rules::{echo_service_entry, echo_split, meshd_args, RulesDir, ECHO_SUBSETS},
     servers::tcp_connect,
     topology::Topology,
-    traffic::{start_backends, tcp_split, vip},
+    traffic::{tcp_split, vip, EchoSetup},
 };
 
 /// Client load: new connections in a loop until stopped (at most 2 minutes), counting failures.
@@ -95,12 +95,9 @@ fn shift_args() -> Vec<&'static str> {
 
 #[test]
 fn healthy_canary_is_promoted_in_steps() -> Result<()> {
-    let topo = Topology::build(3)?;
-    let _servers = start_backends(&topo, false)?;
-    let rules = RulesDir::new(&topo)?;
-    rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
-    rules.write("dr.yaml", ECHO_SUBSETS)?;
-    let _meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+    let setup = EchoSetup::new(None)?;
+    let (topo, rules) = (&setup.topo, &setup.rules);
+    let _meshd = Meshd::start(&topo.node, &meshd_args(topo, rules))?;
     let socket = rules.socket();
     ensure!(meshctl_stdin(&socket, &["apply", "-f", "-"], &echo_split([100, 0, 0]))?.0);
 
@@ -110,7 +107,7 @@ fn healthy_canary_is_promoted_in_steps() -> Result<()> {
         "{stdout}"
     );
 
-    let load = Load::start(&topo)?;
+    let load = Load::start(topo)?;
     let (ok, stdout, stderr) = meshctl(&socket, &shift_args())?;
     let (sent, failed) = load.finish();
     ensure!(

@@ -86,3 +86,36 @@ pub fn assert_shares(
 pub fn vip(port: u16) -> SocketAddr {
     SocketAddr::new(VIP_V4.parse().expect("ip"), port)
 }
+
+/// The standard `echo` setup: three backends running identity servers, the `echo`
+/// ServiceEntry and its v1..v3 subsets written to a rules directory, and optionally a
+/// VirtualService splitting it by `weights`. Start meshd on it after building this, so meshd
+/// stops first when the test ends.
+pub struct EchoSetup {
+    /// Identity servers (dropped first).
+    pub servers: Vec<Server>,
+    /// The rules directory meshd reads.
+    pub rules: crate::rules::RulesDir,
+    /// Client, node and backends.
+    pub topo: Topology,
+}
+
+impl EchoSetup {
+    /// Builds the setup; `weights` adds a VirtualService with that v1/v2/v3 split.
+    pub fn new(weights: Option<[u32; 3]>) -> Result<Self> {
+        use crate::rules::{echo_service_entry, echo_split, RulesDir, ECHO_SUBSETS};
+        let topo = Topology::build(3)?;
+        let servers = start_backends(&topo, false)?;
+        let rules = RulesDir::new(&topo)?;
+        rules.write("echo.yaml", &echo_service_entry(&[1, 2, 3]))?;
+        rules.write("dr.yaml", ECHO_SUBSETS)?;
+        if let Some(weights) = weights {
+            rules.write("vs.yaml", &echo_split(weights))?;
+        }
+        Ok(EchoSetup {
+            servers,
+            rules,
+            topo,
+        })
+    }
+}
