@@ -14,6 +14,7 @@
 mod forward;
 mod l7;
 mod micro;
+mod newconn;
 mod peers;
 mod plot;
 mod rawbpf;
@@ -159,6 +160,8 @@ fn run(args: &Args) -> Result<()> {
     let forwarding = forward::run(&plan, &peers).map_err(|e| format!("{e:#}"));
     progress("section 3: applying rule sets through meshd");
     let scale_apply = scale::run(&plan);
+    progress("section 3: new connections vs number of services");
+    let new_conn = newconn::run(&plan, &peers);
     progress(if plan.quick {
         "section 4: L7 (quick: mesh against the peers already installed)"
     } else {
@@ -178,6 +181,7 @@ fn run(args: &Args) -> Result<()> {
         forwarding,
         scale_packet,
         scale_apply,
+        new_conn,
         l7,
         split,
         disruption,

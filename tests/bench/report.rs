@@ -26,6 +26,7 @@ pub struct Results {
     pub forwarding: Result<Vec<FwdResult>, String>,
     pub scale_packet: Result<Vec<ScalePoint>, String>,
     pub scale_apply: Vec<ApplyPoint>,
+    pub new_conn: Vec<crate::newconn::NewConnRow>,
     pub l7: Result<L7Result, String>,
     pub split: Result<Vec<SplitObserved>, String>,
     pub disruption: Vec<DisruptionPoint>,
@@ -472,9 +473,41 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
     }
     let _ = writeln!(
         w,
-        "\nNew-connection rate through mesh, nftables and iptables at these sizes: not measured \
-         yet (time).\n"
+        "\nNew connections, through the node: from the client namespace, sequential TCP \
+         connections (connect, read the backend's identity, close) to the last of N services \
+         (2 backends each), for mesh (meshd, N ServiceEntries), nftables (service map of N -> \
+         numgen -> dnat) and iptables (N rules in KUBE-SERVICES, the target last). Rate: median \
+         of 3 rounds; connect latency: SYN to SYN-ACK through the node, over all rounds. Client and \
+         backend servers run pinned to CPU 0 (unpinned, the rate swings 3x with thread placement).\n"
     );
+    let _ = writeln!(
+        w,
+        "| N | system | connections/s | mesh / this | connect p50 µs | connect p99 µs | note |\n\
+         |---|---|---|---|---|---|---|"
+    );
+    for x in &r.new_conn {
+        let mesh = r
+            .new_conn
+            .iter()
+            .find(|m| m.services == x.services && m.system == "mesh")
+            .map_or(f64::NAN, |m| m.conn_per_s);
+        let note = match &x.error {
+            Some(e) => format!("n/a ({e})"),
+            None => x.note.clone(),
+        };
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            x.services,
+            x.system,
+            f(x.conn_per_s, 0),
+            f(mesh / x.conn_per_s, 2),
+            f(x.connect_p50_us, 1),
+            f(x.connect_p99_us, 1),
+            note.replace('\n', " ").replace('|', "/")
+        );
+    }
+    let _ = writeln!(w);
 
     // 4.
     let _ = writeln!(w, "{}\n", SECTIONS[4]);
