@@ -732,29 +732,44 @@ fn forwarding_through_veth_devices() -> Result<()> {
         &service(22, "198.18.0.12:80", PROTO_TCP, &["198.19.0.3:8080"]),
     )?;
 
-    // Backend behind another device: redirected, MACs from the FIB, TTL decremented.
-    let input = Frame::tcp(sa("198.18.0.50:40000"), sa("198.18.0.10:80"));
-    let (verdict, out) = lb.run_on(&input.build()?, lan0)?;
-    ensure!(verdict == XDP_REDIRECT, "verdict {verdict}");
-    let mut want = input.with_dst(sa("198.19.0.2:8080"));
-    want.src_mac = [2, 0, 0, 0, 0, 0xb0];
-    want.dst_mac = [2, 0, 0, 0, 0, 0xb2];
-    want.ttl -= 1;
-    assert_frame_eq(&out, &want.build()?)?;
-    verify_checksums(&out)?;
-    ensure!(lb.reason_count(reason::FORWARD_REDIRECT)? == 1);
-
+    // Forwarded by XDP: translated, MACs from the FIB, TTL decremented, counted under `why`.
+    let expect_forwarded = |lb: &mut Lb,
+                            vip: &str,
+                            backend: &str,
+                            macs: (u8, u8),
+                            action: u32,
+                            why: u32|
+     -> Result<()> {
+        let input = Frame::tcp(sa("198.18.0.50:40000"), sa(vip));
+        let (verdict, out) = lb.run_on(&input.build()?, lan0)?;
+        ensure!(verdict == action, "verdict {verdict}");
+        let mut want = input.with_dst(sa(backend));
+        want.src_mac = [2, 0, 0, 0, 0, macs.0];
+        want.dst_mac = [2, 0, 0, 0, 0, macs.1];
+        want.ttl -= 1;
+        assert_frame_eq(&out, &want.build()?)?;
+        verify_checksums(&out)?;
+        ensure!(lb.reason_count(why)? == 1);
+        Ok(())
+    };
+    // Backend behind another device: redirected.
+    expect_forwarded(
+        &mut lb,
+        "198.18.0.10:80",
+        "198.19.0.2:8080",
+        (0xb0, 0xb2),
+        XDP_REDIRECT,
+        reason::FORWARD_REDIRECT,
+    )?;
     // Backend on the ingress segment: sent back out (XDP_TX).
-    let input = Frame::tcp(sa("198.18.0.50:40000"), sa("198.18.0.11:80"));
-    let (verdict, out) = lb.run_on(&input.build()?, lan0)?;
-    ensure!(verdict == XDP_TX, "verdict {verdict}");
-    let mut want = input.with_dst(sa("198.18.0.60:8080"));
-    want.src_mac = [2, 0, 0, 0, 0, 0xa0];
-    want.dst_mac = [2, 0, 0, 0, 0, 0xa6];
-    want.ttl -= 1;
-    assert_frame_eq(&out, &want.build()?)?;
-    verify_checksums(&out)?;
-    ensure!(lb.reason_count(reason::FORWARD_TX)? == 1);
+    expect_forwarded(
+        &mut lb,
+        "198.18.0.11:80",
+        "198.18.0.60:8080",
+        (0xa0, 0xa6),
+        XDP_TX,
+        reason::FORWARD_TX,
+    )?;
 
     // No neighbour entry: translated for the stack, TTL and MACs untouched.
     let input = Frame::tcp(sa("198.18.0.50:40000"), sa("198.18.0.12:80"));

@@ -11,7 +11,9 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use mesh_tests::{
     meshd::Meshd,
-    rules::{echo_service_entry, echo_split, meshd_args, RulesDir, ECHO_SUBSETS, VIP_V6},
+    rules::{
+        echo_service_entry, echo_split, meshd_args, service_entry, RulesDir, ECHO_SUBSETS, VIP_V6,
+    },
     servers::{tcp_connect, tcp_echo},
     topology::{backend_v6, Topology, NODE_V4},
     traffic::{assert_shares, start_backends, tcp_split, udp_split, vip, EchoSetup},
@@ -109,26 +111,14 @@ fn ipv6_vip_splits_70_20_10() -> Result<()> {
     let topo = Topology::build(3)?;
     let _servers = start_backends(&topo, true)?;
     let rules = RulesDir::new(&topo)?;
-    let mut se = format!(
-        "apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata:
-  name: echo6
-spec:
-  hosts: [echo6.mesh.test]
-  addresses: [\"{VIP_V6}\"]
-  ports:
-  - {{number: 8080, name: tcp-echo, protocol: TCP}}
-  resolution: STATIC
-  endpoints:
-"
+    let endpoints: Vec<(usize, IpAddr)> = (1..=3).map(|i| (i, backend_v6(i))).collect();
+    let se = service_entry(
+        "v1beta1",
+        "echo6",
+        VIP_V6,
+        &["{number: 8080, name: tcp-echo, protocol: TCP}"],
+        &endpoints,
     );
-    for i in 1..=3 {
-        se.push_str(&format!(
-            "  - {{address: \"{}\", labels: {{version: v{i}}}}}\n",
-            backend_v6(i)
-        ));
-    }
     rules.write("echo6.yaml", &se)?;
     rules.write(
         "dr.yaml",

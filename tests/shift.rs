@@ -148,15 +148,7 @@ fn failing_canary_is_rolled_back_before_the_next_step() -> Result<()> {
     let load = Load::start(&topo)?;
     let (ok, stdout, stderr) = meshctl(&socket, &shift_args())?;
     let _ = load.finish();
-    ensure!(!ok, "a failing canary was promoted:\n{stdout}");
-    ensure!(
-        stdout.contains("step 1/4") && !stdout.contains("step 2/4"),
-        "not stopped at step 1:\n{stdout}"
-    );
-    ensure!(
-        stdout.contains("rolled back to 100% v1"),
-        "{stdout}\n{stderr}"
-    );
+    assert_rolled_back_at_step_1(ok, &stdout, &stderr, 4)?;
     let seen = tcp_split(&topo.client, vip(8080), 200)?;
     ensure!(seen.get("v1") == Some(&200), "after the rollback: {seen:?}");
     let (_, vs, _) = meshctl(&socket, &["get", "vs", "echo", "-o", "yaml"])?;
@@ -305,15 +297,7 @@ fn l7_canary_answering_500_on_20_percent_is_rolled_back() -> Result<()> {
     let load = Load::start_with(&topo, web_request)?;
     let (ok, stdout, stderr) = meshctl(&socket, &l7_shift_args())?;
     let _ = load.finish();
-    ensure!(!ok, "a failing canary was promoted:\n{stdout}");
-    ensure!(
-        stdout.contains("step 1/2") && !stdout.contains("step 2/2"),
-        "not stopped at step 1:\n{stdout}"
-    );
-    ensure!(
-        stdout.contains("rolled back to 100% v1"),
-        "{stdout}\n{stderr}"
-    );
+    assert_rolled_back_at_step_1(ok, &stdout, &stderr, 2)?;
     let v3_before = servers[1].count();
     for _ in 0..50 {
         ensure!(web_request(), "request failed after the rollback");
@@ -321,6 +305,20 @@ fn l7_canary_answering_500_on_20_percent_is_rolled_back() -> Result<()> {
     ensure!(
         servers[1].count() == v3_before,
         "v3 still receives traffic after the rollback"
+    );
+    Ok(())
+}
+
+/// A shift that failed its first step: exit non-zero, no second step, 100% back on v1.
+fn assert_rolled_back_at_step_1(ok: bool, stdout: &str, stderr: &str, steps: usize) -> Result<()> {
+    ensure!(!ok, "a failing canary was promoted:\n{stdout}");
+    ensure!(
+        stdout.contains(&format!("step 1/{steps}")) && !stdout.contains(&format!("step 2/{steps}")),
+        "not stopped at step 1:\n{stdout}"
+    );
+    ensure!(
+        stdout.contains("rolled back to 100% v1"),
+        "{stdout}\n{stderr}"
     );
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Rules for tests: a per-test rules directory and the YAML of the `echo` test service.
 
-use std::path::PathBuf;
+use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -66,30 +66,51 @@ pub fn meshd_args(topo: &Topology, rules: &RulesDir) -> Vec<String> {
     args
 }
 
-/// The `echo` service: VIP 198.18.100.1, TCP 8080 and UDP 8081, three backends v1..v3.
-pub fn echo_service_entry(endpoints: &[usize]) -> String {
+/// A STATIC ServiceEntry `name` (host `<name>.mesh.test`) at `vip` with `ports` (YAML flow
+/// mappings) and one endpoint per (backend number, address), labelled `version: v<number>`.
+pub fn service_entry(
+    api_version: &str,
+    name: &str,
+    vip: &str,
+    ports: &[&str],
+    endpoints: &[(usize, IpAddr)],
+) -> String {
     let mut yaml = format!(
-        "apiVersion: networking.istio.io/v1
+        "apiVersion: networking.istio.io/{api_version}
 kind: ServiceEntry
 metadata:
-  name: echo
+  name: {name}
 spec:
-  hosts: [echo.mesh.test]
-  addresses: [{VIP_V4}]
+  hosts: [{name}.mesh.test]
+  addresses: [\"{vip}\"]
   ports:
-  - {{number: 8080, name: tcp-echo, protocol: TCP}}
-  - {{number: 8081, name: udp-echo, protocol: UDP}}
-  resolution: STATIC
-  endpoints:
 "
     );
-    for i in endpoints {
+    for port in ports {
+        yaml.push_str(&format!("  - {port}\n"));
+    }
+    yaml.push_str("  resolution: STATIC\n  endpoints:\n");
+    for (i, address) in endpoints {
         yaml.push_str(&format!(
-            "  - {{address: {}, labels: {{version: v{i}}}}}\n",
-            backend_v4(*i)
+            "  - {{address: \"{address}\", labels: {{version: v{i}}}}}\n"
         ));
     }
     yaml
+}
+
+/// The `echo` service: VIP 198.18.100.1, TCP 8080 and UDP 8081, backends v1..v3 by number.
+pub fn echo_service_entry(endpoints: &[usize]) -> String {
+    let endpoints: Vec<(usize, IpAddr)> = endpoints.iter().map(|i| (*i, backend_v4(*i))).collect();
+    service_entry(
+        "v1",
+        "echo",
+        VIP_V4,
+        &[
+            "{number: 8080, name: tcp-echo, protocol: TCP}",
+            "{number: 8081, name: udp-echo, protocol: UDP}",
+        ],
+        &endpoints,
+    )
 }
 
 /// Subsets v1..v3 of `echo`.

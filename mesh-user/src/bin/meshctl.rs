@@ -142,34 +142,7 @@ enum Command {
         connection on the kernel path, 5xx per request (and p99 latency) on the L7 proxy. \
         Crossing a threshold puts 100% back on --from and exits 1. Ctrl-C stops and leaves the \
         weights where they are.")]
-    Shift {
-        /// The service: its host (reviews, reviews.default.svc.cluster.local) or VirtualService name.
-        service: String,
-        /// The stable subset traffic moves away from.
-        #[arg(long)]
-        from: String,
-        /// The canary subset traffic moves to.
-        #[arg(long)]
-        to: String,
-        /// Percentage points added per step.
-        #[arg(long, default_value_t = 10)]
-        step: u32,
-        /// How long each step is watched before the next.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        interval: Duration,
-        /// Roll back when the canary's error rate exceeds this (e.g. 1%, 0.5%).
-        #[arg(long, default_value = "1%", value_parser = parse_percent)]
-        max_error_rate: f64,
-        /// Roll back when the canary's p99 latency exceeds this (L7 services only).
-        #[arg(long, value_parser = parse_duration)]
-        max_latency_p99: Option<Duration>,
-        /// Fewest canary connections/requests a step needs before it can be judged.
-        #[arg(long, default_value_t = 10)]
-        min_requests: u64,
-        /// Print the plan, change nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Shift(ShiftOptions),
     /// Daemon status: interfaces, programs, map fill levels, last apply.
     Status {
         /// Output format (table or json).
@@ -276,30 +249,7 @@ async fn run(cli: Cli) -> Result<()> {
             count,
             output,
         } => stats(&client, watch, interval, count, output).await,
-        Command::Shift {
-            service,
-            from,
-            to,
-            step,
-            interval,
-            max_error_rate,
-            max_latency_p99,
-            min_requests,
-            dry_run,
-        } => {
-            let options = ShiftOptions {
-                service,
-                from,
-                to,
-                step,
-                interval,
-                max_error_rate,
-                max_latency_p99,
-                min_requests,
-                dry_run,
-            };
-            shift(&client, &options).await
-        }
+        Command::Shift(options) => shift(&client, &options).await,
         Command::Status { output } => {
             let status: Status = client.get("/v1/status").await?;
             if output == Output::Json {
@@ -643,15 +593,34 @@ fn print_status(status: &Status) {
     }
 }
 
+/// `meshctl shift` arguments.
+#[derive(clap::Args)]
 struct ShiftOptions {
+    /// The service: its host (reviews, reviews.default.svc.cluster.local) or VirtualService name.
     service: String,
+    /// The stable subset traffic moves away from.
+    #[arg(long)]
     from: String,
+    /// The canary subset traffic moves to.
+    #[arg(long)]
     to: String,
+    /// Percentage points added per step.
+    #[arg(long, default_value_t = 10)]
     step: u32,
+    /// How long each step is watched before the next.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     interval: Duration,
+    /// Roll back when the canary's error rate exceeds this (e.g. 1%, 0.5%).
+    #[arg(long, default_value = "1%", value_parser = parse_percent)]
     max_error_rate: f64,
+    /// Roll back when the canary's p99 latency exceeds this (L7 services only).
+    #[arg(long, value_parser = parse_duration)]
     max_latency_p99: Option<Duration>,
+    /// Fewest canary connections/requests a step needs before it can be judged.
+    #[arg(long, default_value_t = 10)]
     min_requests: u64,
+    /// Print the plan, change nothing.
+    #[arg(long)]
     dry_run: bool,
 }
 

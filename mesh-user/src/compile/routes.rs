@@ -47,6 +47,24 @@ struct Selected<'a> {
     http: bool,
 }
 
+/// A route's destinations with their field paths (`<route>.route[k].destination`) and weights
+/// (unset counts as 0, as in Istio).
+fn weighted_destinations<'d>(
+    route_field: &str,
+    destinations: impl Iterator<Item = (&'d Destination, Option<i64>)>,
+) -> Vec<(String, Destination, i64)> {
+    destinations
+        .enumerate()
+        .map(|(k, (destination, weight))| {
+            (
+                format!("{route_field}.route[{k}].destination"),
+                destination.clone(),
+                weight.unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
 /// The path a listener's first applicable route asks for.
 enum Choice<'a> {
     /// Weighted destinations the kernel can serve per connection.
@@ -480,18 +498,10 @@ fn select_route<'a>(
             }
         }
         if applies {
-            let destinations = route
-                .route
-                .iter()
-                .enumerate()
-                .map(|(k, d)| {
-                    (
-                        format!("spec.tcp[{i}].route[{k}].destination"),
-                        d.destination.clone(),
-                        d.weight.unwrap_or(0),
-                    )
-                })
-                .collect();
+            let destinations = weighted_destinations(
+                &format!("spec.tcp[{i}]"),
+                route.route.iter().map(|d| (&d.destination, d.weight)),
+            );
             return Ok(Some(Choice::L4(Selected {
                 rule,
                 destinations,
@@ -520,18 +530,10 @@ fn select_route<'a>(
         {
             return Ok(Some(Choice::L7));
         }
-        let destinations = route
-            .route
-            .iter()
-            .enumerate()
-            .map(|(k, d)| {
-                (
-                    format!("{field}.route[{k}].destination"),
-                    d.destination.clone(),
-                    d.weight.unwrap_or(0),
-                )
-            })
-            .collect();
+        let destinations = weighted_destinations(
+            &field,
+            route.route.iter().map(|d| (&d.destination, d.weight)),
+        );
         return Ok(Some(Choice::L4(Selected {
             rule,
             destinations,
