@@ -32,6 +32,7 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Per-CPU array: reason code -> packet count.
     pub const REASON_STATS: &str = "REASON_STATS";
+    pub const XDP_REDIRECT_TARGETS: &str = "XDP_REDIRECT_TARGETS";
 }
 
 /// Name of the XDP program in the object file.
@@ -39,6 +40,10 @@ pub const XDP_PROGRAM_NAME: &str = "mesh_xdp";
 /// Name of the trivial XDP_PASS program (used on veth peers so redirected frames are accepted,
 /// and as the baseline in benchmarks).
 pub const XDP_PASS_PROGRAM_NAME: &str = "mesh_xdp_pass";
+/// Name of the TC (tcx / cls_bpf ingress) program, the same pipeline on an skb.
+pub const TC_PROGRAM_NAME: &str = "mesh_tc";
+/// Interfaces meshd can run XDP on natively at once (the XDP redirect-target map's size).
+pub const MAX_XDP_INTERFACES: u32 = 1_024;
 
 /// Number of rule generations kept in the maps (double buffering).
 pub const GENERATIONS: u32 = 2;
@@ -109,10 +114,15 @@ pub mod reason {
     pub const DROP_INTERNAL: u32 = 10;
     /// Forwarded out of the interface it came in on (XDP_TX).
     pub const FORWARD_TX: u32 = 11;
-    /// Forwarded to another interface (XDP_REDIRECT).
+    /// Forwarded to another interface (XDP_REDIRECT, or a TC redirect).
     pub const FORWARD_REDIRECT: u32 = 12;
+    /// TC sent the packet with `bpf_redirect_neigh`: the kernel resolves the next hop's MAC.
+    pub const FORWARD_REDIRECT_NEIGH: u32 = 13;
+    /// Translated and routed out of an interface XDP cannot send frames into (e.g. a veth):
+    /// the stack forwards it.
+    pub const PASS_STACK_FORWARDS: u32 = 14;
     /// Number of reason codes.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
 
     /// Stable, lower-case names for reason codes (metrics labels, `meshctl status`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -129,6 +139,8 @@ pub mod reason {
         "drop_internal",
         "forward_tx",
         "forward_redirect",
+        "forward_redirect_neigh",
+        "pass_stack_forwards",
     ];
 }
 

@@ -34,10 +34,15 @@ impl Delta {
         }
     }
 
-    /// Merges another accumulator (e.g. the address part shared by the IP and L4 checksums).
+    /// A 2- or 4-byte field changed from `old` to `new` (its wire bytes read natively, as the
+    /// skb checksum helpers take them).
     #[inline(always)]
-    pub fn add(&mut self, other: Delta) {
-        self.0 += other.0;
+    pub fn value(&mut self, old: u32, new: u32, size: u8) {
+        if size == 2 {
+            self.word(old as u16, new as u16);
+        } else {
+            self.bytes(&old.to_ne_bytes(), &new.to_ne_bytes());
+        }
     }
 
     /// Applies the accumulated change to a checksum field read as `from_ne_bytes`.

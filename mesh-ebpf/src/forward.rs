@@ -1,22 +1,19 @@
-//! Forwarding a translated packet: FIB lookup, MAC rewrite, TTL decrement, XDP_TX/XDP_REDIRECT.
+//! Forwarding a translated packet: FIB lookup, then, when the hook may send it out there itself,
+//! MAC rewrite, TTL decrement and the hook's transmit ([`Packet::transmit`]).
 //!
-//! Anything the FIB cannot fully resolve goes to the stack already translated and with its TTL
+//! Anything the hook cannot send itself goes to the stack already translated and with its TTL
 //! untouched, because the stack decrements it when it forwards.
 
 use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS,
-    },
-    helpers::{bpf_fib_lookup, bpf_redirect},
-    programs::XdpContext,
-    EbpfContext,
+    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::bpf_fib_lookup,
 };
 use core::ptr::read_unaligned;
 
 use mesh_common::{reason, FAMILY_IPV4};
 
 use crate::{
+    ctx::{Packet as Ctx, Route},
     nat,
     parse::{eth_header, ipv4_header, ipv6_header, l4_ports, Packet},
     stats::verdict,
@@ -25,11 +22,11 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Routes the (already translated) packet and returns the XDP verdict.
-#[inline(always)]
+/// Routes the (already translated) packet and returns the hook's verdict.
 ///
 /// `Err(())` only if the frame is shorter than parsing established, which cannot happen.
-pub fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
+#[inline(always)]
+pub fn forward<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<u32, ()> {
     // SAFETY: a plain C struct; all-zero is its documented "no options" state.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     // The translated tuple is read back from the packet rather than kept in a second copy of
@@ -39,9 +36,10 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
     fib.l4_protocol = pkt.key.proto;
     fib.sport = u16::from_ne_bytes(ports[0]);
     fib.dport = u16::from_ne_bytes(ports[1]);
-    fib.__bindgen_anon_1.tot_len = pkt.ip_len;
-    let ingress = ctx.ingress_ifindex() as u32;
-    fib.ifindex = ingress;
+    if C::FIB_CHECKS_IP_LEN {
+        fib.__bindgen_anon_1.tot_len = pkt.ip_len;
+    }
+    fib.ifindex = ctx.ifindex();
     if pkt.key.family == FAMILY_IPV4 {
         fib.family = AF_INET;
         fib.__bindgen_anon_2.tos = pkt.tos;
@@ -63,13 +61,16 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
     // SAFETY: `fib` is a valid, fully initialised parameter block of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
-            ctx.as_ptr(),
+            ctx.raw(),
             &mut fib,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        if !ctx.may_transmit(fib.ifindex) {
+            return Ok(verdict(reason::PASS_STACK_FORWARDS, C::PASS));
+        }
         nat::decrement_ttl(ctx, pkt)?;
         let eth = eth_header(ctx)?;
         // SAFETY: bounds-checked accessor.
@@ -77,15 +78,14 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
             (*eth).dst_addr = fib.dmac;
             (*eth).src_addr = fib.smac;
         }
-        if fib.ifindex == ingress {
-            return Ok(verdict(reason::FORWARD_TX, xdp_action::XDP_TX));
-        }
-        // SAFETY: plain helper call; flags 0.
-        let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
-        return Ok(verdict(reason::FORWARD_REDIRECT, action));
+        return Ok(ctx.transmit(Route::Resolved(&fib)));
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        return Ok(verdict(reason::PASS_NO_NEIGHBOUR, xdp_action::XDP_PASS));
+        if !C::RESOLVES_NEIGHBOURS || !ctx.may_transmit(fib.ifindex) {
+            return Ok(verdict(reason::PASS_NO_NEIGHBOUR, C::PASS));
+        }
+        nat::decrement_ttl(ctx, pkt)?;
+        return Ok(ctx.transmit(Route::NoNeighbour(&fib)));
     }
-    Ok(verdict(reason::PASS_FIB_OTHER, xdp_action::XDP_PASS))
+    Ok(verdict(reason::PASS_FIB_OTHER, C::PASS))
 }

@@ -9,9 +9,10 @@
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
     helpers::{bpf_sk_release, bpf_skc_lookup_tcp},
-    programs::XdpContext,
 };
 use mesh_common::{FlowKey, FAMILY_IPV4};
+
+use crate::ctx::Packet as Ctx;
 
 /// `TCP_LISTEN` from the kernel's TCP state enum.
 const TCP_LISTEN: u32 = 10;
@@ -22,7 +23,7 @@ const TUPLE_V6_LEN: u32 = 36;
 
 /// True when `key` (a TCP packet's own tuple) belongs to an established local connection.
 #[inline(always)]
-pub fn is_local_connection(ctx: &XdpContext, key: &FlowKey) -> bool {
+pub fn is_local_connection<C: Ctx>(ctx: &C, key: &FlowKey) -> bool {
     // SAFETY: bpf_sock_tuple is plain data; all-zero is a valid value.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = if key.family == FAMILY_IPV4 {
@@ -72,7 +73,7 @@ pub fn is_local_connection(ctx: &XdpContext, key: &FlowKey) -> bool {
     // socket is released before returning.
     unsafe {
         let sk: *mut bpf_sock = bpf_skc_lookup_tcp(
-            ctx.ctx as *mut _,
+            ctx.raw() as *mut _,
             &mut tuple,
             size,
             BPF_F_CURRENT_NETNS as u64,

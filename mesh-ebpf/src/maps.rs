@@ -10,7 +10,7 @@ use aya_ebpf::{
 use mesh_common::{
     reason, Backend, FlowKey, FlowState, ServiceInfo, ServiceKey, TrafficCounters,
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_POOL_ENTRIES, GENERATIONS, MAX_BACKENDS,
-    MAX_SERVICES,
+    MAX_SERVICES, MAX_XDP_INTERFACES,
 };
 
 /// The rule generation (0 or 1) new flows are looked up in.
@@ -36,6 +36,12 @@ pub static MAGLEV: Array<u32> =
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Interfaces XDP may redirect frames into (ifindex -> unused): those where meshd runs XDP
+/// natively. Anything else routed out of an XDP interface is left to the stack.
+#[map]
+pub static XDP_REDIRECT_TARGETS: HashMap<u32, u32> =
+    HashMap::with_max_entries(MAX_XDP_INTERFACES, 0);
 
 /// Service id -> traffic counters.
 #[map]

@@ -1,16 +1,22 @@
-//! Address and port rewrites with incremental checksum updates, and the TTL / hop-limit
-//! decrement done when XDP forwards the packet itself.
+//! Address and port rewrites with their checksum updates, and the TTL / hop-limit decrement done
+//! when the program forwards the packet itself.
 //!
-//! Every access re-derives its pointer through the `parse` accessors (see `parse::Packet`);
-//! parsing already proved the lengths, so those `Err(())` paths are unreachable in practice.
+//! The rewrite is the same for every hook: the fields are written in place and each checksum
+//! that covers them is updated through the context ([`Packet::l3_csum_replace`] and
+//! [`Packet::l4_csum_replace`]), which knows whether the hook sees a frame with complete
+//! checksums (XDP) or an skb whose checksum state the kernel tracks (TC). Every access re-derives
+//! its pointer through the `parse` accessors: a TC checksum helper invalidates earlier ones.
 
-use aya_ebpf::programs::XdpContext;
 use mesh_common::{FAMILY_IPV4, PROTO_UDP};
+use network_types::eth::EthHdr;
 
 use crate::{
-    csum::{self, Delta},
-    parse::{ipv4_header, ipv6_header, l4_csum, l4_ports, Packet},
+    ctx::Packet as Ctx,
+    parse::{ipv4_header, ipv6_header, l4_csum_off, l4_ports, Packet},
 };
+
+/// Offset of the IPv4 header checksum in the frame.
+const IPV4_CSUM_OFF: usize = EthHdr::LEN + 10;
 
 /// Which end of the packet is rewritten.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -24,8 +30,8 @@ pub enum Side {
 /// Rewrites one end's address and port to `addr`/`port` (wire order), fixing the IPv4 header
 /// checksum and the TCP/UDP checksum (whose pseudo-header covers the addresses).
 #[inline(always)]
-pub fn rewrite(
-    ctx: &XdpContext,
+pub fn rewrite<C: Ctx>(
+    ctx: &C,
     pkt: &Packet,
     side: Side,
     addr: &[u8; 16],
@@ -37,27 +43,25 @@ pub fn rewrite(
     } else {
         (&pkt.key.src_addr, pkt.key.src_port)
     };
-    let mut l4 = Delta::new();
-    l4.word(old_port, port);
+    let udp = pkt.key.proto == PROTO_UDP;
+    let csum_off = l4_csum_off(pkt);
     // SAFETY (all dereferences below): each pointer comes from a bounds-checked accessor.
     if pkt.key.family == FAMILY_IPV4 {
-        let ip = ipv4_header(ctx)?;
         let old4 = [old_addr[0], old_addr[1], old_addr[2], old_addr[3]];
         let new4 = [addr[0], addr[1], addr[2], addr[3]];
-        let mut ip_delta = Delta::new();
-        ip_delta.bytes(&old4, &new4);
-        l4.add(ip_delta);
+        let ip = ipv4_header(ctx)?;
         unsafe {
             if dst {
                 (*ip).dst = new4;
             } else {
                 (*ip).src = new4;
             }
-            csum::update(&mut (*ip).check, ip_delta);
         }
+        let (old4, new4) = (u32::from_ne_bytes(old4), u32::from_ne_bytes(new4));
+        ctx.l3_csum_replace(IPV4_CSUM_OFF, old4, new4, 4)?;
+        ctx.l4_csum_replace(csum_off, old4, new4, 4, true, udp)?;
     } else {
         let ip = ipv6_header(ctx)?;
-        l4.bytes(old_addr, addr);
         unsafe {
             if dst {
                 (*ip).dst = *addr;
@@ -65,41 +69,33 @@ pub fn rewrite(
                 (*ip).src = *addr;
             }
         }
+        ctx.l4_csum_replace_addr6(csum_off, old_addr, addr, udp)?;
     }
     let ports = l4_ports(ctx, pkt)?;
     unsafe { (*ports)[if dst { 1 } else { 0 }] = port.to_ne_bytes() };
-
-    let udp = pkt.key.proto == PROTO_UDP;
-    let field = l4_csum(ctx, pkt)?;
-    let old_csum = unsafe { *field };
-    if udp && old_csum == [0, 0] && pkt.key.family == FAMILY_IPV4 {
-        // IPv4 UDP without a checksum stays without one.
-        return Ok(());
-    }
-    let new = l4.apply(u16::from_ne_bytes(old_csum));
-    // A computed UDP checksum of zero is sent as all ones (RFC 768; mandatory for IPv6).
-    let new = if udp && new == 0 { 0xffff } else { new };
-    unsafe { *field = new.to_ne_bytes() };
-    Ok(())
+    ctx.l4_csum_replace(csum_off, old_port as u32, port as u32, 2, false, udp)
 }
 
 /// Decrements the TTL / hop limit, as a router must. The caller checked it is above 1.
 #[inline(always)]
-pub fn decrement_ttl(ctx: &XdpContext, pkt: &Packet) -> Result<(), ()> {
+pub fn decrement_ttl<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<(), ()> {
     // SAFETY: pointers from bounds-checked accessors.
-    unsafe {
-        if pkt.key.family == FAMILY_IPV4 {
-            let ip = ipv4_header(ctx)?;
+    if pkt.key.family == FAMILY_IPV4 {
+        let ip = ipv4_header(ctx)?;
+        let (old, new) = unsafe {
             let old = [(*ip).ttl, (*ip).proto];
-            let new = [old[0].wrapping_sub(1), old[1]];
-            (*ip).ttl = new[0];
-            let mut d = Delta::new();
-            d.bytes(&old, &new);
-            csum::update(&mut (*ip).check, d);
-        } else {
-            let ip = ipv6_header(ctx)?;
-            (*ip).hop_limit = (*ip).hop_limit.wrapping_sub(1);
-        }
+            (*ip).ttl = old[0].wrapping_sub(1);
+            (old, [old[0].wrapping_sub(1), old[1]])
+        };
+        ctx.l3_csum_replace(
+            IPV4_CSUM_OFF,
+            u16::from_ne_bytes(old) as u32,
+            u16::from_ne_bytes(new) as u32,
+            2,
+        )?;
+    } else {
+        let ip = ipv6_header(ctx)?;
+        unsafe { (*ip).hop_limit = (*ip).hop_limit.wrapping_sub(1) };
     }
     Ok(())
 }

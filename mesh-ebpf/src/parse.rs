@@ -5,9 +5,10 @@
 //! of headers proven complete), or says why the frame goes to the stack. The accessors at the end
 //! are how later stages reach those headers.
 
-use aya_ebpf::programs::XdpContext;
 use mesh_common::{reason, FlowKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
 use network_types::eth::EthHdr;
+
+use crate::ctx::Packet as Ctx;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -92,7 +93,7 @@ pub enum Frame {
 ///
 /// `Err(())` means the frame is truncated at that point.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+pub fn ptr_at<C: Ctx, T>(ctx: &C, offset: usize) -> Result<*mut T, ()> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -103,7 +104,7 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
 
 /// Parses the frame. `Err(())` means it ended before a header we need (PASS_TRUNCATED).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Frame, ()> {
+pub fn parse<C: Ctx>(ctx: &C) -> Result<Frame, ()> {
     let eth = eth_header(ctx)?;
     // SAFETY: `eth` was bounds-checked by `ptr_at`; `ether_type` is a plain u16.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type });
@@ -115,7 +116,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Frame, ()> {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext) -> Result<Frame, ()> {
+fn parse_ipv4<C: Ctx>(ctx: &C) -> Result<Frame, ()> {
     let ip = ipv4_header(ctx)?;
     // SAFETY: all 20 bytes of the fixed header are inside the frame.
     let hdr = unsafe { &*ip };
@@ -167,7 +168,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Frame, ()> {
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext) -> Result<Frame, ()> {
+fn parse_ipv6<C: Ctx>(ctx: &C) -> Result<Frame, ()> {
     let ip = ipv6_header(ctx)?;
     // SAFETY: all 40 bytes of the fixed header are inside the frame.
     let hdr = unsafe { &*ip };
@@ -228,48 +229,46 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Frame, ()> {
 
 /// The Ethernet header.
 #[inline(always)]
-pub fn eth_header(ctx: &XdpContext) -> Result<*mut EthHdr, ()> {
+pub fn eth_header<C: Ctx>(ctx: &C) -> Result<*mut EthHdr, ()> {
     ptr_at(ctx, 0)
 }
 
 /// The fixed IPv4 header.
 #[inline(always)]
-pub fn ipv4_header(ctx: &XdpContext) -> Result<*mut Ipv4Hdr, ()> {
+pub fn ipv4_header<C: Ctx>(ctx: &C) -> Result<*mut Ipv4Hdr, ()> {
     ptr_at(ctx, EthHdr::LEN)
 }
 
 /// The IPv6 header.
 #[inline(always)]
-pub fn ipv6_header(ctx: &XdpContext) -> Result<*mut Ipv6Hdr, ()> {
+pub fn ipv6_header<C: Ctx>(ctx: &C) -> Result<*mut Ipv6Hdr, ()> {
     ptr_at(ctx, EthHdr::LEN)
 }
 
 /// Source and destination port of the L4 header, wire order.
 #[inline(always)]
-pub fn l4_ports(ctx: &XdpContext, pkt: &Packet) -> Result<*mut [[u8; 2]; 2], ()> {
+pub fn l4_ports<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<*mut [[u8; 2]; 2], ()> {
     ptr_at(ctx, pkt.l4_off)
 }
 
-/// The TCP or UDP checksum field.
+/// Offset of the TCP or UDP checksum field.
 #[inline(always)]
-pub fn l4_csum(ctx: &XdpContext, pkt: &Packet) -> Result<*mut [u8; 2], ()> {
+pub fn l4_csum_off(pkt: &Packet) -> usize {
     let off = if pkt.key.proto == PROTO_TCP {
         TCP_CSUM_OFF
     } else {
         UDP_CSUM_OFF
     };
-    ptr_at(ctx, pkt.l4_off + off)
+    pkt.l4_off + off
 }
 
-/// Bounds-checks the fixed TCP or UDP header at `off`.
-#[inline(always)]
 /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ...); 0 for UDP or a frame too short.
 #[inline(always)]
-pub fn tcp_flags(ctx: &XdpContext, pkt: &Packet) -> u8 {
+pub fn tcp_flags<C: Ctx>(ctx: &C, pkt: &Packet) -> u8 {
     if pkt.key.proto != PROTO_TCP {
         return 0;
     }
-    match ptr_at::<[u8; 14]>(ctx, pkt.l4_off) {
+    match ptr_at::<_, [u8; 14]>(ctx, pkt.l4_off) {
         // SAFETY: bounds-checked by `ptr_at`.
         Ok(hdr) => unsafe { (*hdr)[13] },
         Err(()) => 0,
@@ -283,18 +282,20 @@ pub const TCP_FLAG_RST: u8 = 0x04;
 /// TCP flag: the acknowledgement number is valid (every segment after the first SYN).
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
-fn l4_ptr(ctx: &XdpContext, off: usize, proto: u8) -> Result<*mut u8, ()> {
+#[inline(always)]
+fn l4_ptr<C: Ctx>(ctx: &C, off: usize, proto: u8) -> Result<*mut u8, ()> {
     if proto == PROTO_TCP {
-        Ok(ptr_at::<[u8; TCP_HDR_LEN]>(ctx, off)? as *mut u8)
+        Ok(ptr_at::<_, [u8; TCP_HDR_LEN]>(ctx, off)? as *mut u8)
     } else {
-        Ok(ptr_at::<[u8; UDP_HDR_LEN]>(ctx, off)? as *mut u8)
+        Ok(ptr_at::<_, [u8; UDP_HDR_LEN]>(ctx, off)? as *mut u8)
     }
 }
 
-/// `Err(())` unless `len` bytes starting at `off` are inside the frame.
+/// `Err(())` unless `len` bytes starting at `off` are inside the packet (for an skb, possibly
+/// beyond its linear part).
 #[inline(always)]
-fn check_len(ctx: &XdpContext, off: usize, len: usize) -> Result<(), ()> {
-    if ctx.data() + off + len > ctx.data_end() {
+fn check_len<C: Ctx>(ctx: &C, off: usize, len: usize) -> Result<(), ()> {
+    if off + len > ctx.len() {
         return Err(());
     }
     Ok(())

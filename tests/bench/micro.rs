@@ -71,7 +71,10 @@ fn load(pool: u32, conntrack: u32) -> Result<Lb> {
             .try_into()?;
         prog.load().with_context(|| format!("verifying {name}"))?;
     }
-    Ok(Lb { ebpf })
+    Ok(Lb {
+        ebpf,
+        hook: mesh_tests::maps::Hook::Xdp,
+    })
 }
 
 /// Runs `program` on `frame` `repeat` times; returns (verdict, ns per run as the kernel measured).

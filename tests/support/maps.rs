@@ -1,4 +1,4 @@
-//! Loading `mesh_xdp` for BPF_PROG_TEST_RUN and populating its maps the way meshd does:
+//! Loading `mesh_xdp` or `mesh_tc` for BPF_PROG_TEST_RUN and populating its maps the way meshd does:
 //! backends, a Maglev slice, the service entry in a rule generation, and the active generation.
 //!
 //! The Maglev slice here is filled round-robin rather than with Maglev's permutation: the kernel
@@ -10,12 +10,12 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{Array, HashMap, PerCpuArray},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
     map_names, port_to_wire, Backend, ServiceInfo, ServiceKey, TrafficCounters, FAMILY_IPV4,
-    FAMILY_IPV6, XDP_PROGRAM_NAME,
+    FAMILY_IPV6, TC_PROGRAM_NAME, XDP_PROGRAM_NAME,
 };
 
 use crate::EBPF_OBJECT;
@@ -26,9 +26,32 @@ pub const TEST_MAGLEV_POOL_ENTRIES: u32 = 4096;
 /// Connection-tracking capacity in test loads.
 pub const TEST_CONNTRACK_ENTRIES: u32 = 1024;
 
-/// One loaded copy of the kernel object with `mesh_xdp` loaded (not attached).
+/// The packet hook a test runs the pipeline through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// `mesh_xdp` on an XDP buffer.
+    Xdp,
+    /// `mesh_tc` on an skb.
+    Tc,
+}
+
+/// Both hooks, for tests that must hold for each.
+pub const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+
+/// XDP verdict codes; TC verdicts are reported as these (see [`Lb::run_on`]).
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// One loaded copy of the kernel object with the program of one hook loaded (not attached).
 pub struct Lb {
     pub ebpf: Ebpf,
+    /// Which program [`Lb::run_on`] runs.
+    pub hook: Hook,
 }
 
 /// A service to install: address, protocol, flags and its backends.
@@ -69,41 +92,101 @@ fn family(addr: IpAddr) -> u8 {
 impl Lb {
     /// Loads the object with test-sized maps and loads (verifies) `mesh_xdp`.
     pub fn load() -> Result<Lb> {
+        Self::load_hook(Hook::Xdp)
+    }
+
+    /// Loads the object with test-sized maps and loads (verifies) the program of `hook`.
+    pub fn load_hook(hook: Hook) -> Result<Lb> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::MAGLEV, 2 * TEST_MAGLEV_POOL_ENTRIES)
             .map_max_entries(map_names::CONNTRACK, TEST_CONNTRACK_ENTRIES)
             .load(EBPF_OBJECT)
             .context("loading the BPF object")?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM_NAME)
-            .context("mesh_xdp missing")?
-            .try_into()?;
-        prog.load().context("verifying mesh_xdp")?;
-        Ok(Lb { ebpf })
+        match hook {
+            Hook::Xdp => {
+                let prog: &mut Xdp = ebpf
+                    .program_mut(XDP_PROGRAM_NAME)
+                    .context("mesh_xdp missing")?
+                    .try_into()?;
+                prog.load().context("verifying mesh_xdp")?;
+            }
+            Hook::Tc => {
+                let prog: &mut SchedClassifier = ebpf
+                    .program_mut(TC_PROGRAM_NAME)
+                    .context("mesh_tc missing")?
+                    .try_into()?;
+                prog.load().context("verifying mesh_tc")?;
+            }
+        }
+        Ok(Lb { ebpf, hook })
     }
 
-    /// Runs `mesh_xdp` once on `frame`; returns the verdict and the frame as the program left it.
-    /// `ingress_ifindex` 0 means "no context" (the kernel uses the namespace's loopback device).
-    pub fn run_on(&mut self, frame: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>)> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(XDP_PROGRAM_NAME)
-            .context("mesh_xdp missing")?
-            .try_into()?;
+    /// Runs the hook's program once on `frame`; returns the verdict (TC's translated to the
+    /// XDP code of the same meaning: OK -> PASS, SHOT -> DROP, REDIRECT -> REDIRECT) and the
+    /// frame as the program left it. `ifindex` is the device the packet arrives on; 0 means "no
+    /// context" (the kernel uses the namespace's loopback device).
+    pub fn run_on(&mut self, frame: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 512];
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ingress_ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
-        let result = prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: (ingress_ifindex != 0).then_some(&ctx[..]),
-            ..Default::default()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        let (verdict, len) = match self.hook {
+            Hook::Xdp => {
+                let prog: &mut Xdp = self
+                    .ebpf
+                    .program_mut(XDP_PROGRAM_NAME)
+                    .context("mesh_xdp missing")?
+                    .try_into()?;
+                // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+                // egress_ifindex }
+                let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
+                    .iter()
+                    .flat_map(|v| v.to_ne_bytes())
+                    .collect();
+                let result = prog.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: (ifindex != 0).then_some(&ctx[..]),
+                    ..Default::default()
+                })?;
+                (result.return_value, result.data_size_out)
+            }
+            Hook::Tc => {
+                let prog: &mut SchedClassifier = self
+                    .ebpf
+                    .program_mut(TC_PROGRAM_NAME)
+                    .context("mesh_tc missing")?
+                    .try_into()?;
+                // struct __sk_buff (192 bytes): only ingress_ifindex (offset 36) and ifindex (40)
+                // are set; the kernel rejects other non-zero fields.
+                let mut ctx = vec![0u8; 192];
+                ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+                ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+                let result = prog.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: (ifindex != 0).then_some(&ctx[..]),
+                    ..Default::default()
+                })?;
+                let verdict = match result.return_value {
+                    TC_ACT_OK => XDP_PASS,
+                    TC_ACT_SHOT => XDP_DROP,
+                    TC_ACT_REDIRECT => XDP_REDIRECT,
+                    other => bail!("unexpected TC verdict {other}"),
+                };
+                (verdict, result.data_size_out)
+            }
+        };
+        out.truncate(len as usize);
+        Ok((verdict, out))
+    }
+
+    /// Lets XDP redirect frames into `ifindex`, as meshd does for its native-XDP interfaces.
+    pub fn allow_xdp_redirect(&mut self, ifindex: u32) -> Result<()> {
+        let mut targets: HashMap<_, u32, u32> = HashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::XDP_REDIRECT_TARGETS)
+                .context("XDP_REDIRECT_TARGETS")?,
+        )?;
+        targets.insert(ifindex, 0, 0)?;
+        Ok(())
     }
 
     /// [`Lb::run_on`] without an ingress device.

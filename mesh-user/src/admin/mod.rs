@@ -139,8 +139,11 @@ pub struct InterfaceStatus {
     pub name: String,
     /// Index.
     pub ifindex: u32,
-    /// `native` or `generic`.
+    /// The hook serving it: `xdp-native`, `xdp-generic`, `tcx` or `tc-cls_bpf`.
     pub mode: String,
+    /// Why that hook was chosen.
+    #[serde(default)]
+    pub reason: String,
     /// Kernel program id.
     pub program_id: Option<u32>,
 }

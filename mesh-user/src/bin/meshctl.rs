@@ -548,16 +548,17 @@ fn print_status(status: &Status) {
         "meshd {} (pid {}), up {:.0}s",
         status.version, status.pid, status.uptime_s
     );
-    println!("\nINTERFACE        IFINDEX  MODE     PROGRAM");
+    println!("\nINTERFACE        IFINDEX  HOOK         PROGRAM   WHY");
     for i in &status.interfaces {
         println!(
-            "{:<16} {:>7}  {:<8} {}",
+            "{:<16} {:>7}  {:<12} {:<9} {}",
             i.name,
             i.ifindex,
             i.mode,
             i.program_id
                 .map(|id| format!("id {id}"))
-                .unwrap_or_else(|| "-".into())
+                .unwrap_or_else(|| "-".into()),
+            i.reason
         );
     }
     println!("\nMAP              USED / CAPACITY");

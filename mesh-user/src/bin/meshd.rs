@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use mesh_user::{
     daemon::{self, DaemonOptions},
-    dataplane::XdpAttachMode,
+    dataplane::{AttachRequest, XdpAttachMode},
 };
 
 #[derive(Parser, Debug)]
@@ -28,7 +28,7 @@ use mesh_user::{
         breaking established connections; `meshd --cleanup` removes them.",
     after_help = "Examples:\n  \
         meshd --iface eth0 --iface eth1 --config /etc/mesh/rules/\n  \
-        meshd --iface veth0 --config config/tcp-echo/ --xdp-mode generic\n  \
+        meshd --iface veth0 --config config/tcp-echo/ --attach tc\n  \
         meshd --iface eth0 --state-file /var/lib/mesh/state.yaml   # rules from meshctl only\n  \
         meshd --cleanup            # detach pinned programs, remove pinned maps"
 )]
@@ -66,7 +66,15 @@ struct Args {
     #[arg(long)]
     no_metrics: bool,
 
-    /// XDP attach mode. `generic` is a fallback for drivers without native XDP; it is slower.
+    /// Which hook serves each interface. `auto`: XDP on NICs whose driver runs it natively
+    /// (physical, virtio-net), TC on veth, bridges and other virtual devices (`meshctl status`
+    /// shows the choice and why). `xdp` on a veth needs GRO on and TX checksum offload off on
+    /// every endpoint behind it.
+    #[arg(long, value_enum, default_value = "auto")]
+    attach: AttachRequest,
+
+    /// XDP attach mode where XDP runs. `generic` (explicit only) runs XDP on the skb on any
+    /// device; it is slower than both native XDP and TC.
     #[arg(long, value_enum, default_value = "native")]
     xdp_mode: XdpAttachMode,
 
@@ -124,6 +132,7 @@ fn run(args: Args) -> Result<()> {
         socket: args.socket,
         state_file: (!args.no_state).then_some(args.state_file),
         metrics_addr: (!args.no_metrics).then_some(args.metrics_addr),
+        attach: args.attach,
         xdp_mode: args.xdp_mode,
         pin_dir: (!args.no_pin).then_some(args.pin_dir),
         maglev_pool_entries: args.maglev_pool_entries,

@@ -403,8 +403,9 @@ impl Controller {
                 .map(|a| InterfaceStatus {
                     name: a.interface.clone(),
                     ifindex: a.ifindex,
-                    mode: format!("{:?}", a.mode).to_lowercase(),
-                    program_id: self.dataplane.program_id(),
+                    mode: a.hook.name().to_string(),
+                    reason: a.reason.clone(),
+                    program_id: self.dataplane.program_id(a.hook),
                 })
                 .collect(),
             conntrack_entries: conntrack.map(|m| m.used).unwrap_or(0),

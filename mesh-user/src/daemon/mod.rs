@@ -22,7 +22,7 @@ use tracing::{error, info};
 use crate::{
     admin::server,
     compile::NodeContext,
-    dataplane::{Dataplane, DataplaneOptions, XdpAttachMode},
+    dataplane::{AttachRequest, Dataplane, DataplaneOptions, XdpAttachMode},
     store::RuleStore,
 };
 use control::Controller;
@@ -57,7 +57,9 @@ pub struct DaemonOptions {
     pub interfaces: Vec<String>,
     /// Rules files: a file or a directory (watched).
     pub config: Option<PathBuf>,
-    /// XDP attach mode.
+    /// Which hook to run on the interfaces (auto: XDP on NICs, TC on virtual devices).
+    pub attach: AttachRequest,
+    /// XDP attach mode, where XDP is used.
     pub xdp_mode: XdpAttachMode,
     /// Pin directory for maps and links (None: private, nothing survives a restart).
     pub pin_dir: Option<PathBuf>,
@@ -109,7 +111,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     for interface in &options.interfaces {
         controller
             .dataplane_mut()
-            .attach(interface, options.xdp_mode)?;
+            .attach(interface, options.attach, options.xdp_mode)?;
     }
     let controller = Arc::new(Mutex::new(controller));
     server::serve_admin(options.socket.clone(), controller.clone()).await?;

@@ -10,27 +10,19 @@ use std::{
 };
 
 use aya::{
-    programs::{
-        links::{FdLink, PinnedLink},
-        xdp::XdpLink,
-        Xdp, XdpMode,
-    },
+    maps::HashMap as BpfHashMap,
+    programs::{links::PinnedLink, SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
-use mesh_common::{map_names, GENERATIONS, XDP_PROGRAM_NAME};
+use mesh_common::{map_names, GENERATIONS, TC_PROGRAM_NAME, XDP_PROGRAM_NAME};
 use tracing::{info, warn};
 
-use super::{tables::Tables, DataplaneError, EBPF_OBJECT};
-
-/// How the XDP program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpAttachMode {
-    /// Driver (native) mode: the fast path. Fails if the driver has no XDP support.
-    Native,
-    /// Generic (skb) mode: works everywhere, runs after the kernel allocated an skb (slower).
-    Generic,
-}
+use super::{
+    attach::{self, AttachRequest, HookKind, XdpAttachMode},
+    map_err,
+    tables::Tables,
+    DataplaneError, EBPF_OBJECT,
+};
 
 /// Sizing and placement of the kernel state.
 #[derive(Clone, Debug)]
@@ -53,15 +45,17 @@ impl Default for DataplaneOptions {
     }
 }
 
-/// One interface the program is attached to.
+/// One interface a program is attached to.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Attachment {
     /// Interface name.
     pub interface: String,
     /// Interface index.
     pub ifindex: u32,
-    /// Mode actually used.
-    pub mode: XdpAttachMode,
+    /// The hook actually used.
+    pub hook: HookKind,
+    /// Why that hook (see [`attach::choose`]).
+    pub reason: String,
 }
 
 /// The loaded kernel programs and their maps.
@@ -114,18 +108,16 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM_NAME)
-            .ok_or_else(|| DataplaneError::Other(format!("program {XDP_PROGRAM_NAME} missing")))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                context: "program type".into(),
-                source,
-            })?;
-        program.load().map_err(|source| DataplaneError::Program {
-            context: format!("verifying {XDP_PROGRAM_NAME}"),
-            source,
-        })?;
+        let verifying = |name: &str| {
+            let context = format!("verifying {name}");
+            move |source| DataplaneError::Program { context, source }
+        };
+        xdp_program(&mut ebpf)?
+            .load()
+            .map_err(verifying(XDP_PROGRAM_NAME))?;
+        tc_program(&mut ebpf)?
+            .load()
+            .map_err(verifying(TC_PROGRAM_NAME))?;
         let tables = Tables::recover(&ebpf, options.maglev_pool_entries)?;
         Ok(Self {
             ebpf,
@@ -136,100 +128,95 @@ impl Dataplane {
         })
     }
 
-    /// Attaches the XDP program to `interface`.
+    /// Attaches a packet program to `interface`: XDP or TC as [`attach::choose`] decides for
+    /// the interface and the request.
     ///
-    /// With a pin directory the attachment is a bpf_link pinned under `<pin_dir>/links/`, so the
-    /// program stays attached when meshd exits; a later meshd swaps its own program into that
-    /// same link atomically (no moment without a program on the interface).
-    pub fn attach(&mut self, interface: &str, mode: XdpAttachMode) -> Result<(), DataplaneError> {
+    /// With a pin directory the attachment outlives meshd (a pinned bpf_link, or a cls_bpf
+    /// filter on kernels without tcx), and a later meshd swaps its own program into it
+    /// atomically: there is no moment without a program on the interface.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        request: AttachRequest,
+        xdp_mode: XdpAttachMode,
+    ) -> Result<(), DataplaneError> {
         let ifindex = ifindex(interface)?;
-        let link_pin = self
-            .options
-            .pin_dir
-            .as_ref()
-            .map(|dir| dir.join("links").join(interface));
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(XDP_PROGRAM_NAME)
-            .expect("loaded in Dataplane::load")
-            .try_into()
-            .expect("checked in Dataplane::load");
-        let mut replaced = false;
-        if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
-            match replace_pinned(program, pin) {
-                Ok(()) => replaced = true,
+        let info = attach::probe(interface)?;
+        let choice = attach::choose(&info, request, xdp_mode)?;
+        let pin_dir = self.options.pin_dir.clone();
+        let mut reason = choice.reason;
+        let mut hook = None;
+        if let Some(mode) = choice.xdp {
+            let program = xdp_program(&mut self.ebpf)?;
+            match attach::attach_xdp(program, interface, ifindex, mode, pin_dir.as_deref()) {
+                Ok(link) => {
+                    self.pinned_links.extend(link);
+                    hook = Some(match mode {
+                        XdpAttachMode::Native => HookKind::XdpNative,
+                        XdpAttachMode::Generic => HookKind::XdpGeneric,
+                    });
+                }
+                Err(e) if choice.fallback_to_tc => {
+                    warn!(interface, "native XDP unavailable ({e}); using TC");
+                    reason = format!("native XDP refused ({e}): TC instead");
+                }
                 Err(e) => {
-                    warn!(
-                        interface,
-                        "pinned XDP link unusable ({e}); attaching afresh"
-                    );
-                    let _ = std::fs::remove_file(pin);
+                    let hint = match (mode, info.driver.as_deref()) {
+                        (XdpAttachMode::Native, _) => {
+                            "; the driver may lack native XDP: use --attach auto or --attach tc"
+                        }
+                        _ => "",
+                    };
+                    return Err(DataplaneError::Other(format!("{e}{hint}")));
                 }
             }
         }
-        if !replaced {
-            let xdp_mode = match mode {
-                XdpAttachMode::Native => XdpMode::Driver,
-                XdpAttachMode::Generic => XdpMode::Skb,
-            };
-            let link_id = program
-                .attach_to_if_index(ifindex, xdp_mode)
-                .map_err(|source| {
-                    let hint = match mode {
-                        XdpAttachMode::Native => {
-                            "; the driver may lack native XDP: rerun with --xdp-mode generic to \
-                             use the slower generic mode"
-                        }
-                        XdpAttachMode::Generic => "",
-                    };
-                    DataplaneError::Other(format!(
-                        "attaching XDP ({mode:?} mode) to {interface}: {source}{hint}"
-                    ))
-                })?;
-            if let Some(pin) = &link_pin {
-                let link =
-                    program
-                        .take_link(link_id)
-                        .map_err(|source| DataplaneError::Program {
-                            context: format!("taking the XDP link of {interface}"),
-                            source,
-                        })?;
-                let fd_link = FdLink::try_from(link).map_err(|e| {
-                    DataplaneError::Other(format!(
-                        "XDP on {interface} is attached through netlink, which cannot be pinned: {e}"
-                    ))
-                })?;
-                std::fs::create_dir_all(pin.parent().expect("links dir")).map_err(|e| {
-                    DataplaneError::Other(format!("creating {}: {e}", pin.display()))
-                })?;
-                let pinned = fd_link.pin(pin).map_err(|e| {
-                    DataplaneError::Other(format!("pinning {}: {e}", pin.display()))
-                })?;
-                self.pinned_links.push(pinned);
+        let hook = match hook {
+            Some(hook) => {
+                if hook == HookKind::XdpNative {
+                    // Frames may be redirected into this interface from other XDP ones.
+                    self.xdp_targets()?
+                        .insert(ifindex, 0, 0)
+                        .map_err(map_err("listing an XDP redirect target"))?;
+                }
+                if info.driver.as_deref() == Some("veth") {
+                    warn!(
+                        interface,
+                        "XDP on a veth: every endpoint behind it needs GRO on and TX checksum \
+                         offload off (ethtool -K IF gro on tx off), or connections hang; \
+                         --attach auto uses TC here"
+                    );
+                }
+                hook
             }
-        }
-        if mode == XdpAttachMode::Generic {
-            warn!(
-                interface,
-                "XDP attached in generic mode: correct but slower than native"
-            );
-        }
-        info!(
-            interface,
-            ifindex,
-            ?mode,
-            replaced_pinned_link = replaced,
-            "XDP attached"
-        );
+            None => {
+                let program = tc_program(&mut self.ebpf)?;
+                let (hook, link) = attach::attach_tc(program, interface, pin_dir.as_deref())?;
+                self.pinned_links.extend(link);
+                hook
+            }
+        };
+        info!(interface, ifindex, hook = hook.name(), %reason, "attached");
         self.attachments.insert(
             interface.to_string(),
             Attachment {
                 interface: interface.to_string(),
                 ifindex,
-                mode,
+                hook,
+                reason,
             },
         );
         Ok(())
+    }
+
+    fn xdp_targets(
+        &mut self,
+    ) -> Result<BpfHashMap<&mut aya::maps::MapData, u32, u32>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::XDP_REDIRECT_TARGETS)
+            .ok_or_else(|| DataplaneError::Other("XDP_REDIRECT_TARGETS missing".into()))?;
+        BpfHashMap::try_from(map).map_err(map_err("XDP_REDIRECT_TARGETS"))
     }
 
     /// Interfaces the program is attached to.
@@ -237,10 +224,20 @@ impl Dataplane {
         self.attachments.values()
     }
 
-    /// Kernel id of the loaded XDP program.
-    pub fn program_id(&self) -> Option<u32> {
-        let program: &Xdp = self.ebpf.program(XDP_PROGRAM_NAME)?.try_into().ok()?;
-        program.info().ok().map(|info| info.id())
+    /// Kernel id of the loaded program for `hook`.
+    pub fn program_id(&self, hook: HookKind) -> Option<u32> {
+        let name = if hook.is_xdp() {
+            XDP_PROGRAM_NAME
+        } else {
+            TC_PROGRAM_NAME
+        };
+        let program = self.ebpf.program(name)?;
+        let info = match program {
+            aya::programs::Program::Xdp(p) => p.info(),
+            aya::programs::Program::SchedClassifier(p) => p.info(),
+            _ => return None,
+        };
+        info.ok().map(|info| info.id())
     }
 
     /// Options the dataplane was loaded with.
@@ -253,7 +250,7 @@ impl Dataplane {
         let links = pin_dir.join("links");
         if let Ok(entries) = std::fs::read_dir(&links) {
             for entry in entries.flatten() {
-                std::fs::remove_file(entry.path())?;
+                attach::remove_link_pin(&entry.path())?;
             }
             std::fs::remove_dir(&links)?;
         }
@@ -270,12 +267,25 @@ impl Dataplane {
     }
 }
 
-/// Swaps our program into an XDP link pinned by an earlier meshd.
-fn replace_pinned(program: &mut Xdp, pin: &Path) -> Result<(), String> {
-    let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
-    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
-    program.attach_to_link(link).map_err(|e| e.to_string())?;
-    Ok(())
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
+    program(ebpf, XDP_PROGRAM_NAME)
+}
+
+fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
+    program(ebpf, TC_PROGRAM_NAME)
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, DataplaneError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| DataplaneError::Other(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            context: format!("program type of {name}"),
+            source,
+        })
 }
 
 /// Resolves an interface name to its index.
@@ -296,11 +306,32 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
             None::<&str>,
         )
         .map_err(|e| DataplaneError::Other(format!("mounting bpffs at /sys/fs/bpf: {e}")))?;
-        info!("mounted bpffs at /sys/fs/bpf");
+        if in_private_mount_namespace() {
+            warn!(
+                "mounted bpffs at /sys/fs/bpf inside a private mount namespace (ip netns exec, \
+                 or a service unit with private mounts): the pins vanish with this namespace, \
+                 so programs, connections and rules will NOT survive a meshd restart; pin on a \
+                 bpffs shared with the host (mount -t bpf bpf /sys/fs/bpf on the host first, or \
+                 --pin-dir on a bpffs mounted outside /sys)"
+            );
+        } else {
+            info!("mounted bpffs at /sys/fs/bpf");
+        }
     }
     std::fs::create_dir_all(dir).map_err(|e| {
         DataplaneError::Other(format!("creating pin directory {}: {e}", dir.display()))
     })
+}
+
+/// True when this process's mount namespace is not the host's (pid 1's).
+fn in_private_mount_namespace() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(own), Ok(host)) => own != host,
+        _ => false,
+    }
 }
 
 fn is_bpffs(path: &Path) -> bool {

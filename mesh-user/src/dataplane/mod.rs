@@ -2,15 +2,18 @@
 //! them to interfaces, applies a [`DesiredState`](crate::compile::DesiredState) to the BPF maps
 //! atomically and reads the counters back.
 //!
-//! - [`loader`]: object loading, map sizing and pinning, interface attachment;
+//! - [`attach`]: per interface, XDP or TC (the one place that decides), and attaching;
+//! - [`loader`]: object loading, map sizing and pinning;
 //! - [`tables`]: id allocation and the double-buffered (generation) table writes;
 //! - [`stats`]: per-CPU counters summed into a snapshot.
 
+pub mod attach;
 pub mod loader;
 pub mod stats;
 pub mod tables;
 
-pub use loader::{Dataplane, DataplaneOptions, XdpAttachMode};
+pub use attach::{AttachRequest, HookKind, XdpAttachMode};
+pub use loader::{Dataplane, DataplaneOptions};
 pub use stats::{BackendStats, ServiceStats, StatsSnapshot};
 pub use tables::ApplyReport;
 

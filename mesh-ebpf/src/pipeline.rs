@@ -1,0 +1,119 @@
+//! The load-balancing pipeline, one copy for every packet hook: parse, connection table,
+//! Maglev selection for new flows, NAT, forward.
+//!
+//! [`run`] is generic over the hook's context ([`Packet`](crate::ctx::Packet)); the XDP and TC
+//! entry points in `main.rs` only call it. What differs between hooks (checksum updates, how a
+//! packet leaves, verdict codes) is behind that trait, so no stage exists twice.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use mesh_common::{reason, FLOW_REPLY, SERVICE_FLAG_L7_PROXY};
+
+use crate::{
+    conntrack,
+    ctx::Packet as Ctx,
+    forward, local,
+    nat::{self, Side},
+    parse::{self, Frame},
+    select,
+    stats::{self, verdict, Direction},
+};
+
+/// Runs the pipeline on one packet and returns the hook's verdict. `Err(())` means the packet
+/// ended before a header parsing needs (counted as truncated by the caller).
+#[inline(always)]
+pub fn run<C: Ctx>(ctx: &C) -> Result<u32, ()> {
+    let pkt = match parse::parse(ctx)? {
+        Frame::Flow(pkt) => pkt,
+        Frame::Pass(why) => return Ok(verdict(why, C::PASS)),
+    };
+    let frame_len = ctx.len() as u64;
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    let tcp_flags = parse::tcp_flags(ctx, &pkt);
+    // A bare SYN opens a new connection even when an earlier one on the same client port left
+    // its entry behind: it is balanced by the rules in force now, not the old choice.
+    let opening = tcp_flags & (parse::TCP_FLAG_SYN | parse::TCP_FLAG_ACK) == parse::TCP_FLAG_SYN;
+
+    // One lookup whichever way the packet goes: a reply from a backend finds its reverse-NAT
+    // entry, a packet of an established flow its backend.
+    let tracked = conntrack::lookup(&pkt.key, now);
+    // SAFETY: map values stay valid for the whole run.
+    let tracked = tracked.map(|state| unsafe { &*state });
+    let (side, addr, port, service_id, backend_id, dir) = match tracked {
+        Some(state) if state.direction == FLOW_REPLY => (
+            Side::Source,
+            state.addr,
+            state.port,
+            state.service_id,
+            state.backend_id,
+            // A reset from the backend is how L4 health is judged (refused or broken).
+            Direction::Reply {
+                reset: tcp_flags & parse::TCP_FLAG_RST != 0,
+            },
+        ),
+        Some(state) if !opening => (
+            Side::Destination,
+            state.addr,
+            state.port,
+            state.service_id,
+            state.backend_id,
+            Direction::Request { new_flow: false },
+        ),
+        _ => {
+            // A bare SYN on a client port whose earlier connection left its entry: that entry
+            // is stale. Drop it now, or the rest of this new connection would follow the old
+            // choice (fatal when the service has moved to the proxy since).
+            if tracked.is_some() {
+                conntrack::forget(&pkt.key);
+            }
+            let Some(svc) = select::service(&pkt.key) else {
+                return Ok(verdict(reason::PASS_NOT_SERVICE, C::PASS));
+            };
+            if svc.flags & SERVICE_FLAG_L7_PROXY != 0 {
+                return Ok(verdict(reason::PASS_L7_PROXY, C::PASS));
+            }
+            // A connection the proxy still holds from before this service moved to the kernel
+            // path: balancing it as a new flow would reset it.
+            if pkt.key.proto == mesh_common::PROTO_TCP
+                && tcp_flags & parse::TCP_FLAG_SYN == 0
+                && local::is_local_connection(ctx, &pkt.key)
+            {
+                return Ok(verdict(reason::PASS_L7_PROXY, C::PASS));
+            }
+            if svc.table_size == 0 {
+                return Ok(verdict(reason::DROP_NO_BACKEND, C::DROP));
+            }
+            // Checked before any state is created, like on the tracked paths below.
+            if pkt.ttl <= 1 {
+                return Ok(ttl_expired::<C>());
+            }
+            let Some((backend_id, backend)) = select::backend(&pkt.key, &svc) else {
+                return Ok(verdict(reason::DROP_INTERNAL, C::DROP));
+            };
+            conntrack::track(&pkt.key, &backend, svc.service_id, backend_id, now);
+            (
+                Side::Destination,
+                backend.addr,
+                backend.port,
+                svc.service_id,
+                backend_id,
+                Direction::Request { new_flow: true },
+            )
+        }
+    };
+    // Decided before the packet changes, so the stack sees the original packet and sends the
+    // ICMP time exceeded itself.
+    if pkt.ttl <= 1 {
+        return Ok(ttl_expired::<C>());
+    }
+
+    nat::rewrite(ctx, &pkt, side, &addr, port)?;
+    stats::traffic(service_id, backend_id, frame_len, dir);
+    forward::forward(ctx, &pkt)
+}
+
+#[inline(always)]
+fn ttl_expired<C: Ctx>() -> u32 {
+    verdict(reason::PASS_TTL_EXPIRED, C::PASS)
+}
