@@ -202,3 +202,10 @@ pub fn meshctl_stdin(socket: &str, args: &[&str], stdin: &str) -> Result<(bool, 
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
 }
+
+/// `meshctl status -o json` against `socket`, parsed.
+pub fn status_json(socket: &str) -> Result<serde_json::Value> {
+    let (ok, out, err) = meshctl(socket, &["status", "-o", "json"])?;
+    anyhow::ensure!(ok, "meshctl status failed: {err}");
+    serde_json::from_str(&out).context("meshctl status output")
+}

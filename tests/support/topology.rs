@@ -6,7 +6,10 @@
 //!             2001:db8:1::2     2001:db8:1::1      2001:db8:<1+i>::fe        2001:db8:<1+i>::1
 //! ```
 //! Service VIPs (198.18.100.0/24, 2001:db8:100::/64) are on no interface: the client routes all of
-//! 198.18.0.0/15 and 2001:db8::/32 through the node, where XDP translates them.
+//! 198.18.0.0/15 and 2001:db8::/32 through the node, where meshd's programs translate them.
+//!
+//! Every endpoint keeps the settings a container runtime gives a veth (TX checksum offload on,
+//! GRO off): the tests see what users see. The one test that tunes them says so in its name.
 
 use std::net::IpAddr;
 
@@ -83,7 +86,6 @@ impl Topology {
             "via",
             "2001:db8:1::1",
         ])?;
-        prepare_endpoint(&topo.client)?;
         for i in 1..=backends {
             let ns = Netns::create(&format!("{prefix}-b{i}"))?;
             let node_if = format!("b{i}");
@@ -128,7 +130,6 @@ impl Topology {
                 "via",
                 &format!("2001:db8:{net}::fe"),
             ])?;
-            prepare_endpoint(&ns)?;
             topo.backends.push(ns);
         }
         Ok(topo)
@@ -140,14 +141,4 @@ impl Topology {
         ifs.extend((1..=self.backends.len()).map(|i| format!("b{i}")));
         ifs
     }
-}
-
-/// Settings an end host behind a veth needs for XDP forwarding through the node:
-/// - GRO on, which gives the veth a NAPI context: frames XDP-redirected into its peer are
-///   dropped otherwise;
-/// - TX checksum offload off, so frames leave with complete checksums (a real NIC delivers
-///   complete checksums; veth would hand XDP a partial one that incremental updates cannot fix).
-fn prepare_endpoint(ns: &Netns) -> Result<()> {
-    ns.exec("ethtool", &["-K", "eth0", "gro", "on", "tx", "off"])?;
-    Ok(())
 }

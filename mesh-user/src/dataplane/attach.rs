@@ -172,30 +172,65 @@ pub fn choose(
     })
 }
 
-/// Reads what [`choose`] needs about `interface`.
+/// Reads what [`choose`] needs about `interface`, through ioctls on a socket of this process's
+/// network namespace (sysfs shows another namespace's devices when /sys was not remounted).
 pub fn probe(interface: &str) -> Result<InterfaceInfo, DataplaneError> {
-    let sys = Path::new("/sys/class/net").join(interface);
-    let link_type = fs::read_to_string(sys.join("type"))
-        .map_err(|e| DataplaneError::Other(format!("interface {interface}: {e}")))?
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    let has_device = sys.join("device").exists();
-    let driver = ethtool_driver(interface).or_else(|| {
-        fs::read_link(sys.join("device/driver"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-    });
+    let link_type = link_type(interface)
+        .map_err(|e| DataplaneError::Other(format!("interface {interface}: {e}")))?;
+    let (driver, bus_info) = ethtool_driver(interface).unzip();
     Ok(InterfaceInfo {
         name: interface.to_string(),
         link_type,
         driver,
-        has_device,
+        // Physical and virtio NICs name their bus device (PCI address, `virtio0`).
+        has_device: bus_info.is_some_and(|b: String| !b.is_empty()),
     })
 }
 
-/// The driver name from the `ETHTOOL_GDRVINFO` ioctl (what `ethtool -i` prints).
-fn ethtool_driver(interface: &str) -> Option<String> {
+/// An `ifreq` for `interface`, or `None` when the name cannot be one.
+fn ifreq(interface: &str) -> Option<libc::ifreq> {
+    if interface.is_empty() || interface.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: plain C struct; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(interface.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    Some(req)
+}
+
+/// Runs one interface ioctl on a throw-away datagram socket.
+fn ioctl(request: libc::c_ulong, req: &mut libc::ifreq) -> std::io::Result<()> {
+    // SAFETY: a datagram socket for the ioctl, closed below; `req` is a valid ifreq whose
+    // pointers (if any) outlive the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let rc = libc::ioctl(fd, request, req as *mut libc::ifreq);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// The ARPHRD link type (`SIOCGIFHWADDR`'s address family).
+fn link_type(interface: &str) -> std::io::Result<u32> {
+    let mut req = ifreq(interface).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an interface name")
+    })?;
+    ioctl(libc::SIOCGIFHWADDR, &mut req)?;
+    // SAFETY: SIOCGIFHWADDR filled the hardware-address member.
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family } as u32)
+}
+
+/// Driver name and bus info from the `ETHTOOL_GDRVINFO` ioctl (what `ethtool -i` prints).
+fn ethtool_driver(interface: &str) -> Option<(String, String)> {
     const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
     #[repr(C)]
     struct DrvInfo {
@@ -212,33 +247,18 @@ fn ethtool_driver(interface: &str) -> Option<String> {
         eedump_len: u32,
         regdump_len: u32,
     }
-    if interface.len() >= libc::IFNAMSIZ {
-        return None;
-    }
-    // SAFETY: plain C structs; all-zero is valid for both.
+    // SAFETY: plain C struct; all-zero is valid.
     let mut info: DrvInfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(interface.bytes()) {
-        *dst = src as libc::c_char;
-    }
+    let mut req = ifreq(interface)?;
     req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
-    // SAFETY: a datagram socket for the ioctl, closed below; `req` points at `info`, which
-    // outlives the call.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return None;
-        }
-        let rc = libc::ioctl(fd, libc::SIOCETHTOOL, &mut req);
-        libc::close(fd);
-        if rc < 0 {
-            return None;
-        }
-    }
-    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
-    let name = String::from_utf8_lossy(&info.driver[..end]).into_owned();
-    (!name.is_empty()).then_some(name)
+    ioctl(libc::SIOCETHTOOL, &mut req).ok()?;
+    let text = |bytes: &[u8]| {
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        String::from_utf8_lossy(&bytes[..end]).into_owned()
+    };
+    let driver = text(&info.driver);
+    (!driver.is_empty()).then(|| (driver, text(&info.bus_info)))
 }
 
 /// cls_bpf filter priority and handle mesh uses on kernels without tcx; fixed so that a
