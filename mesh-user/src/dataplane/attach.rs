@@ -24,7 +24,7 @@ use aya::programs::{
     xdp::XdpLink,
     LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::DataplaneError;
 
@@ -261,6 +261,16 @@ fn ethtool_driver(interface: &str) -> Option<(String, String)> {
     (!driver.is_empty()).then(|| (driver, text(&info.bus_info)))
 }
 
+/// The outcome of attaching one program to one interface.
+pub struct Attached {
+    /// The hook it runs at.
+    pub hook: HookKind,
+    /// The link pinned for it (kept open while meshd runs), if a new one was created.
+    pub link: Option<PinnedLink>,
+    /// Whether an attachment left by an earlier meshd was taken over in place.
+    pub replaced: bool,
+}
+
 /// cls_bpf filter priority and handle mesh uses on kernels without tcx; fixed so that a
 /// restarted meshd replaces its own filter in place.
 const CLS_BPF_PRIORITY: u16 = 0x4d53;
@@ -291,7 +301,7 @@ pub fn attach_xdp(
     ifindex: u32,
     mode: XdpAttachMode,
     pin_dir: Option<&Path>,
-) -> Result<Option<PinnedLink>, DataplaneError> {
+) -> Result<Attached, DataplaneError> {
     let hook = match mode {
         XdpAttachMode::Native => HookKind::XdpNative,
         XdpAttachMode::Generic => HookKind::XdpGeneric,
@@ -303,7 +313,13 @@ pub fn attach_xdp(
             .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
             .and_then(|l| program.attach_to_link(l).map_err(|e| e.to_string()));
         match swapped {
-            Ok(_) => return Ok(None),
+            Ok(_) => {
+                return Ok(Attached {
+                    hook,
+                    link: None,
+                    replaced: true,
+                })
+            }
             Err(e) => {
                 warn!(
                     interface,
@@ -325,7 +341,14 @@ pub fn attach_xdp(
                 hook.name()
             ))
         })?;
-    let Some(pin) = pin else { return Ok(None) };
+    let fresh = |link| Attached {
+        hook,
+        link,
+        replaced: false,
+    };
+    let Some(pin) = pin else {
+        return Ok(fresh(None));
+    };
     let link = program
         .take_link(link_id)
         .map_err(|source| DataplaneError::Program {
@@ -337,7 +360,7 @@ pub fn attach_xdp(
             "XDP on {interface} is attached through netlink, which cannot be pinned: {e}"
         ))
     })?;
-    pin_link(fd_link, &pin).map(Some)
+    Ok(fresh(Some(pin_link(fd_link, &pin)?)))
 }
 
 /// Attaches the TC program at `interface`'s ingress: a tcx link (pinned like XDP's) where the
@@ -347,7 +370,7 @@ pub fn attach_tc(
     program: &mut SchedClassifier,
     interface: &str,
     pin_dir: Option<&Path>,
-) -> Result<(HookKind, Option<PinnedLink>), DataplaneError> {
+) -> Result<Attached, DataplaneError> {
     let err = |what: &str, e: String| {
         DataplaneError::Other(format!("attaching TC ({what}) to {interface}: {e}"))
     };
@@ -361,7 +384,13 @@ pub fn attach_tc(
                 })
                 .and_then(|l| program.attach_to_link(l).map_err(|e| e.to_string()));
             match swapped {
-                Ok(_) => return Ok((HookKind::Tcx, None)),
+                Ok(_) => {
+                    return Ok(Attached {
+                        hook: HookKind::Tcx,
+                        link: None,
+                        replaced: true,
+                    })
+                }
                 Err(e) => {
                     warn!(
                         interface,
@@ -378,14 +407,19 @@ pub fn attach_tc(
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
             .map_err(|e| err("tcx", e.to_string()))?;
+        let fresh = |link| Attached {
+            hook: HookKind::Tcx,
+            link,
+            replaced: false,
+        };
         let Some(pin) = pin else {
-            return Ok((HookKind::Tcx, None));
+            return Ok(fresh(None));
         };
         let link = program
             .take_link(link_id)
             .map_err(|e| err("tcx", e.to_string()))?;
         let fd_link = FdLink::try_from(link).map_err(|e| err("tcx", e.to_string()))?;
-        return Ok((HookKind::Tcx, Some(pin_link(fd_link, &pin)?)));
+        return Ok(fresh(Some(pin_link(fd_link, &pin)?)));
     }
 
     if let Err(e) = tc::qdisc_add_clsact(interface) {
@@ -432,12 +466,11 @@ pub fn attach_tc(
         fs::write(&marker, interface)
             .map_err(|e| DataplaneError::Other(format!("writing {}: {e}", marker.display())))?;
     }
-    info!(
-        interface,
-        replaced = was_replaced,
-        "cls_bpf filter attached"
-    );
-    Ok((HookKind::TcClsBpf, None))
+    Ok(Attached {
+        hook: HookKind::TcClsBpf,
+        link: None,
+        replaced: was_replaced,
+    })
 }
 
 /// Removes one pinned link or cls_bpf marker (for `meshd --cleanup`), detaching the program.

@@ -145,17 +145,11 @@ impl Dataplane {
         let choice = attach::choose(&info, request, xdp_mode)?;
         let pin_dir = self.options.pin_dir.clone();
         let mut reason = choice.reason;
-        let mut hook = None;
+        let mut attached = None;
         if let Some(mode) = choice.xdp {
             let program = xdp_program(&mut self.ebpf)?;
             match attach::attach_xdp(program, interface, ifindex, mode, pin_dir.as_deref()) {
-                Ok(link) => {
-                    self.pinned_links.extend(link);
-                    hook = Some(match mode {
-                        XdpAttachMode::Native => HookKind::XdpNative,
-                        XdpAttachMode::Generic => HookKind::XdpGeneric,
-                    });
-                }
+                Ok(done) => attached = Some(done),
                 Err(e) if choice.fallback_to_tc => {
                     warn!(interface, "native XDP unavailable ({e}); using TC");
                     reason = format!("native XDP refused ({e}): TC instead");
@@ -171,9 +165,9 @@ impl Dataplane {
                 }
             }
         }
-        let hook = match hook {
-            Some(hook) => {
-                if hook == HookKind::XdpNative {
+        let attached = match attached {
+            Some(done) => {
+                if done.hook == HookKind::XdpNative {
                     // Frames may be redirected into this interface from other XDP ones.
                     self.xdp_targets()?
                         .insert(ifindex, 0, 0)
@@ -187,16 +181,20 @@ impl Dataplane {
                          --attach auto uses TC here"
                     );
                 }
-                hook
+                done
             }
-            None => {
-                let program = tc_program(&mut self.ebpf)?;
-                let (hook, link) = attach::attach_tc(program, interface, pin_dir.as_deref())?;
-                self.pinned_links.extend(link);
-                hook
-            }
+            None => attach::attach_tc(tc_program(&mut self.ebpf)?, interface, pin_dir.as_deref())?,
         };
-        info!(interface, ifindex, hook = hook.name(), %reason, "attached");
+        let hook = attached.hook;
+        self.pinned_links.extend(attached.link);
+        info!(
+            interface,
+            ifindex,
+            hook = hook.name(),
+            replaced_pinned_link = attached.replaced,
+            %reason,
+            "attached"
+        );
         self.attachments.insert(
             interface.to_string(),
             Attachment {
