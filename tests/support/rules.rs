@@ -17,7 +17,12 @@ pub struct RulesDir(pub PathBuf);
 impl RulesDir {
     /// Creates the directory for `topo`.
     pub fn new(topo: &Topology) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("{}-rules", topo.prefix));
+        Self::for_prefix(&topo.prefix)
+    }
+
+    /// Creates the directory for a test whose namespaces carry `prefix`.
+    pub fn for_prefix(prefix: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-rules"));
         std::fs::create_dir_all(&dir)?;
         Ok(RulesDir(dir))
     }
@@ -50,8 +55,13 @@ impl Drop for RulesDir {
 /// meshd arguments for the topology: every node interface, these rules, nothing pinned or
 /// persisted, the admin socket inside the rules directory.
 pub fn meshd_args(topo: &Topology, rules: &RulesDir) -> Vec<String> {
+    meshd_args_for(topo.node_interfaces(), rules)
+}
+
+/// [`meshd_args`] for any set of node interfaces.
+pub fn meshd_args_for(interfaces: Vec<String>, rules: &RulesDir) -> Vec<String> {
     let mut args = Vec::new();
-    for interface in topo.node_interfaces() {
+    for interface in interfaces {
         args.push("--iface".into());
         args.push(interface);
     }
