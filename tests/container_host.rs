@@ -15,7 +15,8 @@ use mesh_tests::{
     netns::Netns,
     rules::{meshd_args_for, service_entry, RulesDir, ECHO_SUBSETS},
     servers::{tcp_connect, tcp_echo, tcp_server, udp_server, Server},
-    traffic::{assert_shares, tcp_split, udp_split},
+    split::assert_shares,
+    traffic::{tcp_split, udp_split},
 };
 
 const VIP4: &str = "198.18.100.1";
@@ -187,7 +188,10 @@ fn meshd_runs_tc_on_the_uplink_and_every_pod_veth() -> Result<()> {
 #[test]
 fn pods_reach_a_vip_over_tcp_with_weights_70_20_10() -> Result<()> {
     let lab = Lab::start([70, 20, 10])?;
-    for (what, pod) in [("bridged pod", CLIENT_BRIDGED), ("routed pod", CLIENT_ROUTED)] {
+    for (what, pod) in [
+        ("bridged pod", CLIENT_BRIDGED),
+        ("routed pod", CLIENT_ROUTED),
+    ] {
         let seen = tcp_split(client(&lab, pod), vip(VIP4, 8080), 2000)?;
         check(&format!("TCP from a {what}"), &seen, 2000)?;
     }
@@ -216,9 +220,8 @@ fn gateway_ingress_from_outside_reaches_the_pods() -> Result<()> {
 #[test]
 fn long_lived_pod_connections_keep_their_backend_across_a_weight_change() -> Result<()> {
     let lab = Lab::start([100, 0, 0])?;
-    let mut streams = client(&lab, CLIENT_BRIDGED).run(|| -> Result<Vec<_>> {
-        (0..50).map(|_| tcp_connect(vip(VIP4, 8080))).collect()
-    })??;
+    let mut streams = client(&lab, CLIENT_BRIDGED)
+        .run(|| -> Result<Vec<_>> { (0..50).map(|_| tcp_connect(vip(VIP4, 8080))).collect() })??;
     ensure!(streams.iter().all(|(_, id)| id == "v1"), "not all on v1");
 
     lab.rules.write("vs.yaml", &split("echo", [0, 100, 0]))?;
@@ -233,7 +236,10 @@ fn long_lived_pod_connections_keep_their_backend_across_a_weight_change() -> Res
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    ensure!(moved, "the new weights never took effect (admin socket {socket})");
+    ensure!(
+        moved,
+        "the new weights never took effect (admin socket {socket})"
+    );
     for (n, (stream, _)) in streams.iter_mut().enumerate() {
         tcp_echo(stream, format!("old connection {n} still alive").as_bytes())
             .with_context(|| format!("old connection {n}"))?;

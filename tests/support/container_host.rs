@@ -103,8 +103,7 @@ impl ContainerHost {
             "2001:db8:1::1",
         ])?;
 
-        host.node
-            .ip(&["link", "add", "br0", "type", "bridge"])?;
+        host.node.ip(&["link", "add", "br0", "type", "bridge"])?;
         host.node.ip(&["link", "set", "br0", "up"])?;
         host.node
             .ip(&["addr", "add", "198.18.50.1/24", "dev", "br0"])?;
@@ -133,17 +132,9 @@ impl ContainerHost {
         let v6 = format!("2001:db8:{net}::{}", 10 + i);
         match style {
             PodStyle::Bridge => {
-                self.node
-                    .ip(&["link", "set", &host_if, "master", "br0"])?;
+                self.node.ip(&["link", "set", &host_if, "master", "br0"])?;
                 ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-                ns.ip(&[
-                    "addr",
-                    "add",
-                    &format!("{v6}/64"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ])?;
+                ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
                 ns.ip(&["route", "add", "198.18.0.0/15", "via", "198.18.50.1"])?;
                 ns.ip(&[
                     "-6",
@@ -170,14 +161,7 @@ impl ContainerHost {
                 self.node
                     .ip(&["-6", "route", "add", &v6, "dev", &host_if])?;
                 ns.ip(&["addr", "add", &format!("{v4}/32"), "dev", "eth0"])?;
-                ns.ip(&[
-                    "addr",
-                    "add",
-                    &format!("{v6}/128"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ])?;
+                ns.ip(&["addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"])?;
                 ns.ip(&["route", "add", "198.18.60.1", "dev", "eth0"])?;
                 ns.ip(&["route", "add", "198.18.0.0/15", "via", "198.18.60.1"])?;
                 ns.ip(&["-6", "route", "add", "2001:db8:60::1", "dev", "eth0"])?;

@@ -156,7 +156,7 @@ impl Lb {
                     .try_into()?;
                 // struct __sk_buff (192 bytes): only ingress_ifindex (offset 36) and ifindex (40)
                 // are set; the kernel rejects other non-zero fields.
-                let mut ctx = vec![0u8; 192];
+                let mut ctx = [0u8; 192];
                 ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
                 ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
                 let result = prog.test_run(TestRunOptions {
