@@ -18,37 +18,13 @@ use mesh_tests::{
     netns::{unique_prefix, Netns},
     rules::{echo_split, meshd_args, service_entry, RulesDir, ECHO_SUBSETS, VIP_V4, VIP_V6},
     servers::{tcp_connect, tcp_echo, tcp_server, udp_server},
+    split::assert_shares,
     topology::{backend_v4, backend_v6, Topology},
     traffic::{start_backends, vip, EchoSetup},
 };
 
 /// Connections (TCP) or flows (UDP) per split check.
 const SAMPLES: usize = 2000;
-/// Standard deviations a share may stray: a two-sided normal tail of 3.8e-8 per share, so even
-/// summed over every share checked in this file the chance of a false failure stays below 1e-6.
-const Z: f64 = 5.5;
-
-/// Checks each observed share against its configured one within `Z` binomial standard
-/// deviations for the sample size, and that nothing else answered.
-fn assert_binomial(seen: &BTreeMap<String, usize>, expected: &[(&str, f64)]) -> Result<()> {
-    let n: usize = seen.values().sum();
-    ensure!(n > 0, "no samples");
-    for identity in seen.keys() {
-        ensure!(
-            expected.iter().any(|(e, _)| e == identity),
-            "reached unexpected backend {identity}: {seen:?}"
-        );
-    }
-    for (identity, p) in expected {
-        let got = *seen.get(*identity).unwrap_or(&0) as f64 / n as f64;
-        let tolerance = Z * (p * (1.0 - p) / n as f64).sqrt();
-        ensure!(
-            (got - p).abs() <= tolerance,
-            "{identity}: share {got:.3}, configured {p:.3} (tolerance {tolerance:.3} at n={n}); all: {seen:?}"
-        );
-    }
-    Ok(())
-}
 
 /// Runs `probe` `count` times in `ns` (with the attempt number); who answered, by identity.
 fn tally(
@@ -176,9 +152,9 @@ fn node_split(setup: &EchoSetup, ip: IpAddr) -> Result<()> {
     let node = &setup.topo.node;
     let weights = [("v1", 0.7), ("v2", 0.2), ("v3", 0.1)];
     let tcp = tcp_split_showing(node, SocketAddr::new(ip, 8080), SAMPLES)?;
-    assert_binomial(&tcp, &weights).context("TCP from the node")?;
+    assert_shares(&tcp, &weights).context("TCP from the node")?;
     let udp = udp_split_showing(node, SocketAddr::new(ip, 8081), SAMPLES)?;
-    assert_binomial(&udp, &weights).context("UDP from the node")?;
+    assert_shares(&udp, &weights).context("UDP from the node")?;
 
     // Every TCP connection and every UDP socket's flow is one connection in meshd's counters,
     // on the backend that answered it.
@@ -511,5 +487,69 @@ fn sockets_of_other_namespaces_are_left_alone() -> Result<()> {
             "meshd on node {name} counted {counted} TCP connections"
         );
     }
+    Ok(())
+}
+
+/// A bpffs pin directory for one test; `meshd --cleanup` and removal on drop.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Ok(meshd) = mesh_tests::meshd::bin("meshd") {
+            let _ = std::process::Command::new(meshd)
+                .args(["--cleanup", "--pin-dir"])
+                .arg(&self.0)
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn pinned_socket_hooks_outlive_meshd_are_taken_over_and_cleanup_detaches_them() -> Result<()> {
+    let setup = EchoSetup::new(Some([0, 100, 0]))?;
+    let (topo, rules) = (&setup.topo, &setup.rules);
+    let pins = PinDir(format!("/sys/fs/bpf/{}", topo.prefix).into());
+    let mut args: Vec<String> = meshd_args(topo, rules)
+        .into_iter()
+        .filter(|a| a != "--no-pin")
+        .collect();
+    args.extend(["--pin-dir".into(), pins.0.display().to_string()]);
+    let all_v2 = |when: &str| -> Result<()> {
+        let seen = tcp_split_showing(&topo.node, vip(8080), 20)?;
+        ensure!(seen.get("v2") == Some(&20), "{when}: {seen:?}");
+        Ok(())
+    };
+
+    let meshd = Meshd::start(&topo.node, &args)?;
+    all_v2("meshd running")?;
+    ensure!(meshd.stop()?.success(), "meshd exit status");
+    all_v2("meshd stopped, hooks pinned")?;
+
+    let mut meshd = Meshd::start(&topo.node, &args)?;
+    meshd
+        .wait_for_log("replaced the socket hook link", 0, Duration::from_secs(1))
+        .context("the restarted meshd did not take over the pinned socket hooks")?;
+    all_v2("meshd restarted")?;
+    ensure!(meshd.stop()?.success(), "meshd exit status");
+
+    let out = std::process::Command::new(mesh_tests::meshd::bin("meshd")?)
+        .args(["--cleanup", "--pin-dir"])
+        .arg(&pins.0)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !pins.0.join("sock").exists(),
+        "socket hook pins left behind"
+    );
+    // Detached: nothing rewrites the VIP any more, and the node has no route to it.
+    let after = topo.node.run(|| {
+        std::net::TcpStream::connect_timeout(&vip(8080), Duration::from_secs(1)).map(|_| ())
+    })?;
+    ensure!(after.is_err(), "the VIP is still reached after --cleanup");
     Ok(())
 }
