@@ -25,6 +25,7 @@ mod nat;
 mod parse;
 mod pipeline;
 mod select;
+mod sock;
 mod stats;
 
 use aya_ebpf::{

@@ -5,15 +5,18 @@
 //! - [`attach`]: per interface, XDP or TC (the one place that decides), and attaching;
 //! - [`loader`]: object loading, map sizing and pinning;
 //! - [`tables`]: id allocation and the double-buffered (generation) table writes;
-//! - [`stats`]: per-CPU counters summed into a snapshot.
+//! - [`stats`]: per-CPU counters summed into a snapshot;
+//! - [`sockets`]: the cgroup socket hooks that balance node-local clients at connect().
 
 pub mod attach;
 pub mod loader;
+pub mod sockets;
 pub mod stats;
 pub mod tables;
 
 pub use attach::{AttachRequest, HookKind, XdpAttachMode};
 pub use loader::{Dataplane, DataplaneOptions};
+pub use sockets::{SocketLbOptions, SocketLbStatus};
 pub use stats::{BackendStats, ServiceStats, StatsSnapshot};
 pub use tables::ApplyReport;
 
