@@ -8,6 +8,7 @@ pub mod http;
 pub mod maps;
 pub mod meshd;
 pub mod netns;
+pub mod observe;
 pub mod packet;
 pub mod rules;
 pub mod servers;
