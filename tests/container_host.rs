@@ -251,3 +251,166 @@ fn long_lived_pod_connections_keep_their_backend_across_a_weight_change() -> Res
     );
     Ok(())
 }
+
+/// Golden output for a `CHECKSUM_PARTIAL` skb through the TC hook. A client with TX checksum
+/// offload on (the veth default) sends segments whose TCP checksum field holds only the
+/// pseudo-header seed; after translation, that seed must be the one of the *new* addresses, or
+/// a NIC completing the checksum later sends a corrupt segment (a veth peer would not notice:
+/// it trusts partial checksums). Captured on the backend with PACKET_AUXDATA, which says whether
+/// the skb is still partial.
+#[test]
+fn tc_rewrites_a_partial_checksum_into_the_seed_of_the_new_addresses() -> Result<()> {
+    let lab = Lab::start([100, 0, 0])?;
+    let backend = lab.pod(BACKENDS[0].0);
+    let backend_ip = backend.v4;
+    let capture = backend.ns.run(move || Capture::open("eth0"))??;
+    let client_pod = client(&lab, CLIENT_ROUTED);
+    let client_ip = lab.pod(CLIENT_ROUTED).v4;
+    client_pod.run(move || tcp_connect(vip(VIP4, 8080)))??;
+
+    let frame = backend.ns.run(move || capture.next_tcp_to(8080))??;
+    let (partial, bytes) = frame;
+    ensure!(
+        partial,
+        "the segment reached the backend with a complete checksum: nothing tested"
+    );
+    let ip = &bytes[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let (src, dst) = (&ip[12..16], &ip[16..20]);
+    ensure!(
+        src == octets(client_ip) && dst == octets(backend_ip),
+        "addresses {src:?} -> {dst:?}"
+    );
+    let tcp = &ip[ihl..];
+    ensure!(
+        u16::from_be_bytes([tcp[2], tcp[3]]) == 8080,
+        "destination port"
+    );
+    let tcp_len = u16::from_be_bytes([ip[2], ip[3]]) as usize - ihl;
+    let mut sum: u32 = 6 + tcp_len as u32;
+    for pair in src.chunks(2).chain(dst.chunks(2)) {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let seed = u16::from_be_bytes([tcp[16], tcp[17]]);
+    ensure!(
+        seed == sum as u16,
+        "partial checksum {seed:#06x}, the seed of the translated addresses is {sum:#06x}"
+    );
+    Ok(())
+}
+
+fn octets(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// An AF_PACKET socket on one interface that reports whether each skb's checksum is partial.
+struct Capture(std::os::fd::OwnedFd);
+
+impl Capture {
+    fn open(interface: &str) -> Result<Capture> {
+        use std::os::fd::FromRawFd;
+        let name = std::ffi::CString::new(interface)?;
+        // SAFETY: plain syscalls on a socket this function owns; structs are plain data.
+        unsafe {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+            ensure!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = proto;
+            addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            let rc = libc::bind(
+                fd,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            ensure!(rc == 0, "bind: {}", std::io::Error::last_os_error());
+            let one: i32 = 1;
+            let rc = libc::setsockopt(
+                fd,
+                libc::SOL_PACKET,
+                libc::PACKET_AUXDATA,
+                (&one as *const i32).cast(),
+                4,
+            );
+            ensure!(
+                rc == 0,
+                "PACKET_AUXDATA: {}",
+                std::io::Error::last_os_error()
+            );
+            let timeout = libc::timeval {
+                tv_sec: 5,
+                tv_usec: 0,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            Ok(Capture(owned))
+        }
+    }
+
+    /// The first received IPv4 TCP segment to `port`: (checksum still partial, frame bytes).
+    fn next_tcp_to(&self, port: u16) -> Result<(bool, Vec<u8>)> {
+        use std::os::fd::AsRawFd;
+        const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
+        for _ in 0..200 {
+            let mut buf = vec![0u8; 65_536];
+            let mut control = [0u8; 256];
+            // SAFETY: recvmsg into buffers that outlive the call; cmsgs parsed with libc's
+            // macros within `control`.
+            let (len, status) = unsafe {
+                let mut iov = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                };
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = &mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = control.as_mut_ptr().cast();
+                msg.msg_controllen = control.len();
+                let n = libc::recvmsg(self.0.as_raw_fd(), &mut msg, 0);
+                ensure!(
+                    n >= 0,
+                    "no segment captured: {}",
+                    std::io::Error::last_os_error()
+                );
+                let mut status = 0u32;
+                let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+                while !cmsg.is_null() {
+                    if (*cmsg).cmsg_level == libc::SOL_PACKET
+                        && (*cmsg).cmsg_type == libc::PACKET_AUXDATA
+                    {
+                        status = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const u32);
+                    }
+                    cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+                }
+                (n as usize, status)
+            };
+            buf.truncate(len);
+            let is_tcp = len > 54 && buf[12..14] == [0x08, 0x00] && buf[23] == 6;
+            if is_tcp {
+                let ihl = usize::from(buf[14] & 0x0f) * 4;
+                let dport = u16::from_be_bytes([buf[14 + ihl + 2], buf[14 + ihl + 3]]);
+                if dport == port {
+                    return Ok((status & TP_STATUS_CSUMNOTREADY != 0, buf));
+                }
+            }
+        }
+        anyhow::bail!("no TCP segment to port {port} among 200 captured frames")
+    }
+}

@@ -25,7 +25,6 @@ use crate::{csum::Delta, maps::XDP_REDIRECT_TARGETS, parse::ptr_at, stats::verdi
 
 /// The hook a program runs at (trace events say which).
 #[derive(Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code)]
 pub enum Hook {
     /// XDP, in the driver (or generic mode when asked for).
     Xdp,
@@ -46,7 +45,6 @@ pub enum Route<'a> {
 /// One packet hook's view of the packet and its exits.
 pub trait Packet {
     /// Which hook runs (for counters and traces).
-    #[allow(dead_code)]
     const HOOK: Hook;
     /// Verdict: continue into the kernel's stack.
     const PASS: u32;

@@ -27,6 +27,7 @@ mod pipeline;
 mod select;
 mod sock;
 mod stats;
+mod trace;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK},

@@ -10,12 +10,13 @@ use mesh_common::{reason, FLOW_REPLY, SERVICE_FLAG_L7_PROXY};
 
 use crate::{
     conntrack,
-    ctx::Packet as Ctx,
+    ctx::{Hook, Packet as Ctx},
     forward, local,
     nat::{self, Side},
     parse::{self, Frame},
     select,
     stats::{self, verdict, Direction},
+    trace,
 };
 
 /// Runs the pipeline on one packet and returns the hook's verdict. `Err(())` means the packet
@@ -110,7 +111,21 @@ pub fn run<C: Ctx>(ctx: &C) -> Result<u32, ()> {
 
     nat::rewrite(ctx, &pkt, side, &addr, port)?;
     stats::traffic(service_id, backend_id, frame_len, dir);
-    forward::forward(ctx, &pkt)
+    let action = forward::forward(ctx, &pkt)?;
+    trace::emit(trace::Decision {
+        hook: match C::HOOK {
+            Hook::Xdp => mesh_common::TRACE_HOOK_XDP,
+            Hook::Tc => mesh_common::TRACE_HOOK_TC,
+        },
+        dir,
+        key: &pkt.key,
+        tcp_flags,
+        target: (&addr, port),
+        ids: (service_id, backend_id),
+        action,
+        ifindex: ctx.ifindex(),
+    });
+    Ok(action)
 }
 
 #[inline(always)]

@@ -24,12 +24,12 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{ensure, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     EbpfLoader,
 };
 use mesh_common::{
     map_names, port_to_wire, reason, Backend, ServiceInfo, ServiceKey, FAMILY_IPV4, FAMILY_IPV6,
-    PROTO_UDP, XDP_PASS_PROGRAM_NAME, XDP_PROGRAM_NAME,
+    PROTO_UDP, TC_PROGRAM_NAME, XDP_PASS_PROGRAM_NAME, XDP_PROGRAM_NAME,
 };
 use mesh_tests::{
     maps::{addr_bytes, Lb, Service},
@@ -71,24 +71,41 @@ fn load(pool: u32, conntrack: u32) -> Result<Lb> {
             .try_into()?;
         prog.load().with_context(|| format!("verifying {name}"))?;
     }
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut(TC_PROGRAM_NAME)
+        .context("mesh_tc missing")?
+        .try_into()?;
+    tc.load().context("verifying mesh_tc")?;
     Ok(Lb {
         ebpf,
         hook: mesh_tests::maps::Hook::Xdp,
     })
 }
 
-/// Runs `program` on `frame` `repeat` times; returns (verdict, ns per run as the kernel measured).
+/// Runs `program` (XDP, or `mesh_tc` on an skb) on `frame` `repeat` times; returns (verdict, ns
+/// per run as the kernel measured). TC's TC_ACT_OK is reported as XDP_PASS.
 fn run(lb: &Lb, program: &str, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
-    let prog: &Xdp = lb
-        .ebpf
-        .program(program)
-        .with_context(|| format!("{program} missing"))?
-        .try_into()?;
-    let r = prog.test_run(TestRunOptions {
+    let options = TestRunOptions {
         data_in: Some(frame),
         repeat,
         ..Default::default()
-    })?;
+    };
+    let found = lb
+        .ebpf
+        .program(program)
+        .with_context(|| format!("{program} missing"))?;
+    if program == TC_PROGRAM_NAME {
+        let prog: &SchedClassifier = found.try_into()?;
+        let r = prog.test_run(options)?;
+        let verdict = if r.return_value == 0 {
+            XDP_PASS
+        } else {
+            r.return_value
+        };
+        return Ok((verdict, r.duration.as_nanos() as f64));
+    }
+    let prog: &Xdp = found.try_into()?;
+    let r = prog.test_run(options)?;
     Ok((r.return_value, r.duration.as_nanos() as f64))
 }
 
@@ -212,6 +229,18 @@ fn per_packet_inner(plan: &Plan, jit: String) -> Result<MicroResult> {
             &self_est6,
             Some(reason::PASS_FIB_OTHER),
         ),
+        (
+            "non-service IPv4 (TC, skb)",
+            TC_PROGRAM_NAME,
+            &non_service,
+            Some(reason::PASS_NOT_SERVICE),
+        ),
+        (
+            "established flow IPv4 (TC, skb)",
+            TC_PROGRAM_NAME,
+            &self_est,
+            Some(reason::PASS_FIB_OTHER),
+        ),
     ];
     let mut hot: Vec<Vec<f64>> = vec![Vec::new(); hot_cases.len()];
     for _ in 0..plan.hot_rounds {
@@ -278,10 +307,12 @@ fn per_packet_inner(plan: &Plan, jit: String) -> Result<MicroResult> {
         "established flow IPv6",
         "new flow IPv4 (conntrack miss)",
         "new flow IPv6 (conntrack miss)",
+        "non-service IPv4 (TC, skb)",
+        "established flow IPv4 (TC, skb)",
     ];
     let mut single: Vec<Vec<f64>> = vec![Vec::with_capacity(n); names.len()];
     for i in 0..n {
-        let frames: [(&str, &[u8]); 7] = [
+        let frames: [(&str, &[u8]); 9] = [
             (XDP_PASS_PROGRAM_NAME, &non_service),
             (XDP_PROGRAM_NAME, &non_service),
             (XDP_PROGRAM_NAME, &est),
@@ -289,6 +320,8 @@ fn per_packet_inner(plan: &Plan, jit: String) -> Result<MicroResult> {
             (XDP_PROGRAM_NAME, &est6),
             (XDP_PROGRAM_NAME, &new_flows[i]),
             (XDP_PROGRAM_NAME, &new_flows6[i]),
+            (TC_PROGRAM_NAME, &non_service),
+            (TC_PROGRAM_NAME, &est),
         ];
         for (k, (prog, frame)) in frames.iter().enumerate() {
             let (v, ns) = run(&lb, prog, frame, 1)?;
