@@ -52,7 +52,10 @@ fn load(trace_available: u8) -> Result<Lb> {
         .context("mesh_xdp missing")?
         .try_into()?;
     prog.load().context("verifying mesh_xdp")?;
-    let mut lb = Lb { ebpf };
+    let mut lb = Lb {
+        ebpf,
+        hook: mesh_tests::maps::Hook::Xdp,
+    };
     let vip: SocketAddr = SELF_VIP.parse()?;
     lb.install(&Service {
         id: 1,
