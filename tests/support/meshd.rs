@@ -209,3 +209,21 @@ pub fn status_json(socket: &str) -> Result<serde_json::Value> {
     anyhow::ensure!(ok, "meshctl status failed: {err}");
     serde_json::from_str(&out).context("meshctl status output")
 }
+
+/// meshd's Prometheus text from its default metrics listener, fetched inside `ns`; an error
+/// when the endpoint does not answer (never an empty page that checks pass on).
+pub fn scrape_metrics(ns: &crate::netns::Netns) -> Result<String> {
+    let out = ns
+        .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"])
+        .context("GET /metrics on meshd's metrics listener")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of the first sample in `text` whose line starts with `prefix` (family name and
+/// the start of its labels) and contains `needle`.
+pub fn metric_value(text: &str, prefix: &str, needle: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix) && l.contains(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
