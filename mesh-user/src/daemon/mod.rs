@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod node;
+pub mod refusals;
 
 use std::{
     net::SocketAddr,
