@@ -130,6 +130,9 @@ pub struct Status {
     pub state_file: Option<String>,
     /// Where maps are pinned.
     pub pin_dir: Option<String>,
+    /// The kernel's features and what meshd chose from them (absent from older daemons).
+    #[serde(default)]
+    pub kernel: Option<crate::dataplane::features::KernelFeatures>,
 }
 
 /// An attached interface.

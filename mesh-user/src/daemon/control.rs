@@ -427,6 +427,7 @@ impl Controller {
                 .pin_dir
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            kernel: Some(crate::dataplane::features::current().clone()),
         }
     }
 

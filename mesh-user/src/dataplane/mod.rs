@@ -2,10 +2,12 @@
 //! them to interfaces, applies a [`DesiredState`](crate::compile::DesiredState) to the BPF maps
 //! atomically and reads the counters back.
 //!
+//! - [`features`]: what the running kernel supports, and the choices made from it;
 //! - [`loader`]: object loading, map sizing and pinning, interface attachment;
 //! - [`tables`]: id allocation and the double-buffered (generation) table writes;
 //! - [`stats`]: per-CPU counters summed into a snapshot.
 
+pub mod features;
 pub mod loader;
 pub mod stats;
 pub mod tables;
