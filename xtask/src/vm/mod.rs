@@ -57,6 +57,9 @@ const NOT_IN_VMS: &[(&str, &str)] = &[
     ),
 ];
 
+/// In-guest limit per test binary, seconds.
+const DEFAULT_TIMEOUT: u64 = 3600;
+
 /// Options of `cargo xtask vm-test`.
 #[derive(clap::Args, Debug)]
 pub struct VmTestArgs {
@@ -69,10 +72,10 @@ pub struct VmTestArgs {
     pub tests: Vec<String>,
     /// Seconds a test binary may take inside the guest before it is killed (emulation is slow;
     /// nothing asserts on time).
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT)]
     pub timeout: u64,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 3072)]
+    #[arg(long, default_value_t = 2048)]
     pub memory: u32,
     /// Guest CPUs.
     #[arg(long, default_value_t = 2)]
@@ -91,8 +94,8 @@ impl VmTestArgs {
         Self {
             kernel: KernelChoice::V6_1,
             tests: CI_TESTS.iter().map(|s| s.to_string()).collect(),
-            timeout: 3600,
-            memory: 3072,
+            timeout: DEFAULT_TIMEOUT,
+            memory: 2048,
             cpus: 2,
             docs: false,
             filter: filter.map(|f| vec![f.to_string()]).unwrap_or_default(),
@@ -161,64 +164,95 @@ pub fn run(args: &VmTestArgs, repo: &Path) -> Result<()> {
         },
     )?;
 
-    let mut accel: Option<qemu::Accel> = None;
-    let mut booted = Vec::new();
+    // Initramfs per kernel, the accelerator once, then all kernels boot at the same time (each
+    // VM is mostly one busy emulation thread; the run takes as long as the slowest kernel).
+    let mut prepared = Vec::new();
     for kernel in &bootable {
         let dir = vm_dir.join(kernel.label);
         fs::create_dir_all(&dir)?;
         let initrd = initramfs::build(kernel, &dir)?;
-        let accel = accel.get_or_insert_with(|| {
-            crate::step("vm: probing KVM");
-            qemu::probe_accel(&kernel.vmlinuz, &initrd.path, &vm_dir)
-        });
-        crate::step(&format!(
-            "vm: booting {} ({}, {}) with {}; {} modules loaded, log in {}",
-            kernel.label,
-            kernel.release,
-            kernel.source,
-            accel.describe(),
-            initrd.loaded.len(),
-            dir.display()
-        ));
         if !initrd.absent.is_empty() {
-            eprintln!("    not in this kernel: {}", initrd.absent.join(" "));
+            eprintln!(
+                "    {}: not in this kernel: {}",
+                kernel.label,
+                initrd.absent.join(" ")
+            );
         }
-        let label = kernel.label;
-        let finished = qemu::Boot {
-            accel,
-            vmlinuz: &kernel.vmlinuz,
-            initramfs: &initrd.path,
-            disk: &disk,
-            dir: &dir,
-            deadline: Duration::from_secs(600 + args.timeout * to_run.len() as u64),
-            memory_mib: args.memory,
-            cpus: args.cpus,
+        prepared.push((kernel, dir, initrd));
+    }
+    let accel = prepared.first().map(|(kernel, _, initrd)| {
+        crate::step("vm: probing KVM");
+        qemu::probe_accel(&kernel.vmlinuz, &initrd.path, &vm_dir)
+    });
+    let mut booted = Vec::new();
+    if let Some(accel) = &accel {
+        let results: Vec<Result<qemu::Finished>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = prepared
+                .iter()
+                .map(|(kernel, dir, initrd)| {
+                    crate::step(&format!(
+                        "vm: booting {} ({}, {}) with {}; {} modules loaded, log in {}",
+                        kernel.label,
+                        kernel.release,
+                        kernel.source,
+                        accel.describe(),
+                        initrd.loaded.len(),
+                        dir.display()
+                    ));
+                    let disk = &disk;
+                    let to_run = &to_run;
+                    scope.spawn(move || {
+                        let label = kernel.label;
+                        let finished = qemu::Boot {
+                            accel,
+                            vmlinuz: &kernel.vmlinuz,
+                            initramfs: &initrd.path,
+                            disk,
+                            dir,
+                            deadline: Duration::from_secs(600 + args.timeout * to_run.len() as u64),
+                            memory_mib: args.memory,
+                            cpus: args.cpus,
+                        }
+                        .run(|line| progress(label, line, args.timeout))?;
+                        append_results_to_console(&finished)?;
+                        eprintln!(
+                            "    {label}: VM finished after {} s{}",
+                            finished.elapsed.as_secs(),
+                            finished
+                                .killed
+                                .as_deref()
+                                .map(|k| format!(" ({k})"))
+                                .unwrap_or_default()
+                        );
+                        Ok(finished)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("VM thread panicked")))
+                })
+                .collect()
+        });
+        for ((kernel, _, _), finished) in prepared.iter().zip(results) {
+            let finished = finished?;
+            let outcomes: Vec<(String, Outcome)> = to_run
+                .iter()
+                .map(|t| {
+                    let o = report::outcome(
+                        &finished.results,
+                        &t.name,
+                        args.timeout,
+                        finished.killed.as_deref(),
+                    );
+                    (t.name.clone(), o)
+                })
+                .collect();
+            booted.push((*kernel, outcomes));
+            columns.push((kernel.label, Ok(booted.len() - 1)));
         }
-        .run(|line| progress(label, line, args.timeout))?;
-        append_results_to_console(&finished)?;
-        eprintln!(
-            "    {label}: VM finished after {} s{}",
-            finished.elapsed.as_secs(),
-            finished
-                .killed
-                .as_deref()
-                .map(|k| format!(" ({k})"))
-                .unwrap_or_default()
-        );
-        let outcomes: Vec<(String, Outcome)> = to_run
-            .iter()
-            .map(|t| {
-                let o = report::outcome(
-                    &finished.results,
-                    &t.name,
-                    args.timeout,
-                    finished.killed.as_deref(),
-                );
-                (t.name.clone(), o)
-            })
-            .collect();
-        booted.push((kernel, outcomes));
-        columns.push((label, Ok(booted.len() - 1)));
     }
 
     // Rows: every integration test binary, run or not (with why not).
@@ -382,6 +416,9 @@ fn document(cols: &[Column], rows: &[String], accel: &str, args: &VmTestArgs) ->
     let mut cmd = format!("cargo xtask vm-test --kernel {}", args.kernel.label());
     if !args.tests.is_empty() {
         cmd.push_str(&format!(" --tests {}", args.tests.join(",")));
+    }
+    if args.timeout != DEFAULT_TIMEOUT {
+        cmd.push_str(&format!(" --timeout {}", args.timeout));
     }
     if !args.filter.is_empty() {
         cmd.push_str(&format!(" -- {}", args.filter.join(" ")));
