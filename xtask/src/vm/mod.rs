@@ -125,11 +125,12 @@ pub fn run(args: &VmTestArgs, repo: &Path) -> Result<()> {
             );
         }
     }
-    let to_run: Vec<disk::TestBinary> = all_tests
+    let mut to_run: Vec<disk::TestBinary> = all_tests
         .iter()
         .filter(|t| selected.contains(&t.name))
         .cloned()
         .collect();
+    to_run.sort_by_key(|t| selected.iter().position(|s| *s == t.name));
     let programs: Vec<PathBuf> = [
         "meshd",
         "meshctl",

@@ -6,6 +6,8 @@
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/mesh/bb
 # Backtraces for panics only: capturing one for every anyhow error is very slow under TCG.
 export HOME=/root RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=0 MESH_VM=1
+# Emulation is many times slower: the tests' waits and I/O timeouts stretch by this factor.
+export MESH_TEST_SLOWDOWN=15
 R=/dev/ttyS1
 say() {
     echo "MESH-VM: $*" > $R
