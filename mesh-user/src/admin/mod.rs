@@ -133,6 +133,9 @@ pub struct Status {
     /// The kernel's features and what meshd chose from them (absent from older daemons).
     #[serde(default)]
     pub kernel: Option<crate::dataplane::features::KernelFeatures>,
+    /// Socket-level balancing of node-local clients (None: off, `--no-socket-lb`).
+    #[serde(default)]
+    pub socket_lb: Option<crate::dataplane::SocketLbStatus>,
 }
 
 /// An attached interface.
