@@ -36,6 +36,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("e2fsprogs", "/usr/sbin/mkfs.ext4"),
     ("xz-utils", "/usr/bin/xz"),
     ("kmod", "/usr/sbin/depmod"),
+    // The split page's test drives a real headless browser (tests/split_page.rs).
+    ("chromium", "/usr/bin/chromium"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

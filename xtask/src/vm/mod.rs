@@ -34,6 +34,7 @@ const DEFAULT_TESTS: &[&str] = &[
     "vm_nic",
     "container_host",
     "node_local",
+    "trace",
     "l7_proxy",
     "shift",
 ];
@@ -328,7 +329,7 @@ pub fn run(args: &VmTestArgs, repo: &Path) -> Result<()> {
 
 fn is_optional(name: &str) -> bool {
     // Named in the defaults before they exist: not an error to ask for them.
-    ["container_host", "node_local", "vm_nic"].contains(&name)
+    ["container_host", "node_local", "vm_nic", "trace"].contains(&name)
 }
 
 fn not_selected(name: &str) -> String {
