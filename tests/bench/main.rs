@@ -48,15 +48,19 @@ impl Drop for DirGuard {
 
 struct Args {
     quick: bool,
+    /// Only this section (`l7`).
+    only: Option<String>,
     out: PathBuf,
     docs: Option<PathBuf>,
 }
 
 const HELP: &str = "mesh-bench: mesh's benchmark suite (run it with `cargo xtask bench`)
 
-Usage: mesh-bench [--quick] [--out DIR] [--docs FILE]
+Usage: mesh-bench [--quick] [--only l7] [--out DIR] [--docs FILE]
 
   --quick       small counts, finishes in well under a minute (the test suite runs this)
+  --only l7     run only section 4 (L7) and print one line per ratio; the report then has
+                the other sections as not run (and --docs is ignored)
   --out DIR     where report.md, summary.json and the PNG plots go (default target/bench)
   --docs FILE   also copy the report there (cargo xtask bench: docs/benchmarks.md, full mode)
   -h, --help    this help
@@ -68,6 +72,7 @@ for section 4 (full mode only) nginx-light, haproxy and wrk with apt-get and Env
 fn parse_args() -> Result<Option<Args>> {
     let mut args = Args {
         quick: false,
+        only: None,
         out: PathBuf::from("target/bench"),
         docs: None,
     };
@@ -75,6 +80,13 @@ fn parse_args() -> Result<Option<Args>> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
+            "--only" => {
+                let section = it.next().context("--only needs a section (l7)")?;
+                if section != "l7" {
+                    bail!("--only {section:?}: only `l7` can run alone");
+                }
+                args.only = Some(section);
+            }
             "--out" => args.out = it.next().context("--out needs a directory")?.into(),
             "--docs" => args.docs = Some(it.next().context("--docs needs a file")?.into()),
             "-h" | "--help" => {
@@ -134,6 +146,38 @@ fn run(args: &Args) -> Result<()> {
         args.out.display()
     ));
 
+    if args.only.is_some() {
+        progress("section 4 only: L7");
+        let l7 = l7::run(&plan).map_err(|e| format!("{e:#}"));
+        let skipped = || "not run (--only l7)".to_string();
+        let results = report::Results {
+            quick: plan.quick,
+            command: format!(
+                "cargo xtask bench{} --only l7",
+                if plan.quick { " --quick" } else { "" }
+            ),
+            machine: machine(),
+            micro: Err(skipped()),
+            forwarding: Err(skipped()),
+            scale_packet: Err(skipped()),
+            scale_apply: Vec::new(),
+            new_conn: Vec::new(),
+            l7,
+            split: Err(skipped()),
+            disruption: Vec::new(),
+            elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        report::write(&results, &args.out)?;
+        match &results.l7 {
+            Ok(r) => {
+                for line in l7::ratio_lines(r) {
+                    println!("{line}");
+                }
+            }
+            Err(e) => println!("l7: not measured: {e}"),
+        }
+        return Ok(());
+    }
     progress("section 1: per-packet cost");
     let micro = micro::per_packet(&plan).map_err(|e| format!("{e:#}"));
     progress("section 5: split quality");

@@ -5,6 +5,7 @@
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
 pub mod http;
+pub mod l7;
 pub mod maps;
 pub mod meshd;
 pub mod netns;
