@@ -4,7 +4,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
@@ -12,9 +11,8 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use mesh_tests::{
     http::{get_once, Client, HttpServer, Reply},
-    l7::{service, vip, virtual_service, Setup, HOST, VIP},
+    l7::{vip, virtual_service, Setup, HOST},
     meshd::{meshctl, meshctl_stdin},
-    topology::backend_v4,
 };
 
 /// `count` requests on one keep-alive connection; who answered, by identity.

@@ -252,6 +252,9 @@ pub struct L7Row {
     pub keepalive: Option<LoadStats>,
     pub close: Option<LoadStats>,
     pub fixed: Option<LatStats>,
+    /// Instructions per request (user, kernel) of the proxy's processes under the keep-alive
+    /// load (`perf stat`): a figure other work on the machine does not change.
+    pub instructions: Option<(f64, f64)>,
     /// A measurement that failed after the system started.
     pub error: Option<String>,
 }
@@ -1499,12 +1502,7 @@ fn profile(setup: &Setup, wrk: &str, perf: &str) -> Result<Profile> {
             })
             .collect())
     };
-    let own = match setup.system {
-        L7System::Mesh => "meshd",
-        L7System::Envoy => "envoy",
-        L7System::Nginx => "nginx",
-        L7System::Haproxy => "haproxy",
-    };
+    let own = setup.system.binary_name();
     let mut p = Profile {
         system: setup.system,
         kernel: 0.0,
@@ -1590,6 +1588,62 @@ fn h2load_closed(h2load: &str, setup: &Setup, secs: u64) -> Result<(u64, f64, u6
     }
 }
 
+/// `perf stat` of the proxy's processes over one keep-alive run: (user, kernel) instructions
+/// per request, requests counted by the backends over perf's whole window.
+fn instructions_per_request(
+    setup: &Setup,
+    perf: &str,
+    secs: u64,
+    load: impl FnOnce() -> Result<Run>,
+) -> Result<(f64, f64)> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", setup.topo.node.name()])
+        .output()?;
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if pids.is_empty() {
+        bail!("no process in the node namespace");
+    }
+    let (a0, b0) = setup.counts();
+    let stat = Command::new("timeout")
+        .args([
+            "60",
+            perf,
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            "instructions:u,instructions:k",
+            "-p",
+        ])
+        .arg(pids.join(","))
+        .args(["--", "sleep"])
+        .arg((secs + 1).to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting perf stat")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let loaded = load();
+    let out = stat.wait_with_output()?;
+    let (a1, b1) = setup.counts();
+    loaded?;
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    let count = |event: &str| {
+        text.lines()
+            .find(|l| l.contains(event))
+            .and_then(|l| l.split(',').next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let requests = (a1 + b1).saturating_sub(a0 + b0) as f64;
+    match (count("instructions:u"), count("instructions:k")) {
+        (Some(u), Some(k)) if requests > 0.0 => Ok((u / requests, k / requests)),
+        _ => bail!("perf stat gave no instruction counts: {}", text.trim()),
+    }
+}
+
 /// Runs section 4.
 pub fn run(plan: &Plan) -> Result<L7Result> {
     let p = if plan.quick {
@@ -1649,6 +1703,7 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
             keepalive: None,
             close: None,
             fixed: None,
+            instructions: None,
             error: None,
         };
         match binary {
@@ -1759,6 +1814,23 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
             }
         }
     }
+    let mut instructions: Vec<Option<(f64, f64)>> = setups.iter().map(|_| None).collect();
+    if let Some(perf) = which("perf") {
+        for (i, s) in setups.iter().enumerate() {
+            if failed[i].is_some() || s.variant != Variant::base(s.system) {
+                continue;
+            }
+            progress(&format!(
+                "L7: instructions per request of {} (perf stat, keep-alive, {} s)",
+                s.system.short(),
+                p.run_s
+            ));
+            match instructions_per_request(s, &perf, p.run_s, || keepalive(s, p.run_s)) {
+                Ok(v) => instructions[i] = Some(v),
+                Err(e) => progress(&format!("L7: {}: {e:#}", s.system.short())),
+            }
+        }
+    }
     let perf = match (plan.quick, &wrk, which("perf")) {
         (true, _, _) => Err("quick mode: not profiled".to_string()),
         (_, None, _) => Err("wrk missing: not profiled".to_string()),
@@ -1787,6 +1859,7 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
         rows[r].keepalive = load_stats(&ka[i]);
         rows[r].close = load_stats(&cl[i]);
         rows[r].fixed = lat_stats(&fx[i]);
+        rows[r].instructions = instructions[i];
         rows[r].error = failed[i].clone();
     }
     drop(setups);
@@ -1831,6 +1904,22 @@ pub fn variant_ratio(r: &L7Result, peer: Variant, close: bool) -> Option<f64> {
 /// One line per ratio, mesh over each peer in each configuration (what `--only l7` prints).
 pub fn ratio_lines(r: &L7Result) -> Vec<String> {
     let mut out = Vec::new();
+    if let Some((mu, mk)) = row(r, L7System::Mesh).and_then(|m| m.instructions) {
+        out.push(format!(
+            "l7 instructions per request mesh: {} user + {} kernel",
+            f(mu, 0),
+            f(mk, 0)
+        ));
+        for x in r.rows.iter().filter(|x| x.system != L7System::Mesh) {
+            if let Some((u, k)) = x.instructions {
+                out.push(format!(
+                    "l7 instructions per request mesh/{}: {}",
+                    x.system.short(),
+                    f((mu + mk) / (u + k), 2)
+                ));
+            }
+        }
+    }
     for x in r.rows.iter().filter(|x| x.system != L7System::Mesh) {
         for (close, what) in [(false, "keep-alive"), (true, "new connection")] {
             if let Some(v) = variant_ratio(r, x.variant, close) {
@@ -2266,6 +2355,32 @@ pub fn write_section(
             );
         }
         Err(e) => plots_note.push(format!("l7_rps.png: {e:#}")),
+    }
+    let counted: Vec<&L7Row> = r.rows.iter().filter(|x| x.instructions.is_some()).collect();
+    if !counted.is_empty() {
+        let mesh = row(r, L7System::Mesh).and_then(|m| m.instructions);
+        let _ = writeln!(
+            w,
+            "**Instructions per request** (keep-alive, `perf stat -e instructions:u,instructions:k` \
+             of every process in the proxy's namespace over one run, divided by the requests the \
+             backends counted in that window; unlike CPU time, other work on the machine does \
+             not change it):\n\n| system | user | kernel | total | mesh / this (total) |\n|---|---|---|---|---|"
+        );
+        for x in counted {
+            let Some((u, k)) = x.instructions else {
+                continue;
+            };
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} |",
+                x.variant.label(),
+                f(u, 0),
+                f(k, 0),
+                f(u + k, 0),
+                opt(mesh.and_then(|(mu, mk)| finite((mu + mk) / (u + k))), 2)
+            );
+        }
+        let _ = writeln!(w);
     }
     let lines = ratio_lines(r);
     if !lines.is_empty() {
