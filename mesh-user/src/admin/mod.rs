@@ -130,6 +130,9 @@ pub struct Status {
     pub state_file: Option<String>,
     /// Where maps are pinned.
     pub pin_dir: Option<String>,
+    /// Socket-level balancing of node-local clients (None: off, `--no-socket-lb`).
+    #[serde(default)]
+    pub socket_lb: Option<crate::dataplane::SocketLbStatus>,
 }
 
 /// An attached interface.

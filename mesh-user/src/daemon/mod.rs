@@ -75,6 +75,8 @@ pub struct DaemonOptions {
     pub watch_interval: Duration,
     /// The L7 proxy's workers and client limits.
     pub proxy: crate::proxy::ProxyOptions,
+    /// Socket-level balancing of node-local clients (None: off).
+    pub socket_lb: Option<crate::dataplane::SocketLbOptions>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -115,6 +117,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         controller
             .dataplane_mut()
             .attach(interface, options.xdp_mode)?;
+    }
+    if let Some(socket_lb) = &options.socket_lb {
+        controller.attach_sockets(socket_lb)?;
     }
     let controller = Arc::new(Mutex::new(controller));
     server::serve_admin(options.socket.clone(), controller.clone()).await?;
