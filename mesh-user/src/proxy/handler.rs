@@ -130,25 +130,28 @@ pub async fn handle(
 async fn serve(conn: &ConnContext, request: Request<Incoming>) -> Response<RespBody> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let log = access_log_enabled().then(|| (parts.method.clone(), parts.uri.clone()));
+    // The method and URI outlive the request only for the access log or a running trace.
+    let log = access_log_enabled();
+    let kept = (log || crate::trace::hub::hub().active())
+        .then(|| (parts.method.clone(), parts.uri.clone()));
+    let record =
+        |authority: &str, service_name: &str, outcome: &Outcome, response: &Response<RespBody>| {
+            if let Some((method, uri)) = &kept {
+                if log {
+                    access_log(conn, method, uri, authority, outcome, started, response);
+                }
+                trace(conn, service_name, method, uri, authority, outcome);
+            }
+        };
     let authority = match request_authority(&parts) {
         Ok(a) => a,
         Err(why) => {
             let response = local(StatusCode::BAD_REQUEST, why);
-            if let Some((method, uri)) = &log {
-                access_log(
-                    conn,
-                    method,
-                    uri,
-                    "",
-                    &Outcome::local(None, 400, None),
-                    started,
-                    &response,
-                );
-            }
+            record("", "", &Outcome::local(None, 400, None), &response);
             return response;
         }
     };
+    let authority_str = authority.to_str().unwrap_or("");
     let table = conn.shared.table.load();
     let runtime = table.services.get(&conn.service).cloned();
     drop(table);
@@ -157,35 +160,50 @@ async fn serve(conn: &ConnContext, request: Request<Incoming>) -> Response<RespB
             StatusCode::SERVICE_UNAVAILABLE,
             "service is not served by the L7 proxy",
         );
-        if let Some((method, uri)) = &log {
-            access_log(
-                conn,
-                method,
-                uri,
-                authority.to_str().unwrap_or(""),
-                &Outcome::local(None, 503, None),
-                started,
-                &response,
-            );
-        }
+        record(
+            authority_str,
+            "",
+            &Outcome::local(None, 503, None),
+            &response,
+        );
         return response;
     };
     let (response, outcome) = route_request(conn, &runtime, parts, body, &authority).await;
     if let Some(counters) = outcome.counters {
         counters.observe(outcome.status, started.elapsed());
     }
-    if let Some((method, uri)) = &log {
-        access_log(
-            conn,
-            method,
-            uri,
-            authority.to_str().unwrap_or(""),
-            &outcome,
-            started,
-            &response,
-        );
-    }
+    record(authority_str, &runtime.name, &outcome, &response);
     response
+}
+
+fn route_label<'a>(outcome: &'a Outcome) -> &'a str {
+    match outcome.route {
+        Some(r) => &r.name,
+        None if outcome.status == 404 => "(no route)",
+        None => "",
+    }
+}
+
+/// The proxy's decision for `meshctl trace` (built only while a trace runs).
+fn trace(
+    conn: &ConnContext,
+    service_name: &str,
+    method: &Method,
+    uri: &Uri,
+    authority: &str,
+    outcome: &Outcome,
+) {
+    let backend = outcome.backend.map(|b| b.to_string()).unwrap_or_default();
+    crate::trace::hub::proxy_request(|| crate::trace::ProxyDecision {
+        service: &conn.service,
+        service_name: service_name.to_string(),
+        client: conn.client,
+        request: format!("{method} {authority}{}", uri.path()),
+        route: route_label(outcome),
+        subset: outcome.cluster.map(|c| &*c.subset).unwrap_or(""),
+        backend: &backend,
+        status: outcome.status,
+    });
 }
 
 fn access_log(
@@ -208,7 +226,7 @@ fn access_log(
         method = %method,
         authority = %authority,
         path = %uri.path(),
-        route = %outcome.route.map(|r| &*r.name).unwrap_or(if outcome.status == 404 { "(no route)" } else { "" }),
+        route = %route_label(outcome),
         subset = %outcome.cluster.map(|c| &*c.subset).unwrap_or(""),
         backend = %backend,
         status = outcome.status,
