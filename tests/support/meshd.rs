@@ -202,3 +202,21 @@ pub fn meshctl_stdin(socket: &str, args: &[&str], stdin: &str) -> Result<(bool, 
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
 }
+
+/// meshd's Prometheus text from its default metrics listener, fetched inside `ns`; an error
+/// when the endpoint does not answer (never an empty page that checks pass on).
+pub fn scrape_metrics(ns: &crate::netns::Netns) -> Result<String> {
+    let out = ns
+        .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"])
+        .context("GET /metrics on meshd's metrics listener")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of the first sample in `text` whose line starts with `prefix` (family name and
+/// the start of its labels) and contains `needle`.
+pub fn metric_value(text: &str, prefix: &str, needle: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix) && l.contains(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
