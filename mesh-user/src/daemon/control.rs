@@ -478,6 +478,7 @@ impl Controller {
                 .pin_dir
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            kernel: Some(crate::dataplane::features::current().clone()),
             socket_lb: self.socket_lb.clone().map(|mut s| {
                 s.counters = self.dataplane.socket_counters();
                 s
