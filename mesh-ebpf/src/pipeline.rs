@@ -83,7 +83,7 @@ pub fn run<C: Ctx>(ctx: &C) -> Result<u32, ()> {
                 return Ok(verdict(reason::PASS_L7_PROXY, C::PASS));
             }
             if svc.table_size == 0 {
-                return Ok(verdict(reason::DROP_NO_BACKEND, C::DROP));
+                return Ok(verdict(reason::REFUSED_NO_BACKEND, C::PASS));
             }
             // Checked before any state is created, like on the tracked paths below.
             if pkt.ttl <= 1 {

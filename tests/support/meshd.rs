@@ -64,7 +64,7 @@ impl Meshd {
             }
         });
         let mut meshd = Meshd { child, log };
-        meshd.wait_for_log("meshd ready", 0, Duration::from_secs(20))?;
+        meshd.wait_for_log("meshd ready", 0, crate::patience(Duration::from_secs(20)))?;
         Ok(meshd)
     }
 
@@ -109,7 +109,7 @@ impl Meshd {
     pub fn reload(&mut self) -> Result<String> {
         let from = self.log_len();
         self.signal(libc::SIGHUP);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
         loop {
             if let Some(line) = self.log.lock().expect("log lock")[from..].iter().find(|l| {
                 l.contains("rules reloaded")
@@ -134,7 +134,7 @@ impl Meshd {
     /// Stops meshd with SIGTERM and returns its exit status.
     pub fn stop(mut self) -> Result<std::process::ExitStatus> {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
         loop {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status);

@@ -139,6 +139,9 @@ pub struct Status {
     pub state_file: Option<String>,
     /// Where maps are pinned.
     pub pin_dir: Option<String>,
+    /// The kernel's features and what meshd chose from them (absent from older daemons).
+    #[serde(default)]
+    pub kernel: Option<crate::dataplane::features::KernelFeatures>,
     /// Socket-level balancing of node-local clients (None: off, `--no-socket-lb`).
     #[serde(default)]
     pub socket_lb: Option<crate::dataplane::SocketLbStatus>,

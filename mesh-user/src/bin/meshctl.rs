@@ -577,6 +577,9 @@ fn print_status(status: &Status) {
         "meshd {} (pid {}), up {:.0}s",
         status.version, status.pid, status.uptime_s
     );
+    if let Some(k) = &status.kernel {
+        println!("{}", k.summary());
+    }
     println!("\nINTERFACE        IFINDEX  HOOK         PROGRAM   WHY");
     for i in &status.interfaces {
         println!(

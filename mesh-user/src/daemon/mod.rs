@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod node;
+pub mod refusals;
 
 use std::{
     net::SocketAddr,
@@ -75,6 +76,8 @@ pub struct DaemonOptions {
     pub conntrack_entries: u32,
     /// How often the --config files are checked for changes.
     pub watch_interval: Duration,
+    /// The L7 proxy's workers and client limits.
+    pub proxy: crate::proxy::ProxyOptions,
     /// Socket-level balancing of node-local clients (None: off).
     pub socket_lb: Option<crate::dataplane::SocketLbOptions>,
 }
@@ -85,6 +88,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         node_addresses: node::interface_addresses(&options.interfaces)?,
     };
     let store = RuleStore::open(options.state_file.clone()).context("restoring applied rules")?;
+    let features = crate::dataplane::features::current();
+    features.require()?;
+    tracing::info!("{}", features.summary());
     let dataplane = Dataplane::load(DataplaneOptions {
         pin_dir: options.pin_dir.clone(),
         maglev_pool_entries: options.maglev_pool_entries,
@@ -98,7 +104,10 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         options.config.clone(),
         options.state_file.clone(),
     )
-    .with_proxy(crate::proxy::Proxy::new(tokio::runtime::Handle::current()));
+    .with_proxy(crate::proxy::Proxy::new(
+        tokio::runtime::Handle::current(),
+        options.proxy,
+    )?);
     // Rules before attaching: bad rules fail here, before any packet is touched.
     let report = controller
         .load_files("startup")

@@ -3,12 +3,14 @@
 //! atomically and reads the counters back.
 //!
 //! - [`attach`]: per interface, XDP or TC (the one place that decides), and attaching;
+//! - [`features`]: what the running kernel supports, and the choices made from it;
 //! - [`loader`]: object loading, map sizing and pinning;
 //! - [`tables`]: id allocation and the double-buffered (generation) table writes;
 //! - [`stats`]: per-CPU counters summed into a snapshot;
 //! - [`sockets`]: the cgroup socket hooks that balance node-local clients at connect().
 
 pub mod attach;
+pub mod features;
 pub mod loader;
 pub mod sockets;
 pub mod stats;
