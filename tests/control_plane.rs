@@ -63,13 +63,10 @@ fn rule_maps(pins: &Path) -> Result<Vec<u8>> {
         MapData::from_pin(pins.join(name)).with_context(|| format!("opening pinned {name}"))
     };
     let mut out = Vec::new();
-    let active: Array<MapData, u32> =
-        Array::try_from(Map::Array(open(map_names::ACTIVE_GENERATION)?))?;
-    out.extend(active.get(&0, 0)?.to_ne_bytes());
     let services: BpfHashMap<MapData, ServiceKey, ServiceInfo> =
         BpfHashMap::try_from(Map::HashMap(open(map_names::SERVICES)?))?;
     let mut entries: Vec<(ServiceKey, ServiceInfo)> = services.iter().collect::<Result<_, _>>()?;
-    entries.sort_by_key(|(k, _)| (k.generation, k.addr, k.port, k.proto));
+    entries.sort_by_key(|(k, _)| (k.addr, k.port, k.proto));
     for (k, v) in entries {
         out.extend(format!("{k:?}{v:?}").bytes());
     }

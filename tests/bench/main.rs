@@ -144,8 +144,8 @@ fn run(args: &Args) -> Result<()> {
         .iter()
         .map(|n| split::disruption(*n, split::maglev::default_table_size(*n)))
         .collect();
-    // Fixed sizes for comparison: mesh's smallest default and a small explicit tableSize.
-    for m in [mesh_common::DEFAULT_MAGLEV_TABLE_SIZE, 251] {
+    // Fixed sizes for comparison: mesh's earlier fixed default and a small explicit tableSize.
+    for m in [4093, 251] {
         disruption.extend(
             plan.disruption_sizes
                 .iter()
