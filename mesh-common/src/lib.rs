@@ -299,8 +299,43 @@ mod tests {
         assert_eq!(port_to_wire(0x1234).to_ne_bytes(), [0x12, 0x34]);
     }
 
+    /// Reads the reason constants from this file's source, so a reason added without its name,
+    /// a name out of order or a gap in the numbering fails here (the array length alone is
+    /// fixed by its type and proves nothing).
     #[test]
     fn every_reason_has_a_name() {
-        assert_eq!(reason::NAMES.len(), reason::COUNT as usize);
+        extern crate std;
+        use std::{string::String, vec::Vec};
+        let source = include_str!("lib.rs");
+        let start = source.find("pub mod reason {").expect("mod reason");
+        let body = &source[start..];
+        let body = &body[..body.find("\n}").expect("end of mod reason")];
+        let mut constants: Vec<(String, u32)> = Vec::new();
+        for line in body.lines() {
+            let Some(rest) = line.trim().strip_prefix("pub const ") else {
+                continue;
+            };
+            let Some((name, value)) = rest.split_once(": u32 = ") else {
+                continue;
+            };
+            let value: u32 = value.trim_end_matches(';').parse().expect(name);
+            if name != "COUNT" {
+                constants.push((String::from(name), value));
+            }
+        }
+        assert_eq!(constants.len(), reason::COUNT as usize, "{constants:?}");
+        let mut values: Vec<u32> = constants.iter().map(|(_, v)| *v).collect();
+        values.sort_unstable();
+        assert!(
+            values.iter().copied().eq(0..reason::COUNT),
+            "reason codes must be 0..COUNT without gaps or repeats: {values:?}"
+        );
+        for (name, value) in &constants {
+            assert_eq!(
+                reason::NAMES[*value as usize],
+                name.to_lowercase(),
+                "name of reason {name} = {value}"
+            );
+        }
     }
 }
