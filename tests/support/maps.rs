@@ -212,3 +212,59 @@ impl Lb {
         Ok(total)
     }
 }
+
+/// Everything the kernel holds for one service, as bytes: its SERVICES entry, its Maglev slice
+/// and the BACKENDS entries the slice references.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceBytes {
+    pub info: Vec<u8>,
+    pub slice: Vec<u32>,
+    pub backends: Vec<(u32, Vec<u8>)>,
+}
+
+fn pod_bytes<T: aya::Pod>(value: &T) -> Vec<u8> {
+    // SAFETY: Pod types are plain data with explicit padding.
+    unsafe {
+        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
+    }
+    .to_vec()
+}
+
+/// Reads every service's kernel entries back from the maps pinned under `pin_dir`, keyed by the
+/// SERVICES key's bytes.
+pub fn pinned_services(
+    pin_dir: &std::path::Path,
+) -> Result<std::collections::BTreeMap<Vec<u8>, ServiceBytes>> {
+    use aya::maps::{Map, MapData};
+    let open = |name: &str| {
+        MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening pinned {name}"))
+    };
+    let services: HashMap<MapData, ServiceKey, ServiceInfo> =
+        HashMap::try_from(Map::HashMap(open(map_names::SERVICES)?))?;
+    let maglev: Array<MapData, u32> = Array::try_from(Map::Array(open(map_names::MAGLEV)?))?;
+    let backends: Array<MapData, Backend> =
+        Array::try_from(Map::Array(open(map_names::BACKENDS)?))?;
+    let mut out = std::collections::BTreeMap::new();
+    for entry in services.iter() {
+        let (key, info) = entry?;
+        let slice: Vec<u32> = (0..info.table_size)
+            .map(|i| maglev.get(&(info.table_offset + i), 0))
+            .collect::<Result<_, _>>()?;
+        let mut ids: Vec<u32> = slice.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        let backends = ids
+            .into_iter()
+            .map(|id| Ok((id, pod_bytes(&backends.get(&id, 0)?))))
+            .collect::<Result<_>>()?;
+        out.insert(
+            pod_bytes(&key),
+            ServiceBytes {
+                info: pod_bytes(&info),
+                slice,
+                backends,
+            },
+        );
+    }
+    Ok(out)
+}

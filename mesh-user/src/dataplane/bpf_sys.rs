@@ -195,11 +195,6 @@ impl MappedU32Array {
         })
     }
 
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.entries
-    }
-
     /// Reads `out.len()` elements starting at `offset`.
     pub fn read(&self, offset: usize, out: &mut [u32]) {
         assert!(offset + out.len() <= self.entries, "read past the array");

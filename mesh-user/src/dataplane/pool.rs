@@ -239,6 +239,6 @@ mod tests {
         assert_eq!(ids.allocate(), None);
         ids.end_quarantine();
         assert_eq!(ids.allocate(), Some(0));
-        assert!(ids.reserve(5) == false && !ids.reserve(1));
+        assert!(!ids.reserve(5) && !ids.reserve(1));
     }
 }

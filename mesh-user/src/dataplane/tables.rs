@@ -395,7 +395,7 @@ impl Tables {
                 }
             }
             written += 1;
-            if written % PROGRESS_EVERY == 0 {
+            if written.is_multiple_of(PROGRESS_EVERY) {
                 info!(written, total, "writing service tables");
             }
         }
