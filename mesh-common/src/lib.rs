@@ -33,7 +33,45 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Per-CPU array: reason code -> packet count.
     pub const REASON_STATS: &str = "REASON_STATS";
+    /// Ring buffer of [`TraceEvent`](crate::TraceEvent)s (decision trace); never pinned.
+    pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
+    /// Single-entry array holding the [`TraceFilter`](crate::TraceFilter); never pinned.
+    pub const TRACE_FILTER: &str = "TRACE_FILTER";
+    /// Array, one entry: [`SockConfig`](crate::SockConfig) of the socket hooks.
+    pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
+    /// LRU hash: [`SockKey`](crate::SockKey) (socket cookie + backend) ->
+    /// [`SockTarget`](crate::SockTarget) (the service address the socket asked for): what
+    /// `recvmsg` and `getpeername` show instead of the backend.
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// LRU hash: [`SockKey`](crate::SockKey) (socket cookie + service address) ->
+    /// [`SockTarget`](crate::SockTarget) (the backend): the UDP flows of unconnected sockets,
+    /// so every datagram of one socket to one service goes to the same backend.
+    pub const SOCK_FLOWS: &str = "SOCK_FLOWS";
+    /// Per-CPU array: [`sock_reason`](crate::sock_reason) code -> count.
+    pub const SOCK_STATS: &str = "SOCK_STATS";
 }
+
+/// Name of the load-time switch (a `.rodata` global, 1 by default) that compiles the trace check
+/// in. Loaded with 0, the verifier removes the check entirely (the benchmark's baseline).
+pub const TRACE_AVAILABLE_GLOBAL: &str = "TRACE_AVAILABLE";
+/// Size of the trace ring buffer in bytes (a power of two, a multiple of the page size).
+pub const TRACE_RING_BYTES: u32 = 1 << 20;
+
+/// Names of the cgroup sock_addr programs (socket-level balancing of node-local clients), in
+/// attach order, each with the hook it belongs to (`connect4`, `sendmsg6`, ...).
+pub const SOCK_PROGRAMS: [(&str, &str); 8] = [
+    ("mesh_sock_connect4", "connect4"),
+    ("mesh_sock_connect6", "connect6"),
+    ("mesh_sock_sendmsg4", "sendmsg4"),
+    ("mesh_sock_sendmsg6", "sendmsg6"),
+    ("mesh_sock_recvmsg4", "recvmsg4"),
+    ("mesh_sock_recvmsg6", "recvmsg6"),
+    ("mesh_sock_getpeername4", "getpeername4"),
+    ("mesh_sock_getpeername6", "getpeername6"),
+];
+/// Capacity of [`map_names::SOCK_REVNAT`] and of [`map_names::SOCK_FLOWS`] (LRU: the least
+/// recently used sockets' entries go first).
+pub const SOCK_MAP_ENTRIES: u32 = 65_536;
 
 /// Name of the XDP program in the object file.
 pub const XDP_PROGRAM_NAME: &str = "mesh_xdp";
@@ -132,6 +170,86 @@ pub mod reason {
         "forward_tx",
         "forward_redirect",
     ];
+}
+
+/// Outcomes of the socket hooks: the index into [`map_names::SOCK_STATS`].
+pub mod sock_reason {
+    /// `connect()` to a service address went straight to a backend.
+    pub const CONNECT_BALANCED: u32 = 0;
+    /// A UDP `sendmsg()` opened a new flow of an unconnected socket to a backend.
+    pub const SENDMSG_BALANCED: u32 = 1;
+    /// A UDP `sendmsg()` followed its socket's flow to the same backend.
+    pub const SENDMSG_FLOW: u32 = 2;
+    /// `recvmsg()` showed a backend's datagram as coming from the service address.
+    pub const RECVMSG_RESTORED: u32 = 3;
+    /// `getpeername()` showed the service address instead of the backend.
+    pub const GETPEERNAME_RESTORED: u32 = 4;
+    /// A service served by the L7 proxy: the address is left as it is (the proxy listens there).
+    pub const L7_PROXY: u32 = 5;
+    /// A service with no backend: the call fails with ECONNREFUSED.
+    pub const NO_BACKEND: u32 = 6;
+    /// A service lookup hit an inconsistent table (should never happen); the call fails.
+    pub const INTERNAL: u32 = 7;
+    /// Number of codes.
+    pub const COUNT: u32 = 8;
+
+    /// Stable, lower-case names (`meshctl status`, metrics labels).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "connect_balanced",
+        "sendmsg_balanced",
+        "sendmsg_flow",
+        "recvmsg_restored",
+        "getpeername_restored",
+        "l7_proxy",
+        "no_backend",
+        "internal",
+    ];
+}
+
+/// Value of [`map_names::SOCK_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockConfig {
+    /// Cookie of meshd's network namespace (`SO_NETNS_COOKIE`): the hooks act only on sockets
+    /// of this namespace. 0 turns them off.
+    pub netns_cookie: u64,
+}
+
+/// Key of [`map_names::SOCK_REVNAT`] and [`map_names::SOCK_FLOWS`]: one socket and one peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    /// Socket cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// Peer address (backend in SOCK_REVNAT, service in SOCK_FLOWS), wire order.
+    pub addr: [u8; 16],
+    /// Peer port, network order.
+    pub port: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 4],
+}
+
+/// Value of [`map_names::SOCK_REVNAT`] (the service address) and [`map_names::SOCK_FLOWS`]
+/// (the backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockTarget {
+    /// Address, wire order.
+    pub addr: [u8; 16],
+    /// Port, network order.
+    pub port: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
+    /// Service id (for counters).
+    pub service_id: u32,
+    /// Backend id (for counters, and to see that a cached backend is still the same).
+    pub backend_id: u32,
 }
 
 /// Key of [`map_names::SERVICES`]: a service address.
@@ -256,6 +374,89 @@ impl TrafficCounters {
     }
 }
 
+/// [`TraceFilter::fields`]: match the client address (request source, reply destination).
+pub const TRACE_MATCH_CLIENT_ADDR: u32 = 1 << 0;
+/// [`TraceFilter::fields`]: match the client port.
+pub const TRACE_MATCH_CLIENT_PORT: u32 = 1 << 1;
+/// [`TraceFilter::fields`]: match the service address (request destination before NAT).
+pub const TRACE_MATCH_SERVICE_ADDR: u32 = 1 << 2;
+/// [`TraceFilter::fields`]: match the service port.
+pub const TRACE_MATCH_SERVICE_PORT: u32 = 1 << 3;
+/// [`TraceFilter::fields`]: match the backend id.
+pub const TRACE_MATCH_BACKEND: u32 = 1 << 4;
+
+/// [`TraceEvent::hook`]: the XDP entry.
+pub const TRACE_HOOK_XDP: u8 = 1;
+/// [`TraceEvent::hook`]: the TC entry.
+pub const TRACE_HOOK_TC: u8 = 2;
+
+/// [`TraceEvent::kind`]: a new flow, backend picked from the Maglev table.
+pub const TRACE_NEW_FLOW: u8 = 1;
+/// [`TraceEvent::kind`]: a packet of a tracked connection, sent to its recorded backend.
+pub const TRACE_ESTABLISHED: u8 = 2;
+/// [`TraceEvent::kind`]: a reply from a backend, service address restored.
+pub const TRACE_REPLY: u8 = 3;
+
+/// Value of [`map_names::TRACE_FILTER`]: which packets the kernel reports.
+///
+/// Off (`enabled == 0`) the programs read this one entry and nothing else. On, a packet is
+/// reported when every field named in `fields` matches; userspace may filter further.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceFilter {
+    /// 0: tracing off.
+    pub enabled: u32,
+    /// `TRACE_MATCH_*` bits: which of the fields below must match.
+    pub fields: u32,
+    /// Client address, wire order; IPv4 in `[0..4]`.
+    pub client_addr: [u8; 16],
+    /// Service address, wire order; IPv4 in `[0..4]`.
+    pub service_addr: [u8; 16],
+    /// Client port, network order.
+    pub client_port: u16,
+    /// Service port, network order.
+    pub service_port: u16,
+    /// Backend id.
+    pub backend_id: u32,
+}
+
+/// One decision of the kernel path, as written to [`map_names::TRACE_EVENTS`].
+///
+/// The tuple is the packet as it arrived (before translation); `target_*` is what was written
+/// into it (the backend for requests, the service address for replies).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceEvent {
+    /// `bpf_ktime_get_ns()`.
+    pub ts_ns: u64,
+    /// The packet's source and destination as it arrived.
+    pub key: FlowKey,
+    /// Address written into the packet, wire order.
+    pub target_addr: [u8; 16],
+    /// Port written into the packet, network order.
+    pub target_port: u16,
+    /// [`TRACE_HOOK_XDP`] or [`TRACE_HOOK_TC`].
+    pub hook: u8,
+    /// `TRACE_NEW_FLOW`, `TRACE_ESTABLISHED` or `TRACE_REPLY`.
+    pub kind: u8,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+    /// Service id.
+    pub service_id: u32,
+    /// Backend id.
+    pub backend_id: u32,
+    /// Maglev slot (index inside the service's table) for new flows, `u32::MAX` otherwise.
+    pub slot: u32,
+    /// The program's return code (XDP or TC action).
+    pub action: u32,
+    /// Interface the packet arrived on.
+    pub ifindex: u32,
+    /// Explicit padding, always zero.
+    pub _pad2: u32,
+}
+
 /// Converts a host-order port to the representation stored in maps.
 pub const fn port_to_wire(port: u16) -> u16 {
     u16::from_ne_bytes(port.to_be_bytes())
@@ -276,6 +477,11 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::TrafficCounters {}
+    unsafe impl aya::Pod for super::TraceFilter {}
+    unsafe impl aya::Pod for super::TraceEvent {}
+    unsafe impl aya::Pod for super::SockConfig {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockTarget {}
 }
 
 #[cfg(test)]
@@ -291,6 +497,11 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowState>(), 48);
         assert_eq!(size_of::<TrafficCounters>(), 48);
+        assert_eq!(size_of::<TraceFilter>(), 48);
+        assert_eq!(size_of::<TraceEvent>(), 96);
+        assert_eq!(size_of::<SockConfig>(), 8);
+        assert_eq!(size_of::<SockKey>(), 32);
+        assert_eq!(size_of::<SockTarget>(), 28);
     }
 
     #[test]
@@ -304,6 +515,7 @@ mod tests {
     /// fixed by its type and proves nothing).
     #[test]
     fn every_reason_has_a_name() {
+        assert_eq!(sock_reason::NAMES.len(), sock_reason::COUNT as usize);
         extern crate std;
         use std::{string::String, vec::Vec};
         let source = include_str!("lib.rs");

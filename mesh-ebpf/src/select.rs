@@ -30,12 +30,7 @@ pub fn service(key: &FlowKey) -> Option<ServiceInfo> {
 /// are inconsistent.
 #[inline(always)]
 pub fn backend(key: &FlowKey, svc: &ServiceInfo) -> Option<(u32, Backend)> {
-    let hash = if svc.flags & SERVICE_FLAG_HASH_SOURCE_IP != 0 {
-        hash_source(key)
-    } else {
-        hash_flow(key)
-    };
-    let index = svc.table_offset.wrapping_add(hash % svc.table_size);
+    let index = svc.table_offset.wrapping_add(slot(key, svc));
     let id = *MAGLEV.get(index)?;
     if id == NO_BACKEND {
         return None;
@@ -45,6 +40,17 @@ pub fn backend(key: &FlowKey, svc: &ServiceInfo) -> Option<(u32, Backend)> {
         return None;
     }
     Some((id, backend))
+}
+
+/// The flow's slot in the service's Maglev table (`svc.table_size` must be non-zero).
+#[inline(always)]
+pub fn slot(key: &FlowKey, svc: &ServiceInfo) -> u32 {
+    let hash = if svc.flags & SERVICE_FLAG_HASH_SOURCE_IP != 0 {
+        hash_source(key)
+    } else {
+        hash_flow(key)
+    };
+    hash % svc.table_size
 }
 
 const SEED: u32 = 0x6d65_7368;
@@ -75,8 +81,9 @@ fn hash_source(key: &FlowKey) -> u32 {
     finish(h, 20)
 }
 
+/// The `i`-th 32-bit word of an address, in memory order.
 #[inline(always)]
-fn word(addr: &[u8; 16], i: usize) -> u32 {
+pub fn word(addr: &[u8; 16], i: usize) -> u32 {
     u32::from_ne_bytes([
         addr[4 * i],
         addr[4 * i + 1],

@@ -48,15 +48,19 @@ impl Drop for DirGuard {
 
 struct Args {
     quick: bool,
+    /// `--only scale`: section 3 alone (per packet vs N, and meshd's apply/change/restart).
+    only_scale: bool,
     out: PathBuf,
     docs: Option<PathBuf>,
 }
 
 const HELP: &str = "mesh-bench: mesh's benchmark suite (run it with `cargo xtask bench`)
 
-Usage: mesh-bench [--quick] [--out DIR] [--docs FILE]
+Usage: mesh-bench [--quick] [--only scale] [--out DIR] [--docs FILE]
 
   --quick       small counts, finishes in well under a minute (the test suite runs this)
+  --only scale  section 3 alone: per-packet cost vs number of services, and meshd with
+                default settings applying, changing and restarting on 1 to 30 000 services
   --out DIR     where report.md, summary.json and the PNG plots go (default target/bench)
   --docs FILE   also copy the report there (cargo xtask bench: docs/benchmarks.md, full mode)
   -h, --help    this help
@@ -68,6 +72,7 @@ for section 4 (full mode only) nginx-light, haproxy and wrk with apt-get and Env
 fn parse_args() -> Result<Option<Args>> {
     let mut args = Args {
         quick: false,
+        only_scale: false,
         out: PathBuf::from("target/bench"),
         docs: None,
     };
@@ -75,6 +80,10 @@ fn parse_args() -> Result<Option<Args>> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
+            "--only" => match it.next().as_deref() {
+                Some("scale") => args.only_scale = true,
+                other => bail!("--only takes `scale`, not {other:?}"),
+            },
             "--out" => args.out = it.next().context("--out needs a directory")?.into(),
             "--docs" => args.docs = Some(it.next().context("--docs needs a file")?.into()),
             "-h" | "--help" => {
@@ -85,6 +94,11 @@ fn parse_args() -> Result<Option<Args>> {
         }
     }
     Ok(Some(args))
+}
+
+/// A section `--only` left out.
+fn skipped<T>() -> Result<T, String> {
+    Err("not run (--only scale)".to_string())
 }
 
 fn sh_out(program: &str, args: &[&str]) -> String {
@@ -114,8 +128,13 @@ fn machine() -> Vec<(String, String)> {
         (
             "mesh commit".into(),
             format!(
-                "{} (plus uncommitted work in the tree)",
-                sh_out("git", &["rev-parse", "--short", "HEAD"])
+                "{} ({})",
+                sh_out("git", &["rev-parse", "--short", "HEAD"]),
+                if sh_out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+                    "clean tree"
+                } else {
+                    "plus uncommitted changes in the tree"
+                }
             ),
         ),
     ]
@@ -134,40 +153,67 @@ fn run(args: &Args) -> Result<()> {
         args.out.display()
     ));
 
-    progress("section 1: per-packet cost");
-    let micro = micro::per_packet(&plan).map_err(|e| format!("{e:#}"));
-    progress("section 5: split quality");
-    let split =
-        micro::observed_split(plan.split_flows, vec![251, 4093]).map_err(|e| format!("{e:#}"));
-    let mut disruption: Vec<split::DisruptionPoint> = plan
-        .disruption_sizes
-        .iter()
-        .map(|n| split::disruption(*n, split::maglev::default_table_size(*n)))
-        .collect();
-    // Fixed sizes for comparison: mesh's earlier fixed default and a small explicit tableSize.
-    for m in [4093, 251] {
-        disruption.extend(
-            plan.disruption_sizes
-                .iter()
-                .filter(|n| split::maglev::default_table_size(**n) != m)
-                .map(|n| split::disruption(*n, m)),
-        );
+    let all = !args.only_scale;
+    let micro = if all {
+        progress("section 1: per-packet cost");
+        micro::per_packet(&plan).map_err(|e| format!("{e:#}"))
+    } else {
+        skipped()
+    };
+    let split = if all {
+        progress("section 5: split quality");
+        micro::observed_split(plan.split_flows, vec![251, 4093]).map_err(|e| format!("{e:#}"))
+    } else {
+        skipped()
+    };
+    let mut disruption: Vec<split::DisruptionPoint> = Vec::new();
+    if all {
+        disruption = plan
+            .disruption_sizes
+            .iter()
+            .map(|n| split::disruption(*n, split::maglev::default_table_size(*n)))
+            .collect();
+        // Fixed sizes for comparison: mesh's earlier fixed default and a small explicit tableSize.
+        for m in [4093, 251] {
+            disruption.extend(
+                plan.disruption_sizes
+                    .iter()
+                    .filter(|n| split::maglev::default_table_size(**n) != m)
+                    .map(|n| split::disruption(*n, m)),
+            );
+        }
     }
     progress("section 3: per-packet cost vs number of services");
     let scale_packet = micro::scale(&plan).map_err(|e| format!("{e:#}"));
-    progress("section 2: forwarding (installing nftables/iptables if missing)");
-    let peers = peers::ensure_peers();
-    let forwarding = forward::run(&plan, &peers).map_err(|e| format!("{e:#}"));
-    progress("section 3: applying rule sets through meshd");
-    let scale_apply = scale::run(&plan);
-    progress("section 3: new connections vs number of services");
-    let new_conn = newconn::run(&plan, &peers);
-    progress(if plan.quick {
-        "section 4: L7 (quick: mesh against the peers already installed)"
+    let peers = if all {
+        progress("section 2: forwarding (installing nftables/iptables if missing)");
+        Some(peers::ensure_peers())
     } else {
-        "section 4: L7 (installing nginx, haproxy, wrk and Envoy if missing)"
-    });
-    let l7 = l7::run(&plan).map_err(|e| format!("{e:#}"));
+        None
+    };
+    let forwarding = match &peers {
+        Some(peers) => forward::run(&plan, peers).map_err(|e| format!("{e:#}")),
+        None => skipped(),
+    };
+    progress("section 3: applying, changing and restarting rule sets through meshd");
+    let scale_apply = scale::run(&plan);
+    let new_conn = match &peers {
+        Some(peers) => {
+            progress("section 3: new connections vs number of services");
+            newconn::run(&plan, peers)
+        }
+        None => Vec::new(),
+    };
+    let l7 = if all {
+        progress(if plan.quick {
+            "section 4: L7 (quick: mesh against the peers already installed)"
+        } else {
+            "section 4: L7 (installing nginx, haproxy, wrk and Envoy if missing)"
+        });
+        l7::run(&plan).map_err(|e| format!("{e:#}"))
+    } else {
+        skipped()
+    };
 
     let results = report::Results {
         quick: plan.quick,

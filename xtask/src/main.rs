@@ -52,6 +52,9 @@ enum Cmd {
         /// Small counts, done in well under a minute (a smoke run; numbers not to quote).
         #[arg(long)]
         quick: bool,
+        /// One section only (`scale`); the report goes to target/bench/ only, never to docs/.
+        #[arg(long, value_name = "SECTION")]
+        only: Option<String>,
         /// More arguments for the benchmark (see `cargo xtask bench -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -106,7 +109,7 @@ fn main() -> Result<()> {
             cmd.args(&args).env("MESH_BIN_DIR", "target/release");
             run(&mut cmd)
         }
-        Cmd::Bench { quick, args } => {
+        Cmd::Bench { quick, only, args } => {
             toolchain::ensure()?;
             require_root("the benchmark creates network namespaces and attaches XDP programs")?;
             step("building meshd, meshctl and the benchmark (release)");
@@ -122,8 +125,15 @@ fn main() -> Result<()> {
             let mut cmd = Command::new("target/release/mesh-bench");
             if quick {
                 cmd.arg("--quick");
-            } else {
-                cmd.args(["--docs", "docs/benchmarks.md"]);
+            }
+            match &only {
+                Some(section) => {
+                    cmd.args(["--only", section]);
+                }
+                None if !quick => {
+                    cmd.args(["--docs", "docs/benchmarks.md"]);
+                }
+                None => {}
             }
             cmd.args(&args).env("MESH_BIN_DIR", "target/release");
             run(&mut cmd)

@@ -28,6 +28,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     ("bpftool", "/usr/sbin/bpftool"),
     ("curl", "/usr/bin/curl"),
+    // The split page's test drives a real headless browser (tests/split_page.rs).
+    ("chromium", "/usr/bin/chromium"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -9,11 +9,16 @@
 //! | POST   | `/v1/delete`    | [`DeleteRequest`] -> [`ApplyResponse`]            |
 //! | GET    | `/v1/stats`     | [`StatsSnapshot`](crate::dataplane::StatsSnapshot) |
 //! | GET    | `/metrics`      | Prometheus text (also on the metrics listener)    |
+//! | GET    | `/v1/trace`     | decisions as NDJSON until hang-up (`?service=&client=&backend=&verdict=`) |
+//! | GET    | `/v1/trace/stats` | [`TraceStats`](crate::trace::hub::TraceStats)   |
+//!
+//! The metrics listener also serves the live split page (see [`crate::web`]).
 //!
 //! Errors answer 4xx/5xx with [`ErrorBody`].
 
 pub mod client;
 pub mod server;
+pub mod stream;
 
 use serde::{Deserialize, Serialize};
 
@@ -138,6 +143,9 @@ pub struct Status {
     pub state_file: Option<String>,
     /// Where maps are pinned.
     pub pin_dir: Option<String>,
+    /// Socket-level balancing of node-local clients (None: off, `--no-socket-lb`).
+    #[serde(default)]
+    pub socket_lb: Option<crate::dataplane::SocketLbStatus>,
 }
 
 /// An attached interface.

@@ -7,6 +7,9 @@ use std::{
     time::Duration,
 };
 
+#[path = "meshctl/trace.rs"]
+mod trace;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_user::{
@@ -30,6 +33,7 @@ use mesh_user::{
         meshctl apply -f reviews-80-20.yaml             # all-or-nothing, in force when it returns\n  \
         meshctl get vs                                  # VirtualServices in force\n  \
         meshctl stats --watch                           # observed split vs configured weights\n  \
+        meshctl trace reviews --client 198.18.1.2       # every decision for one client, live\n  \
         meshctl status                                  # interfaces, programs, map fill levels"
 )]
 struct Cli {
@@ -143,6 +147,8 @@ enum Command {
         Crossing a threshold puts 100% back on --from and exits 1. Ctrl-C stops and leaves the \
         weights where they are.")]
     Shift(ShiftOptions),
+    /// Live decisions for a filter: per packet on the kernel path, per request on the proxy.
+    Trace(trace::TraceArgs),
     /// Daemon status: interfaces, programs, map fill levels, last apply.
     Status {
         /// Output format (table or json).
@@ -250,6 +256,7 @@ async fn run(cli: Cli) -> Result<()> {
             output,
         } => stats(&client, watch, interval, count, output).await,
         Command::Shift(options) => shift(&client, &options).await,
+        Command::Trace(args) => trace::run(&client, args).await,
         Command::Status { output } => {
             let status: Status = client.get("/v1/status").await?;
             if output == Output::Json {
@@ -600,6 +607,35 @@ fn print_status(status: &Status) {
     }
     if let Some(p) = &status.pin_dir {
         println!("pinned under: {p}");
+    }
+    match &status.socket_lb {
+        Some(s) => {
+            println!(
+                "\nsocket hooks: {} on cgroup2 {}{} (network namespace cookie {}){}",
+                s.hooks.join(", "),
+                s.cgroup,
+                if s.mounted_by_meshd {
+                    ", mounted by meshd"
+                } else {
+                    ""
+                },
+                s.netns_cookie,
+                match &s.pinned_under {
+                    Some(p) => format!(", pinned under {p}"),
+                    None => String::new(),
+                }
+            );
+            let counts: Vec<String> = s
+                .counters
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(name, n)| format!("{name} {n}"))
+                .collect();
+            if !counts.is_empty() {
+                println!("  {}", counts.join(", "));
+            }
+        }
+        None => println!("\nsocket hooks: off (node-local clients are not balanced)"),
     }
 }
 

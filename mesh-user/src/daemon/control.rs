@@ -61,6 +61,8 @@ pub struct Controller {
     /// The L7 proxy (None: L7 services get their SERVICES entry but nobody serves them, as in
     /// tests of the controller alone).
     proxy: Option<crate::proxy::Proxy>,
+    /// The socket hooks for node-local clients, when attached.
+    socket_lb: Option<crate::dataplane::SocketLbStatus>,
     /// Apply counters and durations for the metrics endpoint.
     pub metrics: Metrics,
 }
@@ -84,6 +86,7 @@ impl Controller {
             current: DesiredState::default(),
             started: Instant::now(),
             proxy: None,
+            socket_lb: None,
             metrics: Metrics::default(),
         }
     }
@@ -130,6 +133,15 @@ impl Controller {
     /// The dataplane (for attaching).
     pub fn dataplane_mut(&mut self) -> &mut Dataplane {
         &mut self.dataplane
+    }
+
+    /// Attaches the socket hooks for node-local clients (shown by `meshctl status`).
+    pub fn attach_sockets(
+        &mut self,
+        options: &crate::dataplane::SocketLbOptions,
+    ) -> Result<(), crate::dataplane::sockets::SocketLbError> {
+        self.socket_lb = Some(self.dataplane.attach_sockets(options)?);
+        Ok(())
     }
 
     /// Reads the --config files (if any), combines them with the restored API layer, and installs
@@ -432,6 +444,10 @@ impl Controller {
                 .pin_dir
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            socket_lb: self.socket_lb.clone().map(|mut s| {
+                s.counters = self.dataplane.socket_counters();
+                s
+            }),
         }
     }
 

@@ -73,6 +73,8 @@ pub struct DaemonOptions {
     pub conntrack_entries: u32,
     /// How often the --config files are checked for changes.
     pub watch_interval: Duration,
+    /// Socket-level balancing of node-local clients (None: off).
+    pub socket_lb: Option<crate::dataplane::SocketLbOptions>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -111,7 +113,11 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
             .dataplane_mut()
             .attach(interface, options.xdp_mode)?;
     }
+    if let Some(socket_lb) = &options.socket_lb {
+        controller.attach_sockets(socket_lb)?;
+    }
     let controller = Arc::new(Mutex::new(controller));
+    crate::trace::kernel::start_for(&controller);
     server::serve_admin(options.socket.clone(), controller.clone()).await?;
     if let Some(addr) = options.metrics_addr {
         server::serve_metrics(addr, controller.clone()).await?;

@@ -7,15 +7,18 @@
 //!   (free space) and [`bpf_sys`] (batch map calls, the shared Maglev pool);
 //! - [`stats`]: per-CPU counters summed into a snapshot; [`census`]: connections per backend,
 //!   counted off the request path.
+//! - [`sockets`]: the cgroup socket hooks that balance node-local clients at connect().
 
 pub mod bpf_sys;
 pub mod census;
 pub mod loader;
 pub mod pool;
+pub mod sockets;
 pub mod stats;
 pub mod tables;
 
 pub use loader::{Dataplane, DataplaneOptions, XdpAttachMode};
+pub use sockets::{SocketLbOptions, SocketLbStatus};
 pub use stats::{BackendStats, ServiceStats, StatsSnapshot};
 pub use tables::ApplyReport;
 
