@@ -21,6 +21,7 @@ mod rawbpf;
 mod report;
 mod scale;
 mod split;
+mod trace_cost;
 mod util;
 
 use std::{
@@ -50,19 +51,22 @@ struct Args {
     quick: bool,
     /// `--only scale`: section 3 alone (per packet vs N, and meshd's apply/change/restart).
     only_scale: bool,
+    /// Run only the trace-check measurement and print its table.
+    trace_only: bool,
     out: PathBuf,
     docs: Option<PathBuf>,
 }
 
 const HELP: &str = "mesh-bench: mesh's benchmark suite (run it with `cargo xtask bench`)
 
-Usage: mesh-bench [--quick] [--only scale] [--out DIR] [--docs FILE]
+Usage: mesh-bench [--quick] [--only scale] [--out DIR] [--docs FILE] [--trace-only]
 
   --quick       small counts, finishes in well under a minute (the test suite runs this)
   --only scale  section 3 alone: per-packet cost vs number of services, and meshd with
                 default settings applying, changing and restarting on 1 to 30 000 services
   --out DIR     where report.md, summary.json and the PNG plots go (default target/bench)
   --docs FILE   also copy the report there (cargo xtask bench: docs/benchmarks.md, full mode)
+  --trace-only  only the trace-check cost (section 1), printed, no report written
   -h, --help    this help
 
 Needs root (namespaces, XDP). Installs nftables and iptables with apt-get when missing, and
@@ -73,6 +77,7 @@ fn parse_args() -> Result<Option<Args>> {
     let mut args = Args {
         quick: false,
         only_scale: false,
+        trace_only: false,
         out: PathBuf::from("target/bench"),
         docs: None,
     };
@@ -84,6 +89,7 @@ fn parse_args() -> Result<Option<Args>> {
                 Some("scale") => args.only_scale = true,
                 other => bail!("--only takes `scale`, not {other:?}"),
             },
+            "--trace-only" => args.trace_only = true,
             "--out" => args.out = it.next().context("--out needs a directory")?.into(),
             "--docs" => args.docs = Some(it.next().context("--docs needs a file")?.into()),
             "-h" | "--help" => {
@@ -147,6 +153,11 @@ fn run(args: &Args) -> Result<()> {
     }
     let started = Instant::now();
     let plan = Plan::new(args.quick);
+    if args.trace_only {
+        let cost = trace_cost::run(&plan).map_err(|e| format!("{e:#}"));
+        println!("{}", trace_cost::markdown(&cost));
+        return Ok(());
+    }
     progress(&format!(
         "{} run; report in {}",
         if plan.quick { "quick" } else { "full" },
@@ -157,6 +168,11 @@ fn run(args: &Args) -> Result<()> {
     let micro = if all {
         progress("section 1: per-packet cost");
         micro::per_packet(&plan).map_err(|e| format!("{e:#}"))
+    } else {
+        skipped()
+    };
+    let trace_cost = if all {
+        trace_cost::run(&plan).map_err(|e| format!("{e:#}"))
     } else {
         skipped()
     };
@@ -224,6 +240,7 @@ fn run(args: &Args) -> Result<()> {
         },
         machine: machine(),
         micro,
+        trace_cost,
         forwarding,
         scale_packet,
         scale_apply,

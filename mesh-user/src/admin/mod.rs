@@ -91,6 +91,10 @@ pub struct ApplyResponse {
     pub written: usize,
     /// Time spent compiling and writing the maps, in microseconds.
     pub duration_us: u64,
+    /// Notices (documents skipped) and warnings about the submitted resources (dangling
+    /// references, empty subsets, unsupported settings mesh can ignore safely), one line each.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One resource as `meshctl get` shows it.
@@ -143,6 +147,9 @@ pub struct Status {
     pub state_file: Option<String>,
     /// Where maps are pinned.
     pub pin_dir: Option<String>,
+    /// The kernel's features and what meshd chose from them (absent from older daemons).
+    #[serde(default)]
+    pub kernel: Option<crate::dataplane::features::KernelFeatures>,
     /// Socket-level balancing of node-local clients (None: off, `--no-socket-lb`).
     #[serde(default)]
     pub socket_lb: Option<crate::dataplane::SocketLbStatus>,

@@ -83,6 +83,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         node_addresses: node::interface_addresses(&options.interfaces)?,
     };
     let store = RuleStore::open(options.state_file.clone()).context("restoring applied rules")?;
+    let features = crate::dataplane::features::current();
+    features.require()?;
+    tracing::info!("{}", features.summary());
     let dataplane = Dataplane::load(DataplaneOptions {
         pin_dir: options.pin_dir.clone(),
         maglev_pool_entries: options.maglev_pool_entries,

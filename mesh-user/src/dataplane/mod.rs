@@ -2,6 +2,7 @@
 //! them to interfaces, applies a [`DesiredState`](crate::compile::DesiredState) to the BPF maps
 //! atomically and reads the counters back.
 //!
+//! - [`features`]: what the running kernel supports, and the choices made from it;
 //! - [`loader`]: object loading, map sizing and pinning, interface attachment;
 //! - [`tables`]: per-service Maglev slices, ids and incremental applies, over [`pool`]
 //!   (free space) and [`bpf_sys`] (batch map calls, the shared Maglev pool);
@@ -11,6 +12,7 @@
 
 pub mod bpf_sys;
 pub mod census;
+pub mod features;
 pub mod loader;
 pub mod pool;
 pub mod sockets;
