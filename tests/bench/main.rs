@@ -49,8 +49,8 @@ impl Drop for DirGuard {
 
 struct Args {
     quick: bool,
-    /// `--only scale`: section 3 alone (per packet vs N, and meshd's apply/change/restart).
-    only_scale: bool,
+    /// Only this section (`l7` or `scale`).
+    only: Option<String>,
     /// Run only the trace-check measurement and print its table.
     trace_only: bool,
     out: PathBuf,
@@ -59,9 +59,11 @@ struct Args {
 
 const HELP: &str = "mesh-bench: mesh's benchmark suite (run it with `cargo xtask bench`)
 
-Usage: mesh-bench [--quick] [--only scale] [--out DIR] [--docs FILE] [--trace-only]
+Usage: mesh-bench [--quick] [--only l7|scale] [--out DIR] [--docs FILE] [--trace-only]
 
   --quick       small counts, finishes in well under a minute (the test suite runs this)
+  --only l7     run only section 4 (L7) and print one line per ratio; the report then has
+                the other sections as not run (and --docs is ignored)
   --only scale  section 3 alone: per-packet cost vs number of services, and meshd with
                 default settings applying, changing and restarting on 1 to 30 000 services
   --out DIR     where report.md, summary.json and the PNG plots go (default target/bench)
@@ -76,7 +78,7 @@ for section 4 (full mode only) nginx-light, haproxy and wrk with apt-get and Env
 fn parse_args() -> Result<Option<Args>> {
     let mut args = Args {
         quick: false,
-        only_scale: false,
+        only: None,
         trace_only: false,
         out: PathBuf::from("target/bench"),
         docs: None,
@@ -85,10 +87,13 @@ fn parse_args() -> Result<Option<Args>> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
-            "--only" => match it.next().as_deref() {
-                Some("scale") => args.only_scale = true,
-                other => bail!("--only takes `scale`, not {other:?}"),
-            },
+            "--only" => {
+                let section = it.next().context("--only needs a section (l7 or scale)")?;
+                if section != "l7" && section != "scale" {
+                    bail!("--only {section:?}: only `l7` or `scale` can run alone");
+                }
+                args.only = Some(section);
+            }
             "--trace-only" => args.trace_only = true,
             "--out" => args.out = it.next().context("--out needs a directory")?.into(),
             "--docs" => args.docs = Some(it.next().context("--docs needs a file")?.into()),
@@ -164,7 +169,40 @@ fn run(args: &Args) -> Result<()> {
         args.out.display()
     ));
 
-    let all = !args.only_scale;
+    if args.only.as_deref() == Some("l7") {
+        progress("section 4 only: L7");
+        let l7 = l7::run(&plan).map_err(|e| format!("{e:#}"));
+        let skipped = || "not run (--only l7)".to_string();
+        let results = report::Results {
+            quick: plan.quick,
+            command: format!(
+                "cargo xtask bench{} --only l7",
+                if plan.quick { " --quick" } else { "" }
+            ),
+            machine: machine(),
+            micro: Err(skipped()),
+            trace_cost: Err(skipped()),
+            forwarding: Err(skipped()),
+            scale_packet: Err(skipped()),
+            scale_apply: Vec::new(),
+            new_conn: Vec::new(),
+            l7,
+            split: Err(skipped()),
+            disruption: Vec::new(),
+            elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        report::write(&results, &args.out)?;
+        match &results.l7 {
+            Ok(r) => {
+                for line in l7::ratio_lines(r) {
+                    println!("{line}");
+                }
+            }
+            Err(e) => println!("l7: not measured: {e}"),
+        }
+        return Ok(());
+    }
+    let all = args.only.is_none();
     let micro = if all {
         progress("section 1: per-packet cost");
         micro::per_packet(&plan).map_err(|e| format!("{e:#}"))

@@ -71,7 +71,8 @@ enum Cmd {
         /// Small counts, done in well under a minute (a smoke run; numbers not to quote).
         #[arg(long)]
         quick: bool,
-        /// One section only (`scale`); the report goes to target/bench/ only, never to docs/.
+        /// Run one section only (`l7`: the L7 proxies; prints one line per ratio). The report
+        /// goes to target/bench/ only.
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
         /// More arguments for the benchmark (see `cargo xtask bench -- --help`).
@@ -155,14 +156,10 @@ fn main() -> Result<()> {
             if quick {
                 cmd.arg("--quick");
             }
-            match &only {
-                Some(section) => {
-                    cmd.args(["--only", section]);
-                }
-                None if !quick => {
-                    cmd.args(["--docs", "docs/benchmarks.md"]);
-                }
-                None => {}
+            if let Some(section) = &only {
+                cmd.args(["--only", section]);
+            } else if !quick {
+                cmd.args(["--docs", "docs/benchmarks.md"]);
             }
             cmd.args(&args).env("MESH_BIN_DIR", "target/release");
             run(&mut cmd)

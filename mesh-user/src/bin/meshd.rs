@@ -8,6 +8,7 @@ use clap::Parser;
 use mesh_user::{
     daemon::{self, DaemonOptions},
     dataplane::{SocketLbOptions, XdpAttachMode},
+    proxy::{ClientLimits, ProxyOptions, WorkerOptions},
 };
 
 #[derive(Parser, Debug)]
@@ -109,6 +110,30 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: daemon::LogFormat,
+
+    /// L7 proxy worker threads, each with its own listening socket per service (SO_REUSEPORT)
+    /// and its own upstream connections. Default: the number of CPUs meshd may run on (its
+    /// affinity mask, e.g. under `taskset`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    proxy_workers: Option<u16>,
+
+    /// Pin L7 proxy worker i to the i-th CPU meshd may run on.
+    #[arg(long)]
+    proxy_pin: bool,
+
+    /// Most client connections the L7 proxy holds at once; beyond it a new connection is
+    /// answered 503 and closed.
+    #[arg(long, value_name = "N", default_value_t = mesh_user::proxy::server::DEFAULT_MAX_CONNECTIONS)]
+    proxy_max_connections: usize,
+
+    /// L7 stream idle timeout: a request body that stops arriving is answered 408, a client
+    /// that stops reading its response is disconnected.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    proxy_stream_idle_timeout: std::time::Duration,
+
+    /// L7 client connections (HTTP/2) with no request in flight this long are closed.
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+    proxy_idle_timeout: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -136,6 +161,7 @@ fn run(args: Args) -> Result<()> {
         );
         return Ok(());
     }
+    let proxy = proxy_options(&args);
     let options = DaemonOptions {
         interfaces: args.interfaces,
         config: args.config,
@@ -147,16 +173,37 @@ fn run(args: Args) -> Result<()> {
         pin_dir: (!args.no_pin).then_some(args.pin_dir),
         maglev_pool_entries: args.maglev_pool_entries,
         conntrack_entries: args.conntrack_entries,
+        proxy,
         socket_lb: (!args.no_socket_lb).then_some(SocketLbOptions {
             cgroup: args.cgroup,
         }),
     };
+    let nofile = mesh_user::proxy::server::raise_nofile_limit();
+    tracing::debug!(nofile, "open-file limit");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?
         .block_on(daemon::run(options))
+}
+
+fn proxy_options(args: &Args) -> ProxyOptions {
+    let mut workers = WorkerOptions {
+        pin: args.proxy_pin,
+        ..WorkerOptions::default()
+    };
+    if let Some(n) = args.proxy_workers {
+        workers.count = usize::from(n);
+    }
+    ProxyOptions {
+        workers,
+        limits: ClientLimits {
+            stream_idle: args.proxy_stream_idle_timeout,
+            idle: args.proxy_idle_timeout,
+            max_connections: args.proxy_max_connections.max(1),
+        },
+    }
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {

@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod node;
+pub mod refusals;
 
 use std::{
     net::SocketAddr,
@@ -73,6 +74,8 @@ pub struct DaemonOptions {
     pub conntrack_entries: u32,
     /// How often the --config files are checked for changes.
     pub watch_interval: Duration,
+    /// The L7 proxy's workers and client limits.
+    pub proxy: crate::proxy::ProxyOptions,
     /// Socket-level balancing of node-local clients (None: off).
     pub socket_lb: Option<crate::dataplane::SocketLbOptions>,
 }
@@ -99,7 +102,10 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         options.config.clone(),
         options.state_file.clone(),
     )
-    .with_proxy(crate::proxy::Proxy::new(tokio::runtime::Handle::current()));
+    .with_proxy(crate::proxy::Proxy::new(
+        tokio::runtime::Handle::current(),
+        options.proxy,
+    )?);
     // Rules before attaching: bad rules fail here, before any packet is touched.
     let report = controller
         .load_files("startup")
