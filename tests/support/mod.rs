@@ -4,6 +4,7 @@
 /// The compiled kernel programs, as embedded in meshd.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
+pub mod fleet;
 pub mod http;
 pub mod maps;
 pub mod meshd;

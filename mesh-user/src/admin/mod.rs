@@ -9,6 +9,7 @@
 //! | POST   | `/v1/delete`    | [`DeleteRequest`] -> [`ApplyResponse`]            |
 //! | GET    | `/v1/stats`     | [`StatsSnapshot`](crate::dataplane::StatsSnapshot) |
 //! | GET    | `/metrics`      | Prometheus text (also on the metrics listener)    |
+//! | GET    | `/v1/fleet`     | [`FleetView`](crate::fleet::FleetView) (`meshd --etcd`) |
 //!
 //! Errors answer 4xx/5xx with [`ErrorBody`].
 
@@ -130,6 +131,9 @@ pub struct Status {
     pub state_file: Option<String>,
     /// Where maps are pinned.
     pub pin_dir: Option<String>,
+    /// This node's link to its fleet (`meshd --etcd`).
+    #[serde(default)]
+    pub fleet: Option<crate::fleet::LocalFleetState>,
 }
 
 /// An attached interface.

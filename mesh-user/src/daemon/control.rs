@@ -4,9 +4,15 @@
 //! same path: build the candidate rule set, compile it against this node, write it to the
 //! dataplane atomically, then commit it to the store (which persists the API layer). Any error
 //! before the generation flip leaves the kernel byte-for-byte as it was.
+//!
+//! With `meshd --etcd`, the API layer is the fleet's: see `fleet_ops` for how a change is checked
+//! against the fleet's revision and written to etcd.
+
+mod fleet_ops;
 
 use std::{
     path::PathBuf,
+    sync::Arc,
     time::{Instant, SystemTime},
 };
 
@@ -18,6 +24,7 @@ use crate::{
     compile::{self, DesiredState, NodeContext},
     config::{self, ResourceSet},
     dataplane::{ApplyReport, Dataplane, StatsSnapshot},
+    fleet::{agent::FleetLink, etcd::RulesSnapshot},
     metrics::Metrics,
     store::{Layer, RuleStore},
 };
@@ -60,6 +67,8 @@ pub struct Controller {
     /// The L7 proxy (None: L7 services get their SERVICES entry but nobody serves them, as in
     /// tests of the controller alone).
     proxy: Option<crate::proxy::Proxy>,
+    /// The fleet's etcd, when the API layer lives there (`meshd --etcd`).
+    fleet: Option<Arc<FleetLink>>,
     /// Apply counters and durations for the metrics endpoint.
     pub metrics: Metrics,
 }
@@ -83,6 +92,7 @@ impl Controller {
             current: DesiredState::default(),
             started: Instant::now(),
             proxy: None,
+            fleet: None,
             metrics: Metrics::default(),
         }
     }
@@ -90,6 +100,12 @@ impl Controller {
     /// Serves L7 services with `proxy`.
     pub fn with_proxy(mut self, proxy: crate::proxy::Proxy) -> Self {
         self.proxy = Some(proxy);
+        self
+    }
+
+    /// Keeps the API layer in the fleet's etcd behind `link`.
+    pub fn with_fleet(mut self, link: Arc<FleetLink>) -> Self {
+        self.fleet = Some(link);
         self
     }
 
@@ -194,6 +210,7 @@ impl Controller {
                 return Err(Rejection::bad_request(message));
             }
         }
+        let base = self.fleet_sync()?;
         let existing = self.store.api().index_by_key();
         let changes: Vec<ResourceChange> = incoming
             .resources
@@ -225,6 +242,7 @@ impl Controller {
             request.dry_run,
             changes,
             started,
+            base,
         )
     }
 
@@ -236,6 +254,7 @@ impl Controller {
             .iter()
             .map(|r| (r.kind.clone(), r.namespace.clone(), r.name.clone()))
             .collect();
+        let base = self.fleet_sync()?;
         let candidate = self.store.api_with_deleted(&keys).map_err(|e| Rejection {
             status: 404,
             message: e.to_string(),
@@ -256,9 +275,11 @@ impl Controller {
             request.dry_run,
             changes,
             started,
+            base,
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn install_and_commit(
         &mut self,
         files: &ResourceSet,
@@ -267,7 +288,11 @@ impl Controller {
         dry_run: bool,
         changes: Vec<ResourceChange>,
         started: Instant,
+        base: Option<RulesSnapshot>,
     ) -> Result<ApplyResponse, Rejection> {
+        if let Some(base) = base {
+            return self.fleet_commit(files, candidate, trigger, dry_run, changes, started, base);
+        }
         let previous = self.current.clone();
         let report = self.install(files, &candidate, trigger, dry_run)?;
         if !dry_run {
@@ -421,6 +446,7 @@ impl Controller {
             services: self.current.services.len(),
             last_apply: self.last_apply.clone(),
             state_file: self.state_file.as_ref().map(|p| p.display().to_string()),
+            fleet: self.fleet.as_ref().map(|f| f.local().clone()),
             pin_dir: self
                 .dataplane
                 .options()
