@@ -14,6 +14,7 @@ use mesh_tests::{
     http::{get_once, http_server, Client, HttpServer, Reply},
     meshd::{meshctl, meshctl_stdin, Meshd},
     rules::{meshd_args, RulesDir},
+    split::{assert_shares, check_share},
     topology::{backend_v4, Topology},
 };
 
@@ -292,15 +293,11 @@ fn per_request_split_50_50_on_one_keepalive_connection() -> Result<()> {
 ",
     )?;
     let seen = tally(&setup, 2000, "/split", &[])?;
-    let v1 = *seen.get("v1").unwrap_or(&0) as f64 / 2000.0;
     ensure!(
         seen.values().sum::<usize>() == 2000 && seen.len() == 2,
         "{seen:?}"
     );
-    ensure!(
-        (v1 - 0.5).abs() <= 0.05,
-        "v1 share {v1:.3} on one connection: {seen:?}"
-    );
+    assert_shares(&seen, &[("v1", 0.5), ("v2", 0.5)]).context("one keep-alive connection")?;
     // Upstream connections are pooled, not one per request.
     for s in &setup.servers {
         let connections = s.connections.load(Ordering::Relaxed);
@@ -437,11 +434,8 @@ fn mirror_copies_requests_with_shadow_host_and_never_delays_the_client() -> Resu
         primary == BTreeMap::from([("v1".into(), 1000)]),
         "client saw {primary:?}"
     );
-    let share = (settle(shadow, before + 250, Duration::from_secs(5)) - before) as f64 / 1000.0;
-    ensure!(
-        (share - 0.30).abs() <= 0.06,
-        "30% mirror: shadow got {share:.3}"
-    );
+    let mirrored = settle(shadow, before + 250, Duration::from_secs(5)) - before;
+    check_share("30% mirror", mirrored as usize, 1000, 0.30)?;
 
     // A shadow that takes 5 s must not slow the client.
     setup.rules.write(

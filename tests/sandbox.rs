@@ -22,12 +22,16 @@ use std::{
 use anyhow::{bail, Context, Result};
 use mesh_tests::{
     meshd::{meshctl, Meshd},
+    split::check_share,
     topology::Topology,
     web::{Client, NsProcess},
 };
 
 /// Where the client enters: the bookinfo Gateway on the node's address.
 const GATEWAY: &str = "198.18.1.1:8080";
+
+/// Share of mirrored copies that may still be in flight when the mirror step counts them.
+const MIRROR_IN_FLIGHT: f64 = 0.05;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -92,14 +96,12 @@ const STEPS: &[Step] = &[
 struct Options {
     wait: bool,
     requests: usize,
-    tolerance: f64,
 }
 
 fn parse_args() -> Result<Option<Options>> {
     let mut options = Options {
         wait: true,
         requests: 1000,
-        tolerance: 0.05,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -123,7 +125,8 @@ fn parse_args() -> Result<Option<Options>> {
                      Each step applies Istio YAML from config/bookinfo/ with meshctl, sends real\n\
                      requests to productpage through the ingress gateway and prints the reviews\n\
                      version that answered, per version, next to the configured weights. Exits\n\
-                     non-zero if a step's split is off by more than 5 points."
+                     non-zero if a step's split is off by more than chance allows for its number\n\
+                     of requests (binomial, false alarm below one in a million)."
                 );
                 return Ok(None);
             }
@@ -279,27 +282,13 @@ fn run(options: &Options) -> Result<()> {
                         (options.requests / 5).max(20)
                     };
                     let seen = requests(&topo, gateway, *user, count)?;
-                    report_split(
-                        n + 1,
-                        *user,
-                        shares,
-                        &seen,
-                        options.tolerance,
-                        &mut failures,
-                    );
+                    report_split(n + 1, *user, shares, &seen, &mut failures);
                 }
                 Expect::Mirrored => {
                     let count = (options.requests / 5).max(20);
                     let before = shadow_requests(&topo)?;
                     let seen = requests(&topo, gateway, None, count)?;
-                    report_split(
-                        n + 1,
-                        None,
-                        &[("v1", 1.0)],
-                        &seen,
-                        options.tolerance,
-                        &mut failures,
-                    );
+                    report_split(n + 1, None, &[("v1", 1.0)], &seen, &mut failures);
                     // Copies are asynchronous: give the last ones a moment to land.
                     let deadline = Instant::now() + Duration::from_secs(3);
                     let mut mirrored = shadow_requests(&topo)? - before;
@@ -308,7 +297,8 @@ fn run(options: &Options) -> Result<()> {
                         mirrored = shadow_requests(&topo)? - before;
                     }
                     println!("  reviews v2 received {mirrored} mirrored copies (Host reviews-shadow) for {count} requests");
-                    if (mirrored as f64) < count as f64 * (1.0 - options.tolerance) {
+                    // Every request is copied; only copies still in flight may be missing.
+                    if (mirrored as f64) < count as f64 * (1.0 - MIRROR_IN_FLIGHT) {
                         failures.push(format!(
                             "step {}: only {mirrored} of {count} requests mirrored to v2",
                             n + 1
@@ -324,10 +314,7 @@ fn run(options: &Options) -> Result<()> {
             failures.join("\n  ")
         );
     }
-    println!(
-        "\nEvery step's observed traffic matched its rules (within {:.0} points).",
-        options.tolerance * 100.0
-    );
+    println!("\nEvery step's observed traffic matched its rules (within what chance allows).");
 
     if options.wait {
         let client = topo.client.name();
@@ -400,7 +387,6 @@ fn report_split(
     user: Option<&str>,
     shares: &[(&str, f64)],
     seen: &BTreeMap<String, usize>,
-    tolerance: f64,
     failures: &mut Vec<String>,
 ) {
     let total: usize = seen.values().sum();
@@ -421,12 +407,11 @@ fn report_split(
             observed * 100.0,
             want * 100.0
         );
-        if (observed - want).abs() > tolerance {
+        let count = *seen.get(version).unwrap_or(&0);
+        if let Err(e) = check_share(&format!("reviews {version}"), count, total, want) {
             failures.push(format!(
-                "step {step} ({}): reviews {version} {:.1}% vs configured {:.1}%",
-                user.unwrap_or("anonymous"),
-                observed * 100.0,
-                want * 100.0
+                "step {step} ({}): {e}",
+                user.unwrap_or("anonymous")
             ));
         }
     }

@@ -32,7 +32,35 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Per-CPU array: reason code -> packet count.
     pub const REASON_STATS: &str = "REASON_STATS";
+    /// Array, one entry: [`SockConfig`](crate::SockConfig) of the socket hooks.
+    pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
+    /// LRU hash: [`SockKey`](crate::SockKey) (socket cookie + backend) ->
+    /// [`SockTarget`](crate::SockTarget) (the service address the socket asked for): what
+    /// `recvmsg` and `getpeername` show instead of the backend.
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// LRU hash: [`SockKey`](crate::SockKey) (socket cookie + service address) ->
+    /// [`SockTarget`](crate::SockTarget) (the backend): the UDP flows of unconnected sockets,
+    /// so every datagram of one socket to one service goes to the same backend.
+    pub const SOCK_FLOWS: &str = "SOCK_FLOWS";
+    /// Per-CPU array: [`sock_reason`](crate::sock_reason) code -> count.
+    pub const SOCK_STATS: &str = "SOCK_STATS";
 }
+
+/// Names of the cgroup sock_addr programs (socket-level balancing of node-local clients), in
+/// attach order, each with the hook it belongs to (`connect4`, `sendmsg6`, ...).
+pub const SOCK_PROGRAMS: [(&str, &str); 8] = [
+    ("mesh_sock_connect4", "connect4"),
+    ("mesh_sock_connect6", "connect6"),
+    ("mesh_sock_sendmsg4", "sendmsg4"),
+    ("mesh_sock_sendmsg6", "sendmsg6"),
+    ("mesh_sock_recvmsg4", "recvmsg4"),
+    ("mesh_sock_recvmsg6", "recvmsg6"),
+    ("mesh_sock_getpeername4", "getpeername4"),
+    ("mesh_sock_getpeername6", "getpeername6"),
+];
+/// Capacity of [`map_names::SOCK_REVNAT`] and of [`map_names::SOCK_FLOWS`] (LRU: the least
+/// recently used sockets' entries go first).
+pub const SOCK_MAP_ENTRIES: u32 = 65_536;
 
 /// Name of the XDP program in the object file.
 pub const XDP_PROGRAM_NAME: &str = "mesh_xdp";
@@ -130,6 +158,86 @@ pub mod reason {
         "forward_tx",
         "forward_redirect",
     ];
+}
+
+/// Outcomes of the socket hooks: the index into [`map_names::SOCK_STATS`].
+pub mod sock_reason {
+    /// `connect()` to a service address went straight to a backend.
+    pub const CONNECT_BALANCED: u32 = 0;
+    /// A UDP `sendmsg()` opened a new flow of an unconnected socket to a backend.
+    pub const SENDMSG_BALANCED: u32 = 1;
+    /// A UDP `sendmsg()` followed its socket's flow to the same backend.
+    pub const SENDMSG_FLOW: u32 = 2;
+    /// `recvmsg()` showed a backend's datagram as coming from the service address.
+    pub const RECVMSG_RESTORED: u32 = 3;
+    /// `getpeername()` showed the service address instead of the backend.
+    pub const GETPEERNAME_RESTORED: u32 = 4;
+    /// A service served by the L7 proxy: the address is left as it is (the proxy listens there).
+    pub const L7_PROXY: u32 = 5;
+    /// A service with no backend: the call fails with ECONNREFUSED.
+    pub const NO_BACKEND: u32 = 6;
+    /// A service lookup hit an inconsistent table (should never happen); the call fails.
+    pub const INTERNAL: u32 = 7;
+    /// Number of codes.
+    pub const COUNT: u32 = 8;
+
+    /// Stable, lower-case names (`meshctl status`, metrics labels).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "connect_balanced",
+        "sendmsg_balanced",
+        "sendmsg_flow",
+        "recvmsg_restored",
+        "getpeername_restored",
+        "l7_proxy",
+        "no_backend",
+        "internal",
+    ];
+}
+
+/// Value of [`map_names::SOCK_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockConfig {
+    /// Cookie of meshd's network namespace (`SO_NETNS_COOKIE`): the hooks act only on sockets
+    /// of this namespace. 0 turns them off.
+    pub netns_cookie: u64,
+}
+
+/// Key of [`map_names::SOCK_REVNAT`] and [`map_names::SOCK_FLOWS`]: one socket and one peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    /// Socket cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// Peer address (backend in SOCK_REVNAT, service in SOCK_FLOWS), wire order.
+    pub addr: [u8; 16],
+    /// Peer port, network order.
+    pub port: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 4],
+}
+
+/// Value of [`map_names::SOCK_REVNAT`] (the service address) and [`map_names::SOCK_FLOWS`]
+/// (the backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockTarget {
+    /// Address, wire order.
+    pub addr: [u8; 16],
+    /// Port, network order.
+    pub port: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
+    /// Service id (for counters).
+    pub service_id: u32,
+    /// Backend id (for counters, and to see that a cached backend is still the same).
+    pub backend_id: u32,
 }
 
 /// Key of [`map_names::SERVICES`]: a service address in one rule generation.
@@ -274,6 +382,9 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::TrafficCounters {}
+    unsafe impl aya::Pod for super::SockConfig {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockTarget {}
 }
 
 #[cfg(test)]
@@ -289,6 +400,9 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowState>(), 48);
         assert_eq!(size_of::<TrafficCounters>(), 48);
+        assert_eq!(size_of::<SockConfig>(), 8);
+        assert_eq!(size_of::<SockKey>(), 32);
+        assert_eq!(size_of::<SockTarget>(), 28);
     }
 
     #[test]
@@ -297,8 +411,44 @@ mod tests {
         assert_eq!(port_to_wire(0x1234).to_ne_bytes(), [0x12, 0x34]);
     }
 
+    /// Reads the reason constants from this file's source, so a reason added without its name,
+    /// a name out of order or a gap in the numbering fails here (the array length alone is
+    /// fixed by its type and proves nothing).
     #[test]
     fn every_reason_has_a_name() {
-        assert_eq!(reason::NAMES.len(), reason::COUNT as usize);
+        assert_eq!(sock_reason::NAMES.len(), sock_reason::COUNT as usize);
+        extern crate std;
+        use std::{string::String, vec::Vec};
+        let source = include_str!("lib.rs");
+        let start = source.find("pub mod reason {").expect("mod reason");
+        let body = &source[start..];
+        let body = &body[..body.find("\n}").expect("end of mod reason")];
+        let mut constants: Vec<(String, u32)> = Vec::new();
+        for line in body.lines() {
+            let Some(rest) = line.trim().strip_prefix("pub const ") else {
+                continue;
+            };
+            let Some((name, value)) = rest.split_once(": u32 = ") else {
+                continue;
+            };
+            let value: u32 = value.trim_end_matches(';').parse().expect(name);
+            if name != "COUNT" {
+                constants.push((String::from(name), value));
+            }
+        }
+        assert_eq!(constants.len(), reason::COUNT as usize, "{constants:?}");
+        let mut values: Vec<u32> = constants.iter().map(|(_, v)| *v).collect();
+        values.sort_unstable();
+        assert!(
+            values.iter().copied().eq(0..reason::COUNT),
+            "reason codes must be 0..COUNT without gaps or repeats: {values:?}"
+        );
+        for (name, value) in &constants {
+            assert_eq!(
+                reason::NAMES[*value as usize],
+                name.to_lowercase(),
+                "name of reason {name} = {value}"
+            );
+        }
     }
 }

@@ -18,6 +18,7 @@ mod maps;
 mod nat;
 mod parse;
 mod select;
+mod sock;
 mod stats;
 
 use aya_ebpf::{

@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use mesh_common::{
-    reason, Backend, FlowKey, FlowState, ServiceInfo, ServiceKey, TrafficCounters,
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_POOL_ENTRIES, GENERATIONS, MAX_BACKENDS,
-    MAX_SERVICES,
+    reason, sock_reason, Backend, FlowKey, FlowState, ServiceInfo, ServiceKey, SockConfig, SockKey,
+    SockTarget, TrafficCounters, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_POOL_ENTRIES,
+    GENERATIONS, MAX_BACKENDS, MAX_SERVICES, SOCK_MAP_ENTRIES,
 };
 
 /// The rule generation (0 or 1) new flows are looked up in.
@@ -50,3 +50,23 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
 /// Reason code -> packets that left the program for that reason.
 #[map]
 pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+
+// The socket hooks' own state (see `sock.rs`).
+
+/// Which network namespace the socket hooks serve (meshd's); all zero: none.
+#[map]
+pub static SOCK_CONFIG: Array<SockConfig> = Array::with_max_entries(1, 0);
+
+/// Socket cookie + backend -> the service address the socket asked for (recvmsg, getpeername).
+#[map]
+pub static SOCK_REVNAT: LruHashMap<SockKey, SockTarget> =
+    LruHashMap::with_max_entries(SOCK_MAP_ENTRIES, 0);
+
+/// Socket cookie + service address -> backend: UDP flows of unconnected sockets.
+#[map]
+pub static SOCK_FLOWS: LruHashMap<SockKey, SockTarget> =
+    LruHashMap::with_max_entries(SOCK_MAP_ENTRIES, 0);
+
+/// Socket hook outcome -> count.
+#[map]
+pub static SOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(sock_reason::COUNT, 0);

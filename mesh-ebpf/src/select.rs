@@ -76,8 +76,9 @@ fn hash_source(key: &FlowKey) -> u32 {
     finish(h, 20)
 }
 
+/// The `i`-th 32-bit word of an address, in memory order.
 #[inline(always)]
-fn word(addr: &[u8; 16], i: usize) -> u32 {
+pub fn word(addr: &[u8; 16], i: usize) -> u32 {
     u32::from_ne_bytes([
         addr[4 * i],
         addr[4 * i + 1],

@@ -57,3 +57,16 @@ fn add(c: &mut TrafficCounters, bytes: u64, dir: Direction) {
         }
     }
 }
+
+/// Counts a connection balanced without a packet (the socket hooks: node-local clients).
+#[inline(always)]
+pub fn connection(service_id: u32, backend_id: u32) {
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU slot.
+        unsafe { (*c).connections += 1 };
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot.
+        unsafe { (*c).connections += 1 };
+    }
+}

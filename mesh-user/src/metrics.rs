@@ -128,6 +128,7 @@ impl Collector for KernelCollector {
                     t.reply_packets,
                     t.reply_bytes,
                     t.connections,
+                    t.reply_resets,
                 ]) {
                     slot.push((labels.clone(), value));
                 }
@@ -143,6 +144,7 @@ impl Collector for KernelCollector {
                         c.reply_packets,
                         c.reply_bytes,
                         c.connections,
+                        c.reply_resets,
                     ]) {
                         slot.push((labels.clone(), value));
                     }
@@ -155,6 +157,7 @@ impl Collector for KernelCollector {
                 "reply_packets",
                 "reply_bytes",
                 "connections",
+                "reply_resets",
             ];
             let helps = [
                 "Packets from clients to the service, forwarded by XDP",

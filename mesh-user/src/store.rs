@@ -77,24 +77,23 @@ impl RuleStore {
             ..Default::default()
         };
         if let Some(path) = &store.state_file {
-            match fs::read_to_string(path) {
-                Ok(text) if text.trim().is_empty() => {}
-                Ok(text) => {
+            let corrupt = |message: String| StoreError::Corrupt {
+                path: path.display().to_string(),
+                message,
+            };
+            match fs::read(path) {
+                Ok(bytes) => {
+                    let text = String::from_utf8(bytes).map_err(|e| {
+                        corrupt(format!(
+                            "not UTF-8 text (byte {})",
+                            e.utf8_error().valid_up_to()
+                        ))
+                    })?;
                     store.api =
-                        config::parse_str(&path.display().to_string(), &text).map_err(|e| {
-                            StoreError::Corrupt {
-                                path: path.display().to_string(),
-                                message: e.to_string(),
-                            }
-                        })?;
+                        decode_state(&path.display().to_string(), &text).map_err(corrupt)?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(StoreError::Corrupt {
-                        path: path.display().to_string(),
-                        message: e.to_string(),
-                    })
-                }
+                Err(e) => return Err(corrupt(e.to_string())),
             }
         }
         Ok(store)
@@ -181,7 +180,7 @@ impl RuleStore {
     /// Makes `api` the API layer, persisting it first.
     pub fn commit_api(&mut self, api: ResourceSet) -> Result<(), StoreError> {
         if let Some(path) = &self.state_file {
-            write_atomically(path, api.to_yaml().as_bytes()).map_err(|source| {
+            write_atomically(path, encode_state(&api).as_bytes()).map_err(|source| {
                 StoreError::Write {
                     path: path.display().to_string(),
                     source,
@@ -196,6 +195,75 @@ impl RuleStore {
     pub fn commit_files(&mut self, files: ResourceSet) {
         self.files = files;
     }
+}
+
+/// First line of a state file; the format number follows.
+const STATE_HEADER: &str = "# mesh state file, format ";
+/// The format this meshd writes and reads.
+const STATE_FORMAT: u32 = 1;
+/// Last line of a state file; the resource count follows. Its absence means truncation.
+const STATE_TRAILER: &str = "# end of mesh state: ";
+
+/// The API layer as a state file: a header with the format, the resources as multi-document
+/// YAML, and a trailer with their count, so a wrong version and a truncated file are told apart
+/// from valid content instead of being read as fewer rules.
+fn encode_state(api: &ResourceSet) -> String {
+    format!(
+        "{STATE_HEADER}{STATE_FORMAT}: the rules applied with meshctl, written by meshd; do not edit\n\
+         {}{STATE_TRAILER}{} resources\n",
+        api.to_yaml(),
+        api.len()
+    )
+}
+
+/// Reads a state file written by [`encode_state`] (or by a meshd before the header existed:
+/// plain YAML). The error says what is wrong; the caller refuses to start rather than lose the
+/// rules in it.
+fn decode_state(label: &str, text: &str) -> Result<ResourceSet, String> {
+    const KEEP: &str = "meshd does not start rather than lose the rules it acknowledged: \
+        repair the file or move it away";
+    if text.trim().is_empty() {
+        return Ok(ResourceSet::default());
+    }
+    let Some(rest) = text.strip_prefix(STATE_HEADER) else {
+        // Written before the format header existed.
+        return config::parse_own_state(label, text).map_err(|e| format!("{e}; {KEEP}"));
+    };
+    let format: Option<u32> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok());
+    match format {
+        Some(STATE_FORMAT) => {}
+        Some(other) => {
+            return Err(format!(
+                "format {other}, but this meshd reads format {STATE_FORMAT} (written by a \
+                 different mesh version); {KEEP}"
+            ))
+        }
+        None => return Err(format!("unreadable format line; {KEEP}")),
+    }
+    let body = text.trim_end();
+    let (body, last) = body.rsplit_once('\n').unwrap_or(("", body));
+    let expected: usize = last
+        .strip_prefix(STATE_TRAILER)
+        .and_then(|t| t.strip_suffix(" resources"))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            format!("truncated: the end line \"{STATE_TRAILER}N resources\" is missing; {KEEP}")
+        })?;
+    let body = body.split_once('\n').map(|(_, b)| b).unwrap_or("");
+    if expected == 0 && body.trim().is_empty() {
+        return Ok(ResourceSet::default());
+    }
+    let set = config::parse_own_state(label, body).map_err(|e| format!("{e}; {KEEP}"))?;
+    if set.len() != expected {
+        return Err(format!(
+            "holds {} resources but its end line says {expected}; {KEEP}",
+            set.len()
+        ));
+    }
+    Ok(set)
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new content.
@@ -243,6 +311,97 @@ spec:
         assert_eq!(reopened.api().len(), 1);
         assert_eq!(reopened.api().resources[0].meta.name, "reviews");
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A scratch directory for one test, removed at the end.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("mesh-store-{name}-{}", std::process::id()));
+            fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `count` VirtualServices carrying an annotation of `pad` bytes each.
+    fn many(count: usize, pad: usize) -> ResourceSet {
+        let one = config::parse_str("vs.yaml", VS)
+            .unwrap()
+            .resources
+            .remove(0);
+        let resources = (0..count)
+            .map(|i| {
+                let mut r = one.clone();
+                r.meta.name = format!("vs-{i}");
+                r.meta.annotations.insert("note".into(), "x".repeat(pad));
+                r
+            })
+            .collect();
+        ResourceSet { resources }
+    }
+
+    #[test]
+    fn a_state_file_beyond_the_input_limit_is_restored() {
+        let dir = Scratch::new("big");
+        let path = dir.0.join("state.yaml");
+        let mut store = RuleStore::open(Some(path.clone())).unwrap();
+        store.commit_api(many(5, 1_000_000)).unwrap();
+        let size = fs::metadata(&path).unwrap().len();
+        assert!(size > config::MAX_INPUT_BYTES as u64 + 256 * 1024, "{size}");
+        let reopened = RuleStore::open(Some(path)).unwrap();
+        assert_eq!(reopened.api().len(), 5);
+        assert_eq!(reopened.api().resources[4].meta.name, "vs-4");
+    }
+
+    #[test]
+    fn damaged_state_files_are_refused_with_the_reason() {
+        let dir = Scratch::new("damaged");
+        let path = dir.0.join("state.yaml");
+        let mut store = RuleStore::open(Some(path.clone())).unwrap();
+        store.commit_api(many(3, 10)).unwrap();
+        let good = fs::read_to_string(&path).unwrap();
+        let refused = |text: &[u8]| {
+            fs::write(&path, text).unwrap();
+            RuleStore::open(Some(path.clone())).unwrap_err().to_string()
+        };
+        // Truncated anywhere (also exactly between two documents): never read as fewer rules.
+        for cut in (1..good.len() - 1).step_by(7) {
+            let err = refused(&good.as_bytes()[..cut]);
+            assert!(err.contains("state.yaml"), "{err}");
+            assert!(err.contains("move it away"), "cut at {cut}: {err}");
+        }
+        let between = good.rfind("---\n").unwrap();
+        assert!(refused(&good.as_bytes()[..between]).contains("truncated"));
+        // Another format.
+        let err = refused(good.replacen("format 1", "format 7", 1).as_bytes());
+        assert!(
+            err.contains("format 7") && err.contains("reads format 1"),
+            "{err}"
+        );
+        // Garbage.
+        assert!(refused(&[0xff, 0xfe, 0, 1]).contains("not UTF-8"));
+        let err = refused(b"{{{{ not yaml");
+        assert!(err.contains("state.yaml"), "{err}");
+        // A count that disagrees with the content.
+        let err = refused(good.replace(": 3 resources", ": 4 resources").as_bytes());
+        assert!(err.contains("says 4"), "{err}");
+        // The good file still reads, and a file from before the header existed too.
+        fs::write(&path, &good).unwrap();
+        assert_eq!(RuleStore::open(Some(path.clone())).unwrap().api().len(), 3);
+        fs::write(&path, VS).unwrap();
+        assert_eq!(RuleStore::open(Some(path.clone())).unwrap().api().len(), 1);
+        // An emptied layer round-trips.
+        let mut store = RuleStore::open(Some(path.clone())).unwrap();
+        store.commit_api(ResourceSet::default()).unwrap();
+        assert!(RuleStore::open(Some(path)).unwrap().api().is_empty());
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //! scheduler placed the threads. Services use VIPs 198.19.x.y (inside 198.18.0.0/15, routed by
 //! the client through the node).
 //!
+//! `mesh-node` is mesh measured from the node's own namespace: meshd's socket hooks choose the
+//! backend at connect(), and the row's note shows from meshd's counters that the packet path
+//! translated none of those connections' packets.
+//!
 //! Nothing here fails the bench: a system that cannot be set up or measured in time is a row
 //! with `error` set. Namespaces, meshd, nft tables / iptables rules (inside the node's
 //! namespace) and temp files are removed on drop.
@@ -247,7 +251,7 @@ fn configure(
     std::fs::create_dir_all(&dir)?;
     let guard = DirGuard(dir.clone());
     match system {
-        "mesh" => {
+        "mesh" | "mesh-node" => {
             let all = dir.join("all");
             std::fs::create_dir_all(&all)?;
             // meshctl refuses files over 4 MiB: 2 000 services per file.
@@ -354,9 +358,9 @@ fn one_conn(target: SocketAddr) -> Result<Duration> {
     Ok(connect)
 }
 
-/// (connections/s median, connect p50 µs, connect p99 µs) from the client namespace.
-fn measure(topo: &Topology, target: SocketAddr, k: usize, rounds: usize) -> Result<[f64; 3]> {
-    topo.client.run(move || -> Result<[f64; 3]> {
+/// (connections/s median, connect p50 µs, connect p99 µs) from the namespace `from`.
+fn measure(from: &Netns, target: SocketAddr, k: usize, rounds: usize) -> Result<[f64; 3]> {
+    from.run(move || -> Result<[f64; 3]> {
         pin(CPU);
         // Warm-up (neighbours, caches) and a check that the path works at all.
         for _ in 0..20 {
@@ -405,12 +409,27 @@ fn one(
     }
     let config = configure(system, n, &topo, peers, plan.apply_timeout)?;
     let target: SocketAddr = format!("{}:{PORT}", vip(n - 1)).parse()?;
-    let [rate, p50, p99] = measure(&topo, target, k, rounds)?;
+    // `mesh-node`: a client on the node itself, balanced by meshd's socket hooks at connect().
+    let from = if system == "mesh-node" {
+        &topo.node
+    } else {
+        &topo.client
+    };
+    let [rate, p50, p99] = measure(from, target, k, rounds)?;
     let note = match system {
         "mesh" => format!(
             "XDP; {n} ServiceEntries applied in {:.2} s (Maglev {SCALE_TABLE}, useSourceIp)",
             config.setup_s
         ),
+        "mesh-node" => {
+            let (connections, packets) = socket_path_counters(&topo, target)?;
+            format!(
+                "from the node: socket hooks choose at connect(); meshd counted {connections} \
+                 connections and translated {packets} of their packets; {n} ServiceEntries \
+                 applied in {:.2} s",
+                config.setup_s
+            )
+        }
         "nftables" => format!(
             "vmap of {n} -> numgen -> dnat; `nft -f` {:.2} s",
             config.setup_s
@@ -435,12 +454,44 @@ fn one(
     })
 }
 
+/// The target service's `connections` and `packets` counters as meshd reports them: for
+/// clients on the node, every connection is counted and no packet passes the packet path.
+fn socket_path_counters(topo: &Topology, target: SocketAddr) -> Result<(u64, u64)> {
+    let socket = std::env::temp_dir()
+        .join(format!("{}-bench-newconn", topo.prefix))
+        .join("meshd.sock");
+    let out = Command::new(bin("meshctl")?)
+        .args(["stats", "-o", "json", "--socket"])
+        .arg(&socket)
+        .output()
+        .context("running meshctl stats")?;
+    if !out.status.success() {
+        bail!(
+            "meshctl stats: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let totals = stats["services"]
+        .as_array()
+        .and_then(|s| {
+            s.iter().find(|s| {
+                s["address"]["ip"] == target.ip().to_string()
+                    && s["address"]["port"] == target.port()
+            })
+        })
+        .map(|s| s["totals"].clone())
+        .context("the target service in meshctl stats")?;
+    let get = |k: &str| totals[k].as_u64().unwrap_or(0);
+    Ok((get("connections"), get("packets") + get("reply_packets")))
+}
+
 /// Every size of the plan, every system; never fails (errors become rows).
 pub fn run(plan: &Plan, peers: &Peers) -> Vec<NewConnRow> {
     let (k, rounds) = if plan.quick { (300, 3) } else { (2_000, 3) };
     let mut out = Vec::new();
     for &n in &plan.scale_sizes {
-        for system in ["mesh", "nftables", "iptables"] {
+        for system in ["mesh", "mesh-node", "nftables", "iptables"] {
             let skip = match system {
                 "nftables" => peers.nft.clone().err(),
                 "iptables" => peers.iptables.clone().err(),

@@ -475,8 +475,9 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
         w,
         "\nNew connections, through the node: from the client namespace, sequential TCP \
          connections (connect, read the backend's identity, close) to the last of N services \
-         (2 backends each), for mesh (meshd, N ServiceEntries), nftables (service map of N -> \
-         numgen -> dnat) and iptables (N rules in KUBE-SERVICES, the target last). Rate: median \
+         (2 backends each), for mesh (meshd, N ServiceEntries), mesh-node (the same, the client \
+         on the node itself: meshd's socket hooks choose at connect(), no per-packet work after), \
+         nftables (service map of N -> numgen -> dnat) and iptables (N rules in KUBE-SERVICES, the target last). Rate: median \
          of 3 rounds; connect latency: SYN to SYN-ACK through the node, over all rounds. Client and \
          backend servers run pinned to CPU 0 (unpinned, the rate swings 3x with thread placement).\n"
     );

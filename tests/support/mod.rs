@@ -12,6 +12,7 @@ pub mod netns;
 pub mod packet;
 pub mod rules;
 pub mod servers;
+pub mod split;
 pub mod topology;
 pub mod traffic;
 pub mod web;

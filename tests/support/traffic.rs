@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 
 use crate::{
     netns::Netns,
@@ -54,32 +54,6 @@ pub fn udp_split(
         }
         Ok(seen)
     })?
-}
-
-/// Checks every observed share is within `tolerance` of the expected one, and nothing else
-/// answered.
-pub fn assert_shares(
-    seen: &BTreeMap<String, usize>,
-    expected: &[(&str, f64)],
-    tolerance: f64,
-) -> Result<()> {
-    let total: usize = seen.values().sum();
-    for (identity, count) in seen {
-        ensure!(
-            expected.iter().any(|(e, _)| e == identity),
-            "connections reached unexpected backend {identity}: {seen:?}"
-        );
-        let _ = count;
-    }
-    for (identity, share) in expected {
-        let got = *seen.get(*identity).unwrap_or(&0) as f64 / total as f64;
-        ensure!(
-            (got - share).abs() <= tolerance,
-            "{identity}: observed share {:.3}, configured {share:.3} (tolerance {tolerance}); all: {seen:?}",
-            got
-        );
-    }
-    Ok(())
 }
 
 /// The `echo` IPv4 VIP at `port`.

@@ -134,6 +134,9 @@ pub struct Status {
     /// This node's link to its fleet (`meshd --etcd`).
     #[serde(default)]
     pub fleet: Option<crate::fleet::LocalFleetState>,
+    /// Socket-level balancing of node-local clients (None: off, `--no-socket-lb`).
+    #[serde(default)]
+    pub socket_lb: Option<crate::dataplane::SocketLbStatus>,
 }
 
 /// An attached interface.

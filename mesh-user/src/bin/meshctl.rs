@@ -639,6 +639,35 @@ fn print_status(status: &Status) {
             println!("  last error: {e}");
         }
     }
+    match &status.socket_lb {
+        Some(s) => {
+            println!(
+                "\nsocket hooks: {} on cgroup2 {}{} (network namespace cookie {}){}",
+                s.hooks.join(", "),
+                s.cgroup,
+                if s.mounted_by_meshd {
+                    ", mounted by meshd"
+                } else {
+                    ""
+                },
+                s.netns_cookie,
+                match &s.pinned_under {
+                    Some(p) => format!(", pinned under {p}"),
+                    None => String::new(),
+                }
+            );
+            let counts: Vec<String> = s
+                .counters
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(name, n)| format!("{name} {n}"))
+                .collect();
+            if !counts.is_empty() {
+                println!("  {}", counts.join(", "));
+            }
+        }
+        None => println!("\nsocket hooks: off (node-local clients are not balanced)"),
+    }
 }
 
 /// `meshctl shift` arguments.

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use mesh_user::{
     daemon::{self, DaemonOptions},
-    dataplane::XdpAttachMode,
+    dataplane::{SocketLbOptions, XdpAttachMode},
 };
 
 #[derive(Parser, Debug)]
@@ -87,6 +87,19 @@ struct Args {
     /// Connection-tracking capacity in flows; the least recently used flows are evicted.
     #[arg(long, value_name = "N", default_value_t = mesh_common::DEFAULT_CONNTRACK_FLOWS)]
     conntrack_entries: u32,
+
+    /// Do not balance clients on the node itself. By default meshd attaches cgroup socket hooks
+    /// (connect, sendmsg, recvmsg, getpeername) so a process in meshd's network namespace that
+    /// connects to a service address goes straight to a backend chosen by the same weights,
+    /// with no per-packet translation. Needs Linux 5.18+ and cgroup2 (mounted at
+    /// /run/mesh/cgroup2 when the host has none).
+    #[arg(long)]
+    no_socket_lb: bool,
+
+    /// cgroup2 directory to attach the socket hooks to (default: the root of the mounted
+    /// cgroup2 hierarchy). The hooks act only on sockets of meshd's network namespace.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_socket_lb")]
+    cgroup: Option<PathBuf>,
 
     /// Detach the pinned programs and remove the pinned maps under --pin-dir, then exit.
     #[arg(long)]
@@ -180,6 +193,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     if args.cleanup {
+        mesh_user::dataplane::sockets::remove_pins(&args.pin_dir).with_context(|| {
+            format!("removing the socket hooks under {}", args.pin_dir.display())
+        })?;
         mesh_user::dataplane::Dataplane::remove_pins(&args.pin_dir)
             .with_context(|| format!("removing {}", args.pin_dir.display()))?;
         eprintln!(
@@ -212,6 +228,9 @@ fn run(args: Args) -> Result<()> {
         maglev_pool_entries: args.maglev_pool_entries,
         conntrack_entries: args.conntrack_entries,
         fleet,
+        socket_lb: (!args.no_socket_lb).then_some(SocketLbOptions {
+            cgroup: args.cgroup,
+        }),
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -479,6 +479,13 @@ pub fn parse_str(file_label: &str, text: &str) -> Result<ResourceSet, ConfigErro
     parse::parse_documents(file_label, text)
 }
 
+/// Parses meshd's own state file: the same strict parsing as [`parse_str`] but without the
+/// [`MAX_INPUT_BYTES`] limit, which guards against hostile input, not against the rules meshd
+/// itself accepted (many small applies add up to a state file of any size).
+pub fn parse_own_state(file_label: &str, text: &str) -> Result<ResourceSet, ConfigError> {
+    parse::parse_documents_unbounded(file_label, text)
+}
+
 #[cfg(test)]
 mod tests;
 

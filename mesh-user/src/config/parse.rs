@@ -298,6 +298,14 @@ pub(super) fn parse_documents(file: &str, text: &str) -> Result<ResourceSet, Con
             limit: MAX_INPUT_BYTES as u64,
         });
     }
+    parse_documents_unbounded(file, text)
+}
+
+/// [`parse_documents`] without the input size limit: for text meshd wrote itself.
+pub(super) fn parse_documents_unbounded(
+    file: &str,
+    text: &str,
+) -> Result<ResourceSet, ConfigError> {
     let chunks = split_documents(text);
     if chunks.is_empty() {
         return Err(ConfigError::NoResources {

@@ -69,6 +69,8 @@ pub struct Controller {
     proxy: Option<crate::proxy::Proxy>,
     /// The fleet's etcd, when the API layer lives there (`meshd --etcd`).
     fleet: Option<Arc<FleetLink>>,
+    /// The socket hooks for node-local clients, when attached.
+    socket_lb: Option<crate::dataplane::SocketLbStatus>,
     /// Apply counters and durations for the metrics endpoint.
     pub metrics: Metrics,
 }
@@ -93,6 +95,7 @@ impl Controller {
             started: Instant::now(),
             proxy: None,
             fleet: None,
+            socket_lb: None,
             metrics: Metrics::default(),
         }
     }
@@ -145,6 +148,15 @@ impl Controller {
     /// The dataplane (for attaching).
     pub fn dataplane_mut(&mut self) -> &mut Dataplane {
         &mut self.dataplane
+    }
+
+    /// Attaches the socket hooks for node-local clients (shown by `meshctl status`).
+    pub fn attach_sockets(
+        &mut self,
+        options: &crate::dataplane::SocketLbOptions,
+    ) -> Result<(), crate::dataplane::sockets::SocketLbError> {
+        self.socket_lb = Some(self.dataplane.attach_sockets(options)?);
+        Ok(())
     }
 
     /// Reads the --config files (if any), combines them with the restored API layer, and installs
@@ -453,6 +465,10 @@ impl Controller {
                 .pin_dir
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            socket_lb: self.socket_lb.clone().map(|mut s| {
+                s.counters = self.dataplane.socket_counters();
+                s
+            }),
         }
     }
 

@@ -75,6 +75,8 @@ pub struct DaemonOptions {
     pub watch_interval: Duration,
     /// The fleet's etcd, when the API layer lives there (`--etcd`).
     pub fleet: Option<crate::fleet::FleetOptions>,
+    /// Socket-level balancing of node-local clients (None: off).
+    pub socket_lb: Option<crate::dataplane::SocketLbOptions>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -122,6 +124,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         controller
             .dataplane_mut()
             .attach(interface, options.xdp_mode)?;
+    }
+    if let Some(socket_lb) = &options.socket_lb {
+        controller.attach_sockets(socket_lb)?;
     }
     let controller = Arc::new(Mutex::new(controller));
     server::serve_admin(options.socket.clone(), controller.clone()).await?;

@@ -82,6 +82,10 @@ const PINNED_MAPS: &[&str] = &[
     map_names::SERVICE_STATS,
     map_names::BACKEND_STATS,
     map_names::REASON_STATS,
+    // The socket hooks' memory of what each socket asked for (getpeername/recvmsg) and of UDP
+    // flows, so sockets opened before a restart keep both.
+    map_names::SOCK_REVNAT,
+    map_names::SOCK_FLOWS,
 ];
 
 impl Dataplane {

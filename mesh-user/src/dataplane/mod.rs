@@ -4,13 +4,16 @@
 //!
 //! - [`loader`]: object loading, map sizing and pinning, interface attachment;
 //! - [`tables`]: id allocation and the double-buffered (generation) table writes;
-//! - [`stats`]: per-CPU counters summed into a snapshot.
+//! - [`stats`]: per-CPU counters summed into a snapshot;
+//! - [`sockets`]: the cgroup socket hooks that balance node-local clients at connect().
 
 pub mod loader;
+pub mod sockets;
 pub mod stats;
 pub mod tables;
 
 pub use loader::{Dataplane, DataplaneOptions, XdpAttachMode};
+pub use sockets::{SocketLbOptions, SocketLbStatus};
 pub use stats::{BackendStats, ServiceStats, StatsSnapshot};
 pub use tables::ApplyReport;
 
