@@ -569,3 +569,46 @@ fn pinned_socket_hooks_outlive_meshd_are_taken_over_and_cleanup_detaches_them() 
     ensure!(detached, "the VIP is still reached 5 s after --cleanup");
     Ok(())
 }
+
+#[test]
+fn dual_stack_sockets_reach_ipv4_vips_through_mapped_addresses() -> Result<()> {
+    let setup = EchoSetup::new(Some([70, 20, 10]))?;
+    let (topo, rules) = (&setup.topo, &setup.rules);
+    let _meshd = Meshd::start(&topo.node, &meshd_args(topo, rules))?;
+    // An IPv6 socket connecting to `::ffff:198.18.100.1` (as Java and many dual-stack programs
+    // do for IPv4 peers): balanced like IPv4, and the peer shown in the mapped form it asked for.
+    let v4: std::net::Ipv4Addr = VIP_V4.parse()?;
+    let mapped = |port| SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), port);
+    let weights = [("v1", 0.7), ("v2", 0.2), ("v3", 0.1)];
+    let tcp = tcp_split_showing(&topo.node, mapped(8080), 1000)?;
+    assert_shares(&tcp, &weights).context("TCP on IPv6 sockets")?;
+    let udp = udp_split_showing(&topo.node, mapped(8081), 1000)?;
+    assert_shares(&udp, &weights).context("UDP on IPv6 sockets")
+}
+
+#[test]
+fn no_socket_lb_leaves_node_local_sockets_alone() -> Result<()> {
+    let setup = EchoSetup::new(Some([70, 20, 10]))?;
+    let (topo, rules) = (&setup.topo, &setup.rules);
+    let mut args = meshd_args(topo, rules);
+    args.push("--no-socket-lb".into());
+    let _meshd = Meshd::start(&topo.node, &args)?;
+    // Without the hooks the node has no route to the VIP: the connect fails.
+    let reached = topo
+        .node
+        .run(|| std::net::TcpStream::connect_timeout(&vip(8080), Duration::from_secs(1)).is_ok())?;
+    ensure!(
+        !reached,
+        "the VIP was reached from the node with --no-socket-lb"
+    );
+    let (ok, status, err) = meshctl(&rules.socket(), &["status"])?;
+    ensure!(ok, "{err}");
+    ensure!(
+        status.contains("socket hooks: off"),
+        "meshctl status:\n{status}"
+    );
+    // The packet path is untouched: the client namespace still reaches the service.
+    let seen = tcp_split_showing(&topo.client, vip(8080), 20)?;
+    ensure!(seen.values().sum::<usize>() == 20, "{seen:?}");
+    Ok(())
+}

@@ -32,6 +32,10 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Per-CPU array: reason code -> packet count.
     pub const REASON_STATS: &str = "REASON_STATS";
+    /// Ring buffer of [`TraceEvent`](crate::TraceEvent)s (decision trace); never pinned.
+    pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
+    /// Single-entry array holding the [`TraceFilter`](crate::TraceFilter); never pinned.
+    pub const TRACE_FILTER: &str = "TRACE_FILTER";
     /// Array, one entry: [`SockConfig`](crate::SockConfig) of the socket hooks.
     pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
     /// LRU hash: [`SockKey`](crate::SockKey) (socket cookie + backend) ->
@@ -45,6 +49,12 @@ pub mod map_names {
     /// Per-CPU array: [`sock_reason`](crate::sock_reason) code -> count.
     pub const SOCK_STATS: &str = "SOCK_STATS";
 }
+
+/// Name of the load-time switch (a `.rodata` global, 1 by default) that compiles the trace check
+/// in. Loaded with 0, the verifier removes the check entirely (the benchmark's baseline).
+pub const TRACE_AVAILABLE_GLOBAL: &str = "TRACE_AVAILABLE";
+/// Size of the trace ring buffer in bytes (a power of two, a multiple of the page size).
+pub const TRACE_RING_BYTES: u32 = 1 << 20;
 
 /// Names of the cgroup sock_addr programs (socket-level balancing of node-local clients), in
 /// attach order, each with the hook it belongs to (`connect4`, `sendmsg6`, ...).
@@ -362,6 +372,89 @@ impl TrafficCounters {
     }
 }
 
+/// [`TraceFilter::fields`]: match the client address (request source, reply destination).
+pub const TRACE_MATCH_CLIENT_ADDR: u32 = 1 << 0;
+/// [`TraceFilter::fields`]: match the client port.
+pub const TRACE_MATCH_CLIENT_PORT: u32 = 1 << 1;
+/// [`TraceFilter::fields`]: match the service address (request destination before NAT).
+pub const TRACE_MATCH_SERVICE_ADDR: u32 = 1 << 2;
+/// [`TraceFilter::fields`]: match the service port.
+pub const TRACE_MATCH_SERVICE_PORT: u32 = 1 << 3;
+/// [`TraceFilter::fields`]: match the backend id.
+pub const TRACE_MATCH_BACKEND: u32 = 1 << 4;
+
+/// [`TraceEvent::hook`]: the XDP entry.
+pub const TRACE_HOOK_XDP: u8 = 1;
+/// [`TraceEvent::hook`]: the TC entry.
+pub const TRACE_HOOK_TC: u8 = 2;
+
+/// [`TraceEvent::kind`]: a new flow, backend picked from the Maglev table.
+pub const TRACE_NEW_FLOW: u8 = 1;
+/// [`TraceEvent::kind`]: a packet of a tracked connection, sent to its recorded backend.
+pub const TRACE_ESTABLISHED: u8 = 2;
+/// [`TraceEvent::kind`]: a reply from a backend, service address restored.
+pub const TRACE_REPLY: u8 = 3;
+
+/// Value of [`map_names::TRACE_FILTER`]: which packets the kernel reports.
+///
+/// Off (`enabled == 0`) the programs read this one entry and nothing else. On, a packet is
+/// reported when every field named in `fields` matches; userspace may filter further.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceFilter {
+    /// 0: tracing off.
+    pub enabled: u32,
+    /// `TRACE_MATCH_*` bits: which of the fields below must match.
+    pub fields: u32,
+    /// Client address, wire order; IPv4 in `[0..4]`.
+    pub client_addr: [u8; 16],
+    /// Service address, wire order; IPv4 in `[0..4]`.
+    pub service_addr: [u8; 16],
+    /// Client port, network order.
+    pub client_port: u16,
+    /// Service port, network order.
+    pub service_port: u16,
+    /// Backend id.
+    pub backend_id: u32,
+}
+
+/// One decision of the kernel path, as written to [`map_names::TRACE_EVENTS`].
+///
+/// The tuple is the packet as it arrived (before translation); `target_*` is what was written
+/// into it (the backend for requests, the service address for replies).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceEvent {
+    /// `bpf_ktime_get_ns()`.
+    pub ts_ns: u64,
+    /// The packet's source and destination as it arrived.
+    pub key: FlowKey,
+    /// Address written into the packet, wire order.
+    pub target_addr: [u8; 16],
+    /// Port written into the packet, network order.
+    pub target_port: u16,
+    /// [`TRACE_HOOK_XDP`] or [`TRACE_HOOK_TC`].
+    pub hook: u8,
+    /// `TRACE_NEW_FLOW`, `TRACE_ESTABLISHED` or `TRACE_REPLY`.
+    pub kind: u8,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+    /// Service id.
+    pub service_id: u32,
+    /// Backend id.
+    pub backend_id: u32,
+    /// Maglev slot (index inside the service's table) for new flows, `u32::MAX` otherwise.
+    pub slot: u32,
+    /// The program's return code (XDP or TC action).
+    pub action: u32,
+    /// Interface the packet arrived on.
+    pub ifindex: u32,
+    /// Explicit padding, always zero.
+    pub _pad2: u32,
+}
+
 /// Converts a host-order port to the representation stored in maps.
 pub const fn port_to_wire(port: u16) -> u16 {
     u16::from_ne_bytes(port.to_be_bytes())
@@ -382,6 +475,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::TrafficCounters {}
+    unsafe impl aya::Pod for super::TraceFilter {}
+    unsafe impl aya::Pod for super::TraceEvent {}
     unsafe impl aya::Pod for super::SockConfig {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockTarget {}
@@ -400,6 +495,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowState>(), 48);
         assert_eq!(size_of::<TrafficCounters>(), 48);
+        assert_eq!(size_of::<TraceFilter>(), 48);
+        assert_eq!(size_of::<TraceEvent>(), 96);
         assert_eq!(size_of::<SockConfig>(), 8);
         assert_eq!(size_of::<SockKey>(), 32);
         assert_eq!(size_of::<SockTarget>(), 28);

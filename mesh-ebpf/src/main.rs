@@ -20,6 +20,7 @@ mod parse;
 mod select;
 mod sock;
 mod stats;
+mod trace;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
@@ -137,7 +138,18 @@ fn try_mesh_xdp(ctx: &XdpContext) -> Result<u32, ()> {
 
     nat::rewrite(ctx, &pkt, side, &addr, port)?;
     stats::traffic(service_id, backend_id, frame_len, dir);
-    forward::forward(ctx, &pkt)
+    let action = forward::forward(ctx, &pkt)?;
+    trace::emit(trace::Decision {
+        hook: mesh_common::TRACE_HOOK_XDP,
+        dir,
+        key: &pkt.key,
+        tcp_flags,
+        target: (&addr, port),
+        ids: (service_id, backend_id),
+        action,
+        ifindex: ctx.ingress_ifindex() as u32,
+    });
+    Ok(action)
 }
 
 #[inline(always)]

@@ -31,12 +31,7 @@ pub fn service(key: &FlowKey) -> Option<ServiceInfo> {
 /// are inconsistent.
 #[inline(always)]
 pub fn backend(key: &FlowKey, svc: &ServiceInfo) -> Option<(u32, Backend)> {
-    let hash = if svc.flags & SERVICE_FLAG_HASH_SOURCE_IP != 0 {
-        hash_source(key)
-    } else {
-        hash_flow(key)
-    };
-    let index = svc.table_offset.wrapping_add(hash % svc.table_size);
+    let index = svc.table_offset.wrapping_add(slot(key, svc));
     let id = *MAGLEV.get(index)?;
     if id == NO_BACKEND {
         return None;
@@ -46,6 +41,17 @@ pub fn backend(key: &FlowKey, svc: &ServiceInfo) -> Option<(u32, Backend)> {
         return None;
     }
     Some((id, backend))
+}
+
+/// The flow's slot in the service's Maglev table (`svc.table_size` must be non-zero).
+#[inline(always)]
+pub fn slot(key: &FlowKey, svc: &ServiceInfo) -> u32 {
+    let hash = if svc.flags & SERVICE_FLAG_HASH_SOURCE_IP != 0 {
+        hash_source(key)
+    } else {
+        hash_flow(key)
+    };
+    hash % svc.table_size
 }
 
 const SEED: u32 = 0x6d65_7368;

@@ -104,13 +104,15 @@ fn forward(ctx: &SockAddrContext, family: u8, call: Call) -> i32 {
         return PROCEED;
     }
     let (addr, port) = peer(sa, family);
+    // The service's family: IPv4 for a mapped address on an IPv6 socket.
+    let (svc_family, addr, mapped) = unmap(family, addr);
     // SAFETY: plain helper call on a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let mut key = FlowKey {
         dst_addr: addr,
         dst_port: port,
         proto,
-        family,
+        family: svc_family,
         ..FlowKey::default()
     };
     let Some(svc) = select::service(&key) else {
@@ -126,13 +128,13 @@ fn forward(ctx: &SockAddrContext, family: u8, call: Call) -> i32 {
         cookie,
         addr,
         port,
-        family,
+        family: svc_family,
         proto,
         _pad: [0; 4],
     };
     if call == Call::Sendmsg {
         if let Some(backend) = flow(&flow_key) {
-            set_peer(sa, family, &backend.addr, backend.port);
+            set_peer(sa, family, &backend.addr, backend.port, mapped);
             return count(sock_reason::SENDMSG_FLOW, PROCEED);
         }
     }
@@ -149,13 +151,13 @@ fn forward(ctx: &SockAddrContext, family: u8, call: Call) -> i32 {
     let target = SockTarget {
         addr: backend.addr,
         port: backend.port,
-        family,
+        family: svc_family,
         _pad: 0,
         service_id: svc.service_id,
         backend_id,
     };
     remember(&flow_key, &target, &svc, call);
-    set_peer(sa, family, &backend.addr, backend.port);
+    set_peer(sa, family, &backend.addr, backend.port, mapped);
     let why = match call {
         Call::Connect => sock_reason::CONNECT_BALANCED,
         Call::Sendmsg => sock_reason::SENDMSG_BALANCED,
@@ -176,12 +178,13 @@ fn reverse(ctx: &SockAddrContext, family: u8, why: u32) -> i32 {
         return PROCEED;
     }
     let (addr, port) = peer(sa, family);
+    let (svc_family, addr, mapped) = unmap(family, addr);
     let key = SockKey {
         // SAFETY: plain helper call on a sock_addr context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
         addr,
         port,
-        family,
+        family: svc_family,
         proto,
         _pad: [0; 4],
     };
@@ -189,7 +192,7 @@ fn reverse(ctx: &SockAddrContext, family: u8, why: u32) -> i32 {
     let Some(service) = (unsafe { SOCK_REVNAT.get(&key) }).copied() else {
         return PROCEED;
     };
-    set_peer(sa, family, &service.addr, service.port);
+    set_peer(sa, family, &service.addr, service.port, mapped);
     count(why, PROCEED)
 }
 
@@ -256,11 +259,33 @@ fn peer(sa: &bpf_sock_addr, family: u8) -> ([u8; 16], u16) {
     (addr, sa.user_port as u16)
 }
 
-/// Writes the peer address and port into the context (4-byte stores, as the verifier wants).
+/// An IPv4-mapped IPv6 peer (`::ffff:a.b.c.d`: a dual-stack IPv6 socket talking to an IPv4
+/// address) as the IPv4 address it stands for, flagged so the answer is mapped back.
 #[inline(always)]
-fn set_peer(sa: &mut bpf_sock_addr, family: u8, addr: &[u8; 16], port: u16) {
+fn unmap(family: u8, addr: [u8; 16]) -> (u8, [u8; 16], bool) {
+    let is_mapped = family == FAMILY_IPV6
+        && addr[..10].iter().all(|b| *b == 0)
+        && addr[10] == 0xff
+        && addr[11] == 0xff;
+    if !is_mapped {
+        return (family, addr, false);
+    }
+    let mut v4 = [0u8; 16];
+    v4[..4].copy_from_slice(&addr[12..]);
+    (FAMILY_IPV4, v4, true)
+}
+
+/// Writes the peer address and port into the context of a `family` hook (4-byte stores, as the
+/// verifier wants): `addr` of its own family, or an IPv4 address mapped into IPv6 when `mapped`.
+#[inline(always)]
+fn set_peer(sa: &mut bpf_sock_addr, family: u8, addr: &[u8; 16], port: u16, mapped: bool) {
     if family == FAMILY_IPV4 {
         sa.user_ip4 = select::word(addr, 0);
+    } else if mapped {
+        sa.user_ip6[0] = 0;
+        sa.user_ip6[1] = 0;
+        sa.user_ip6[2] = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        sa.user_ip6[3] = select::word(addr, 0);
     } else {
         sa.user_ip6[0] = select::word(addr, 0);
         sa.user_ip6[1] = select::word(addr, 1);

@@ -9,7 +9,9 @@
 //! - [`proxy`]: the L7 proxy serving the services whose routes need HTTP;
 //! - [`daemon`]: meshd's life cycle and the controller, the one place rules change;
 //! - [`admin`], [`store`], [`metrics`], [`shift`]: the admin API, the persisted rule layers,
-//!   Prometheus, progressive delivery.
+//!   Prometheus, progressive delivery;
+//! - [`trace`], [`web`]: `meshctl trace` (per-packet and per-request decisions) and the live
+//!   split page on the metrics listener.
 
 pub mod admin;
 pub mod compile;
@@ -21,4 +23,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod shift;
 pub mod store;
+pub mod trace;
 pub mod validate;
+pub mod web;

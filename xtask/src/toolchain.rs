@@ -28,6 +28,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     ("bpftool", "/usr/sbin/bpftool"),
     ("curl", "/usr/bin/curl"),
+    // The split page's test drives a real headless browser (tests/split_page.rs).
+    ("chromium", "/usr/bin/chromium"),
 ];
 
 /// What the fleet needs (issue 14): `protoc` and protobuf's well-known types to build the etcd

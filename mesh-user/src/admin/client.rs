@@ -73,7 +73,63 @@ impl AdminClient {
         serde_json::from_slice(&answer).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// GET `path` and hand every non-empty line of the (endless) answer to `on_line` until it
+    /// returns false or meshd ends the answer.
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        let response = self.send(Method::GET, path, Bytes::new()).await?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if status != StatusCode::OK {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .to_bytes();
+            return Err(rejected(status, &bytes));
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line[..end]);
+                if !line.trim().is_empty() && !on_line(&line) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn request(&self, method: Method, path: &str, body: Bytes) -> Result<Bytes, ClientError> {
+        let response = self.send(method, path, body).await?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(rejected(status, &bytes));
+        }
+        Ok(bytes)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let socket = self.socket.display().to_string();
         let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -98,28 +154,21 @@ impl AdminClient {
             .header("content-type", "application/json")
             .body(Full::new(body))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let response = sender
+        sender
             .send_request(request)
             .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .to_bytes();
-        if status != StatusCode::OK {
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| {
-                    format!(
-                        "meshd answered {status}: {}",
-                        String::from_utf8_lossy(&bytes)
-                    )
-                });
-            return Err(ClientError::Rejected(message));
-        }
-        Ok(bytes)
+            .map_err(|e| ClientError::Protocol(e.to_string()))
     }
+}
+
+fn rejected(status: StatusCode, bytes: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ErrorBody>(bytes)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| {
+            format!(
+                "meshd answered {status}: {}",
+                String::from_utf8_lossy(bytes)
+            )
+        });
+    ClientError::Rejected(message)
 }

@@ -10,11 +10,16 @@
 //! | GET    | `/v1/stats`     | [`StatsSnapshot`](crate::dataplane::StatsSnapshot) |
 //! | GET    | `/metrics`      | Prometheus text (also on the metrics listener)    |
 //! | GET    | `/v1/fleet`     | [`FleetView`](crate::fleet::FleetView) (`meshd --etcd`) |
+//! | GET    | `/v1/trace`     | decisions as NDJSON until hang-up (`?service=&client=&backend=&verdict=`) |
+//! | GET    | `/v1/trace/stats` | [`TraceStats`](crate::trace::hub::TraceStats)   |
+//!
+//! The metrics listener also serves the live split page (see [`crate::web`]).
 //!
 //! Errors answer 4xx/5xx with [`ErrorBody`].
 
 pub mod client;
 pub mod server;
+pub mod stream;
 
 use serde::{Deserialize, Serialize};
 

@@ -18,7 +18,10 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, info, warn};
 
-use super::{ApplyRequest, DeleteRequest, ErrorBody};
+use super::{
+    stream::{self, AnyBody},
+    ApplyRequest, DeleteRequest, ErrorBody,
+};
 use crate::daemon::control::{Controller, Rejection};
 
 /// Largest request body accepted (a rule bundle: 30 000 services are about 17 MiB of YAML).
@@ -93,7 +96,29 @@ fn bind_socket(socket: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// Streaming and page answers first, then the plain JSON ones.
 async fn handle(
+    req: Request<Incoming>,
+    controller: Shared,
+    metrics_only: bool,
+) -> Result<Response<AnyBody>, Infallible> {
+    if req.method() == Method::GET {
+        let path = req.uri().path();
+        if metrics_only {
+            if let Some(response) = crate::web::serve(path, &controller).await {
+                return Ok(response);
+            }
+        } else if path == "/v1/trace" {
+            return Ok(stream::trace(req.uri().query().unwrap_or("")));
+        } else if path == "/v1/trace/stats" {
+            return Ok(stream::trace_stats());
+        }
+    }
+    let response = handle_unary(req, controller, metrics_only).await?;
+    Ok(response.map(|body| body.boxed()))
+}
+
+async fn handle_unary(
     req: Request<Incoming>,
     controller: Shared,
     metrics_only: bool,
@@ -104,7 +129,7 @@ async fn handle(
     if metrics_only && !(method == Method::GET && path == "/metrics") {
         return Ok(error(
             StatusCode::NOT_FOUND,
-            "only GET /metrics is served here",
+            "only GET /metrics and the split page (/, /api/stats, /api/stats/stream) are served here",
         ));
     }
     let response = match (&method, path.as_str()) {

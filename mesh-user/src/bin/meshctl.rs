@@ -10,6 +10,9 @@ use std::{
     time::Duration,
 };
 
+#[path = "meshctl/trace.rs"]
+mod trace;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_user::{
@@ -33,6 +36,7 @@ use mesh_user::{
         meshctl apply -f reviews-80-20.yaml             # all-or-nothing, in force when it returns\n  \
         meshctl get vs                                  # VirtualServices in force\n  \
         meshctl stats --watch                           # observed split vs configured weights\n  \
+        meshctl trace reviews --client 198.18.1.2       # every decision for one client, live\n  \
         meshctl status                                  # interfaces, programs, map fill levels"
 )]
 struct Cli {
@@ -152,6 +156,8 @@ enum Command {
         Crossing a threshold puts 100% back on --from and exits 1. Ctrl-C stops and leaves the \
         weights where they are.")]
     Shift(ShiftOptions),
+    /// Live decisions for a filter: per packet on the kernel path, per request on the proxy.
+    Trace(trace::TraceArgs),
     /// Daemon status: interfaces, programs, map fill levels, last apply.
     #[command(after_help = "Examples:\n  \
         meshctl status\n  \
@@ -274,6 +280,7 @@ async fn run(cli: Cli) -> Result<()> {
             ..
         } => fleet::stats(&client, output).await,
         Command::Shift(options) => shift(&client, &options).await,
+        Command::Trace(args) => trace::run(&client, args).await,
         Command::Status {
             output,
             fleet: true,

@@ -129,6 +129,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         controller.attach_sockets(socket_lb)?;
     }
     let controller = Arc::new(Mutex::new(controller));
+    crate::trace::kernel::start_for(&controller);
     server::serve_admin(options.socket.clone(), controller.clone()).await?;
     if let Some(addr) = options.metrics_addr {
         server::serve_metrics(addr, controller.clone()).await?;

@@ -113,6 +113,22 @@ pub async fn handle(
         client = %client,
         "access"
     );
+    crate::trace::hub::proxy_request(|| crate::trace::ProxyDecision {
+        service: &service,
+        service_name: shared
+            .table
+            .load()
+            .services
+            .get(&service)
+            .map(|r| r.name.clone())
+            .unwrap_or_default(),
+        client,
+        request: format!("{method} {authority}{path}"),
+        route: &outcome.route,
+        subset: &outcome.subset,
+        backend: &outcome.backend,
+        status: outcome.status,
+    });
     Ok(response)
 }
 
