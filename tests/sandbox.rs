@@ -22,8 +22,9 @@ use std::{
 use anyhow::{bail, Context, Result};
 use mesh_tests::{
     meshd::{meshctl, Meshd},
+    portfwd::forward_into,
     split::check_share,
-    topology::Topology,
+    topology::{Topology, CLIENT_V4},
     web::{Client, NsProcess},
 };
 
@@ -246,6 +247,13 @@ fn run(options: &Options) -> Result<()> {
         w.check_alive()?;
     }
     progress(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
+    // meshd's split page listens on the node's loopback; a host loopback port reaches it.
+    let page = forward_into(&topo.node, "127.0.0.1:9464".parse()?)?;
+    println!(
+        "\nLive split page: http://{}/  (meshd's metrics listener in the node namespace, \
+         forwarded to this host's loopback; open it now to watch the steps)\n",
+        page.addr
+    );
 
     let gateway: SocketAddr = GATEWAY.parse()?;
     let mut failures = Vec::new();
@@ -324,7 +332,11 @@ fn run(options: &Options) -> Result<()> {
              nsenter --net=/var/run/netns/{client} curl -s -H 'cookie: session=jason' http://{GATEWAY}/productpage\n  \
              target/release/meshctl --socket {socket} apply -f config/bookinfo/virtual-service-reviews-50-v3.yaml\n  \
              target/release/meshctl --socket {socket} stats --watch\n  \
-             target/release/meshctl --socket {socket} get vs"
+             target/release/meshctl --socket {socket} trace reviews               # its decisions, live\n  \
+             target/release/meshctl --socket {socket} trace --client {CLIENT_V4}     # the client's connections\n  \
+             target/release/meshctl --socket {socket} get vs\n\
+             Live split page: http://{}/",
+            page.addr
         );
         while !INTERRUPTED.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));

@@ -345,7 +345,10 @@ spec:
                 r
             })
             .collect();
-        ResourceSet { resources }
+        ResourceSet {
+            resources,
+            notices: Vec::new(),
+        }
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Every file under `tests/bad-input/` must be rejected by load + compile with an error that
 //! names the file and contains the text of its first line, `# expect: <substring>`; nothing may
-//! panic. Plus inputs that cannot live in the corpus (a generated oversized file, a directory).
+//! panic. Every file under `tests/warn-input/` is what Istio accepts with a warning: it must be
+//! accepted, with a warning or notice that names the file and contains its first line's
+//! `# warn: <substring>` (`(none)`: accepted without any). Plus inputs that cannot live in the
+//! corpus (a generated oversized file, a directory).
 
 use std::{
     io::Write,
@@ -30,14 +33,68 @@ fn reject(path: &Path) -> Option<String> {
 }
 
 fn expectation(path: &Path) -> String {
+    first_line_after(path, "# expect: ")
+}
+
+fn first_line_after(path: &Path, prefix: &str) -> String {
     let bytes = std::fs::read(path).unwrap();
     let first = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
     let first = String::from_utf8_lossy(first);
     first
-        .strip_prefix("# expect: ")
-        .unwrap_or_else(|| panic!("{} must start with `# expect: <substring>`", path.display()))
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("{} must start with `{prefix}<substring>`", path.display()))
         .trim()
         .to_owned()
+}
+
+/// Loads and compiles `path`, which must be accepted: its notices and warnings, one per line.
+fn warnings(path: &Path) -> Result<Vec<String>, String> {
+    let node = NodeContext {
+        node_addresses: vec!["198.18.0.1".parse::<IpAddr>().unwrap()],
+    };
+    let set = load_path(path).map_err(|e| e.to_string())?;
+    let state = compile(&set, &node).map_err(|e| e.to_string())?;
+    Ok(set
+        .notices
+        .iter()
+        .cloned()
+        .chain(state.warnings.iter().map(ToString::to_string))
+        .collect())
+}
+
+#[test]
+fn every_warn_input_is_accepted_with_the_expected_warning() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/warn-input");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "{} warn inputs", files.len());
+    let mut failures = Vec::new();
+    for file in &files {
+        let want = first_line_after(file, "# warn: ");
+        let shown = file.display().to_string();
+        match catch_unwind(AssertUnwindSafe(|| warnings(file))) {
+            Err(_) => failures.push(format!("{shown}: panicked")),
+            Ok(Err(error)) => failures.push(format!("{shown}: rejected:\n{error}")),
+            Ok(Ok(found)) if want == "(none)" => {
+                if !found.is_empty() {
+                    failures.push(format!("{shown}: unexpected warnings {found:#?}"));
+                }
+            }
+            Ok(Ok(found)) => {
+                if !found.iter().any(|w| w.contains(&want)) {
+                    failures.push(format!("{shown}: no warning contains {want:?}: {found:#?}"));
+                }
+                if let Some(bad) = found.iter().find(|w| !w.contains(&shown)) {
+                    failures.push(format!("{shown}: warning does not name the file: {bad}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 #[test]

@@ -21,6 +21,7 @@ mod rawbpf;
 mod report;
 mod scale;
 mod split;
+mod trace_cost;
 mod util;
 
 use std::{
@@ -48,17 +49,20 @@ impl Drop for DirGuard {
 
 struct Args {
     quick: bool,
+    /// Run only the trace-check measurement and print its table.
+    trace_only: bool,
     out: PathBuf,
     docs: Option<PathBuf>,
 }
 
 const HELP: &str = "mesh-bench: mesh's benchmark suite (run it with `cargo xtask bench`)
 
-Usage: mesh-bench [--quick] [--out DIR] [--docs FILE]
+Usage: mesh-bench [--quick] [--out DIR] [--docs FILE] [--trace-only]
 
   --quick       small counts, finishes in well under a minute (the test suite runs this)
   --out DIR     where report.md, summary.json and the PNG plots go (default target/bench)
   --docs FILE   also copy the report there (cargo xtask bench: docs/benchmarks.md, full mode)
+  --trace-only  only the trace-check cost (section 1), printed, no report written
   -h, --help    this help
 
 Needs root (namespaces, XDP). Installs nftables and iptables with apt-get when missing, and
@@ -68,6 +72,7 @@ for section 4 (full mode only) nginx-light, haproxy and wrk with apt-get and Env
 fn parse_args() -> Result<Option<Args>> {
     let mut args = Args {
         quick: false,
+        trace_only: false,
         out: PathBuf::from("target/bench"),
         docs: None,
     };
@@ -75,6 +80,7 @@ fn parse_args() -> Result<Option<Args>> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
+            "--trace-only" => args.trace_only = true,
             "--out" => args.out = it.next().context("--out needs a directory")?.into(),
             "--docs" => args.docs = Some(it.next().context("--docs needs a file")?.into()),
             "-h" | "--help" => {
@@ -128,6 +134,11 @@ fn run(args: &Args) -> Result<()> {
     }
     let started = Instant::now();
     let plan = Plan::new(args.quick);
+    if args.trace_only {
+        let cost = trace_cost::run(&plan).map_err(|e| format!("{e:#}"));
+        println!("{}", trace_cost::markdown(&cost));
+        return Ok(());
+    }
     progress(&format!(
         "{} run; report in {}",
         if plan.quick { "quick" } else { "full" },
@@ -136,6 +147,7 @@ fn run(args: &Args) -> Result<()> {
 
     progress("section 1: per-packet cost");
     let micro = micro::per_packet(&plan).map_err(|e| format!("{e:#}"));
+    let trace_cost = trace_cost::run(&plan).map_err(|e| format!("{e:#}"));
     progress("section 5: split quality");
     let split =
         micro::observed_split(plan.split_flows, vec![251, 4093]).map_err(|e| format!("{e:#}"));
@@ -178,6 +190,7 @@ fn run(args: &Args) -> Result<()> {
         },
         machine: machine(),
         micro,
+        trace_cost,
         forwarding,
         scale_packet,
         scale_apply,

@@ -23,6 +23,7 @@ pub struct Results {
     pub command: String,
     pub machine: Vec<(String, String)>,
     pub micro: Result<MicroResult, String>,
+    pub trace_cost: Result<crate::trace_cost::TraceCost, String>,
     pub forwarding: Result<Vec<FwdResult>, String>,
     pub scale_packet: Result<Vec<ScalePoint>, String>,
     pub scale_apply: Vec<ApplyPoint>,
@@ -268,6 +269,7 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
             let _ = writeln!(w, "Not measured: {e}\n");
         }
     }
+    let _ = writeln!(w, "{}", crate::trace_cost::markdown(&r.trace_cost));
 
     // 2.
     let _ = writeln!(w, "{}\n", SECTIONS[2]);

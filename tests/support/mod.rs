@@ -12,6 +12,7 @@ pub mod meshd;
 pub mod netns;
 pub mod observe;
 pub mod packet;
+pub mod portfwd;
 pub mod rules;
 pub mod servers;
 pub mod split;

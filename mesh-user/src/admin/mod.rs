@@ -90,6 +90,10 @@ pub struct ApplyResponse {
     pub generation: u8,
     /// Time spent compiling and writing the maps, in microseconds.
     pub duration_us: u64,
+    /// Notices (documents skipped) and warnings about the submitted resources (dangling
+    /// references, empty subsets, unsupported settings mesh can ignore safely), one line each.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One resource as `meshctl get` shows it.

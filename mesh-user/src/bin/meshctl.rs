@@ -356,29 +356,51 @@ fn validate(inputs: &[String]) -> Result<()> {
     let mut errors = Vec::new();
     for doc in read_inputs(inputs)? {
         match config::parse_str(&doc.source, &doc.yaml) {
-            Ok(parsed) => set.resources.extend(parsed.resources),
+            Ok(parsed) => {
+                set.resources.extend(parsed.resources);
+                set.notices.extend(parsed.notices);
+            }
             Err(e) => errors.push(e.to_string()),
         }
     }
+    for notice in &set.notices {
+        eprintln!("{notice}");
+    }
+    let mut warnings = Vec::new();
     if errors.is_empty() {
         // Offline there is no node: Gateways are checked but bound to no address.
-        if let Err(e) = compile::compile(
+        match compile::compile(
             &set,
             &NodeContext {
                 node_addresses: vec![],
             },
         ) {
-            errors.push(e.to_string());
+            Ok(state) => warnings = state.warnings,
+            Err(e) => {
+                if let compile::CompileError::Invalid(found) = &e {
+                    warnings = found.warnings.clone();
+                }
+                errors.push(e.to_string());
+            }
         }
+    }
+    for warning in &warnings {
+        eprintln!("{warning}");
     }
     if !errors.is_empty() {
         bail!("validation failed:\n{}", errors.join("\n"));
     }
-    println!("{} resources valid", set.resources.len());
+    match warnings.len() {
+        0 => println!("{} resources valid", set.resources.len()),
+        n => println!("{} resources valid, {n} warnings", set.resources.len()),
+    }
     Ok(())
 }
 
 fn print_changes(answer: &ApplyResponse) {
+    for warning in &answer.warnings {
+        eprintln!("{warning}");
+    }
     for change in &answer.changes {
         // "VirtualService default/reviews" -> "virtualservice.networking.istio.io/reviews".
         let (kind, qualified) = change

@@ -86,37 +86,43 @@ pub(super) fn vip_plan(
     })
 }
 
-/// The L7 plan of an HTTP Gateway server on one node address: one virtual host per bound
-/// VirtualService, matched by the Host header against the rule's hosts.
-#[allow(clippy::too_many_arguments)]
+/// The L7 plan of HTTP Gateway servers sharing one port on one node address (several
+/// Gateways merge by host, as in Istio): one virtual host per bound VirtualService, matched by
+/// the Host header against the rule's hosts (`*` stands for the hosts of the servers of the
+/// Gateways the rule is bound to).
 pub(super) fn gateway_plan(
     index: &Index,
-    gateway: &Resource,
-    server: &Server,
+    group: &[(&Resource, &Server)],
     address: ServiceAddress,
     name: String,
     bound: &[(&Resource, &VirtualService)],
     listener: Listener,
     mut sources: BTreeSet<String>,
 ) -> Result<ServicePlan> {
-    let _ = gateway;
     let mut builder = Builder::new(index, address.ip, None);
     let mut virtual_hosts = Vec::new();
-    let server_hosts: Vec<String> = server
-        .hosts
-        .iter()
-        .map(|h| {
-            h.split_once('/')
-                .map_or(h.as_str(), |(_, host)| host)
-                .to_string()
-        })
-        .collect();
     for (vs_resource, vs) in bound {
         let routes = builder.routes(vs_resource, vs, listener)?;
         if routes.is_empty() {
             continue;
         }
         sources.insert(vs_resource.id());
+        let server_hosts: Vec<String> = group
+            .iter()
+            .filter(|(gateway, _)| {
+                vs.gateways.iter().any(|r| {
+                    index
+                        .gateway(r, &vs_resource.meta.namespace)
+                        .is_some_and(|(found, _)| std::ptr::eq(found, *gateway))
+                })
+            })
+            .flat_map(|(_, server)| server.hosts.iter())
+            .map(|h| {
+                h.split_once('/')
+                    .map_or(h.as_str(), |(_, host)| host)
+                    .to_string()
+            })
+            .collect();
         let mut domains: Vec<String> = vs
             .hosts
             .iter()
@@ -139,7 +145,7 @@ pub(super) fn gateway_plan(
         plan: Plan::L7(L7Plan {
             virtual_hosts,
             clusters: builder.clusters,
-            declared_protocol: server.port.protocol.to_ascii_uppercase(),
+            declared_protocol: group[0].1.port.protocol.to_ascii_uppercase(),
         }),
     })
 }
@@ -388,7 +394,7 @@ impl<'i, 'a> Builder<'i, 'a> {
                                 "an abort needs httpStatus",
                             ));
                         };
-                        Some((status, share(a.percentage.as_ref(), None)))
+                        Some((status, share(a.percentage.as_ref(), a.percent)))
                     }
                 };
                 Some(FaultPlan { delay, abort })
@@ -453,6 +459,35 @@ impl<'i, 'a> Builder<'i, 'a> {
         })
     }
 
+    /// A cluster for a destination that resolves to nothing (yet): the proxy answers 503.
+    fn empty_cluster(&mut self, destination: &Destination, port: u16) -> usize {
+        let ns_free_key = (
+            format!("unresolved:{}", destination.host),
+            destination.subset.clone(),
+            port,
+        );
+        if let Some(id) = self.cluster_ids.get(&ns_free_key) {
+            return *id;
+        }
+        self.clusters.push(ClusterPlan {
+            name: format!(
+                "{}|{}|{}",
+                destination.host,
+                destination.subset.as_deref().unwrap_or(""),
+                port
+            ),
+            host: destination.host.clone(),
+            subset: destination.subset.clone(),
+            port,
+            http2: false,
+            backends: Vec::new(),
+            policy: TrafficPolicyPlan::default(),
+        });
+        let id = self.clusters.len() - 1;
+        self.cluster_ids.insert(ns_free_key, id);
+        id
+    }
+
     /// The cluster of a destination, created on first use.
     fn cluster(
         &mut self,
@@ -462,15 +497,14 @@ impl<'i, 'a> Builder<'i, 'a> {
     ) -> Result<usize> {
         let ns = &rule.meta.namespace;
         let Some((entry_resource, entry)) = self.index.service_entry(&destination.host, ns) else {
-            return Err(error(
-                rule,
-                format!("{field}.host"),
-                format!(
-                    "no ServiceEntry defines host `{}` (a short name means `{}`)",
-                    destination.host,
-                    fqdn(&destination.host, ns)
-                ),
-            ));
+            // Not defined (yet): validation warned; a cluster without backends answers 503.
+            let port = destination
+                .port
+                .as_ref()
+                .and_then(|p| u16::try_from(p.number).ok())
+                .or(self.service_port)
+                .unwrap_or(0);
+            return Ok(self.empty_cluster(destination, port));
         };
         self.sources.insert(entry_resource.id());
         let port = resolve_port(entry, destination, self.service_port)
@@ -496,14 +530,8 @@ impl<'i, 'a> Builder<'i, 'a> {
                     .map(|s| (dr_resource, s))
             });
             let Some((_, found)) = found else {
-                return Err(error(
-                    rule,
-                    format!("{field}.subset"),
-                    format!(
-                        "subset `{subset}` is not defined for host `{}`",
-                        destination.host
-                    ),
-                ));
+                // Not defined (yet): validation warned; no backend, so 503 until it is.
+                return Ok(self.empty_cluster(destination, port_number));
             };
             selector = found.labels.clone();
             subset_policy = found.traffic_policy.as_ref();

@@ -53,7 +53,7 @@ pub enum CompileError {
 /// Validates `set` and compiles it for one node. Deterministic: the same input gives the same
 /// output (services sorted by address, backends by socket address).
 pub fn compile(set: &ResourceSet, node: &NodeContext) -> Result<DesiredState, CompileError> {
-    validate(set)?;
+    let warnings = validate(set)?;
     let mut services = routes::plan_services(set, node).map_err(CompileError::Unsupported)?;
     services.sort_by_key(|s| s.address);
     if services.len() > mesh_common::MAX_SERVICES as usize {
@@ -79,7 +79,7 @@ pub fn compile(set: &ResourceSet, node: &NodeContext) -> Result<DesiredState, Co
             limit: mesh_common::MAX_BACKENDS as usize,
         });
     }
-    Ok(DesiredState { services })
+    Ok(DesiredState { services, warnings })
 }
 
 #[cfg(test)]

@@ -15,11 +15,11 @@ use super::{
 };
 use crate::{
     config::{
-        Destination, Gateway, HttpRoute, L4MatchAttributes, Resource, ResourceSet, ServiceEntry,
+        Destination, HttpRoute, L4MatchAttributes, Resource, ResourceSet, ServiceEntry,
         ServicePort, VirtualService,
     },
     validate::{
-        index::{fqdn, same_host, selects, Index},
+        index::{same_host, selects, Index},
         values, ValidationError, ValidationErrors,
     },
 };
@@ -34,8 +34,9 @@ pub(crate) const L7_NEEDED: &str =
 pub(super) struct Listener<'a> {
     pub(super) ip: IpAddr,
     pub(super) port: u16,
-    /// `None` for a ServiceEntry VIP (the implicit `mesh` gateway).
-    pub(super) gateway: Option<&'a Resource>,
+    /// The Gateways served here (several merged on one port); empty for a ServiceEntry VIP
+    /// (the implicit `mesh` gateway).
+    pub(super) gateways: &'a [&'a Resource],
 }
 
 /// A chosen route: the rule it comes from and its weighted destinations.
@@ -103,9 +104,9 @@ pub(super) fn plan_services(
             }
         }
     }
-    for (resource, gateway) in &index.gateways {
-        match gateway_services(&index, resource, gateway, node) {
-            Ok(more) => plans.extend(more.into_iter().map(|p| (*resource, p))),
+    for (port, group) in server_groups(&index) {
+        match gateway_services(&index, port, &group, node) {
+            Ok(more) => plans.extend(more.into_iter().map(|p| (group[0].0, p))),
             Err(error) => errors.errors.push(error),
         }
     }
@@ -137,7 +138,7 @@ fn vip_service(
     let listener = Listener {
         ip: address.ip,
         port: address.port,
-        gateway: None,
+        gateways: &[],
     };
     let rule = index
         .virtual_services_for(&entry.hosts, ns)
@@ -221,20 +222,45 @@ fn vip_service(
     ))
 }
 
+/// Gateway servers on one port (and bind address), merged across Gateways like Istio does:
+/// validation has made sure only HTTP servers with distinct hosts share a port.
+type ServerGroup<'a> = Vec<(&'a Resource, &'a crate::config::Server)>;
+
+fn server_groups<'a>(index: &Index<'a>) -> Vec<(u16, ServerGroup<'a>)> {
+    let mut groups: BTreeMap<(u16, Option<&str>), ServerGroup<'a>> = BTreeMap::new();
+    for (resource, gateway) in &index.gateways {
+        for server in &gateway.servers {
+            let Ok(port) = values::port(server.port.number) else {
+                continue;
+            };
+            groups
+                .entry((port, server.bind.as_deref()))
+                .or_default()
+                .push((*resource, server));
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((port, _), group)| (port, group))
+        .collect()
+}
+
 fn gateway_services(
     index: &Index,
-    resource: &Resource,
-    gateway: &Gateway,
+    port: u16,
+    group: &[(&Resource, &crate::config::Server)],
     node: &NodeContext,
 ) -> Result<Vec<ServicePlan>> {
     let mut plans = Vec::new();
-    for (i, server) in gateway.servers.iter().enumerate() {
+    let (resource, server) = group[0];
+    let i = resource_server_index(resource, server);
+    let field = format!("spec.servers[{i}]");
+    let protocol = server.port.protocol.to_ascii_uppercase();
+    let http_server = matches!(protocol.as_str(), "HTTP" | "HTTP2");
+    for (resource, server) in group {
+        let i = resource_server_index(resource, server);
         let field = format!("spec.servers[{i}]");
-        let Ok(port) = values::port(server.port.number) else {
-            continue;
-        };
         let protocol = server.port.protocol.to_ascii_uppercase();
-        let http_server = matches!(protocol.as_str(), "HTTP" | "HTTP2");
         if !matches!(protocol.as_str(), "TCP" | "HTTP" | "HTTP2") {
             return Err(ValidationError::new(
                 resource,
@@ -249,88 +275,111 @@ fn gateway_services(
                 format!("TLS on a gateway server {L7_NEEDED}"),
             ));
         }
-        let bind: Option<IpAddr> = server.bind.as_deref().and_then(|b| b.parse().ok());
-        for ip in node
-            .node_addresses
-            .iter()
-            .copied()
-            .filter(|ip| bind.is_none_or(|b| b == *ip))
-        {
-            let listener = Listener {
-                ip,
-                port,
-                gateway: Some(resource),
-            };
-            let mut sources = BTreeSet::from([resource.id()]);
-            let mut selected = None;
-            let mut needs_l7 = None;
-            let mut bound = Vec::new();
-            for (vs_resource, vs) in &index.virtual_services {
-                if !gateway_listed(index, &vs.gateways, &vs_resource.meta.namespace, resource) {
-                    continue;
-                }
-                bound.push((*vs_resource, *vs));
-                match select_route(index, vs_resource, vs, listener)? {
-                    Some(Choice::L7) => {
-                        needs_l7.get_or_insert(vs_resource.id());
-                    }
-                    Some(Choice::L4(found)) if selected.is_none() => {
-                        sources.insert(vs_resource.id());
-                        selected = Some(found);
-                    }
-                    Some(Choice::L4(_)) | None => {}
-                }
-            }
-            let address = ServiceAddress {
-                ip,
-                port,
-                protocol: L4Protocol::Tcp,
-            };
-            let name = format!(
-                "gateway/{}/{}:{port}",
-                resource.meta.namespace, resource.meta.name
-            );
-            if let Some(rule) = &needs_l7 {
-                if !http_server {
-                    return Err(ValidationError::new(
-                        resource,
-                        format!("{field}.port.protocol"),
-                        format!("`{rule}` has HTTP routes that need the L7 proxy, which serves gateway servers with protocol HTTP or HTTP2, not {protocol}"),
-                    ));
-                }
-                plans.push(super::l7::gateway_plan(
-                    index, resource, server, address, name, &bound, listener, sources,
-                )?);
+    }
+    let gateways: Vec<&Resource> = group.iter().map(|(r, _)| *r).collect();
+    let bind: Option<IpAddr> = server.bind.as_deref().and_then(|b| b.parse().ok());
+    for ip in node
+        .node_addresses
+        .iter()
+        .copied()
+        .filter(|ip| bind.is_none_or(|b| b == *ip))
+    {
+        let listener = Listener {
+            ip,
+            port,
+            gateways: &gateways,
+        };
+        let mut sources: BTreeSet<String> = gateways.iter().map(|g| g.id()).collect();
+        let mut selected = None;
+        let mut needs_l7 = None;
+        let mut bound = Vec::new();
+        for (vs_resource, vs) in &index.virtual_services {
+            if !gateways
+                .iter()
+                .any(|g| gateway_listed(index, &vs.gateways, &vs_resource.meta.namespace, g))
+            {
                 continue;
             }
-            // A server no rule routes is left to the node's own stack.
-            let Some(selected) = selected else { continue };
-            let backends = backends(index, &selected, None, ip, &mut sources)?;
-            if backends.is_empty() && has_other_family_backends(index, &selected, ip) {
-                continue; // e.g. an IPv6 node address in front of IPv4-only backends
+            bound.push((*vs_resource, *vs));
+            match select_route(index, vs_resource, vs, listener)? {
+                Some(Choice::L7) => {
+                    needs_l7.get_or_insert(vs_resource.id());
+                }
+                Some(Choice::L4(found)) if selected.is_none() => {
+                    sources.insert(vs_resource.id());
+                    selected = Some(found);
+                }
+                Some(Choice::L4(_)) | None => {}
             }
-            let (table_size, hash_source_ip) =
-                match load_balancer(index, None, &selected, &mut sources)? {
-                    Balancing::Kernel(size, by_source) => (size, by_source),
-                    Balancing::NeedsHttp(_) if selected.http && http_server => {
-                        plans.push(super::l7::gateway_plan(
-                            index, resource, server, address, name, &bound, listener, sources,
-                        )?);
-                        continue;
-                    }
-                    Balancing::NeedsHttp(error) => return Err(error),
-                };
-            plans.push(finish(
-                address,
-                name,
-                sources,
-                backends,
-                table_size,
-                hash_source_ip,
+        }
+        // Several Gateways on one port are told apart by the Host header: the proxy's job.
+        if needs_l7.is_none() && group.len() > 1 && !bound.is_empty() {
+            needs_l7 = Some(format!(
+                "{} (several Gateways share port {port})",
+                bound[0].0.id()
             ));
         }
+        let address = ServiceAddress {
+            ip,
+            port,
+            protocol: L4Protocol::Tcp,
+        };
+        let name = format!(
+            "gateway/{}/{}:{port}",
+            resource.meta.namespace, resource.meta.name
+        );
+        if let Some(rule) = &needs_l7 {
+            if !http_server {
+                return Err(ValidationError::new(
+                    resource,
+                    format!("{field}.port.protocol"),
+                    format!("`{rule}` has HTTP routes that need the L7 proxy, which serves gateway servers with protocol HTTP or HTTP2, not {protocol}"),
+                ));
+            }
+            plans.push(super::l7::gateway_plan(
+                index, group, address, name, &bound, listener, sources,
+            )?);
+            continue;
+        }
+        // A server no rule routes is left to the node's own stack.
+        let Some(selected) = selected else { continue };
+        let backends = backends(index, &selected, None, ip, &mut sources)?;
+        if backends.is_empty() && has_other_family_backends(index, &selected, ip) {
+            continue; // e.g. an IPv6 node address in front of IPv4-only backends
+        }
+        let (table_size, hash_source_ip) =
+            match load_balancer(index, None, &selected, &mut sources)? {
+                Balancing::Kernel(size, by_source) => (size, by_source),
+                Balancing::NeedsHttp(_) if selected.http && http_server => {
+                    plans.push(super::l7::gateway_plan(
+                        index, group, address, name, &bound, listener, sources,
+                    )?);
+                    continue;
+                }
+                Balancing::NeedsHttp(error) => return Err(error),
+            };
+        plans.push(finish(
+            address,
+            name,
+            sources,
+            backends,
+            table_size,
+            hash_source_ip,
+        ));
     }
     Ok(plans)
+}
+
+/// Position of `server` among its Gateway's servers (for field paths).
+fn resource_server_index(resource: &Resource, server: &crate::config::Server) -> usize {
+    match &resource.kind {
+        crate::config::ResourceKind::Gateway(gateway) => gateway
+            .servers
+            .iter()
+            .position(|s| std::ptr::eq(s, server))
+            .unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// "No tableSize in the rules": [`finish`] sizes the table by the number of backends.
@@ -392,10 +441,13 @@ fn match_gateways_apply(
     if references.is_empty() {
         return true;
     }
-    match listener.gateway {
-        None => references.iter().any(|r| r == "mesh"),
-        Some(gateway) => gateway_listed(index, references, namespace, gateway),
+    if listener.gateways.is_empty() {
+        return references.iter().any(|r| r == "mesh");
     }
+    listener
+        .gateways
+        .iter()
+        .any(|gateway| gateway_listed(index, references, namespace, gateway))
 }
 
 /// Whether a match's `port` and `gateways` let it apply to `listener` (the per-connection
@@ -643,16 +695,10 @@ fn backends(
         if weight == 0 || total == 0 {
             continue;
         }
+        // A host or subset not defined (yet) contributes no backend: validation warned, and
+        // its share of connections is refused until it arrives.
         let Some((entry_resource, entry)) = index.service_entry(&destination.host, ns) else {
-            return Err(ValidationError::new(
-                rule,
-                format!("{field}.host"),
-                format!(
-                    "no ServiceEntry defines host `{}` (a short name means `{}`)",
-                    destination.host,
-                    fqdn(&destination.host, ns)
-                ),
-            ));
+            continue;
         };
         sources.insert(entry_resource.id());
         let port = resolve_port(entry, destination, service_port)
@@ -669,14 +715,7 @@ fn backends(
                             .map(|s| (dr_resource, s))
                     });
             let Some((dr_resource, found)) = found else {
-                return Err(ValidationError::new(
-                    rule,
-                    format!("{field}.subset"),
-                    format!(
-                        "subset `{subset}` is not defined for host `{}`",
-                        destination.host
-                    ),
-                ));
+                continue;
             };
             sources.insert(dr_resource.id());
             selector = found.labels.clone();

@@ -33,6 +33,10 @@ pub struct ServiceAddress {
 pub struct DesiredState {
     /// One entry per service address, sorted by address (deterministic output).
     pub services: Vec<ServicePlan>,
+    /// What validation warned about (dangling references, empty subsets, fields mesh does not
+    /// implement but can ignore safely): printed by `meshctl` and logged by meshd.
+    #[serde(skip)]
+    pub warnings: Vec<crate::validate::Warning>,
 }
 
 /// How one service address is served.

@@ -547,15 +547,40 @@ spec:
 
 #[test]
 fn invalid_rules_fail_compile_with_validation_errors() {
-    let text = with_vs("  tcp:\n  - route: [{destination: {host: echo, subset: v9}}]\n");
+    let text = with_vs("  tcp:\n  - route: [{destination: {host: echo}, weight: -5}, {destination: {host: echo}}]\n");
     let error = compile_str(&text).unwrap_err();
     assert!(matches!(error, CompileError::Invalid(_)));
     assert!(
         error
             .to_string()
-            .contains("spec.tcp[0].route[0].destination.subset: subset `v9` is not defined"),
+            .contains("spec.tcp[0].route[0].weight: weight -5 must not be negative"),
         "{error}"
     );
+}
+
+#[test]
+fn a_route_to_a_subset_not_defined_yet_compiles_to_no_backend_with_a_warning() {
+    // Kernel path: the service exists with an empty table (connections are refused).
+    let text = with_vs("  tcp:\n  - route: [{destination: {host: echo, subset: v9}}]\n");
+    let state = compile_str(&text).unwrap();
+    assert!(l4(&state.services[0]).table.is_empty());
+    assert!(state.warnings[0]
+        .to_string()
+        .contains("spec.tcp[0].route[0].destination.subset: subset `v9` is not defined (yet)"));
+    // Proxy: the route's cluster has no backend (503 per request).
+    let text = with_vs("  http:\n  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: echo, subset: v9}}]\n  - route: [{destination: {host: echo, subset: v1}}]\n");
+    let state = compile_str(&text).unwrap();
+    let Plan::L7(plan) = &state.services[0].plan else {
+        panic!("header match needs the proxy");
+    };
+    assert!(plan
+        .clusters
+        .iter()
+        .any(|c| c.subset.as_deref() == Some("v9") && c.backends.is_empty()));
+    assert!(plan
+        .clusters
+        .iter()
+        .any(|c| c.subset.as_deref() == Some("v1") && !c.backends.is_empty()));
 }
 
 #[test]
@@ -603,4 +628,56 @@ fn sandbox_steps_compile_on_top_of_the_service() {
             .collect();
         assert_eq!(got, want, "{step}");
     }
+}
+
+/// Istio's semantics make the order of applies irrelevant: whatever arrives first (a
+/// VirtualService naming subsets, its DestinationRule, the ServiceEntry, the Gateway), every
+/// intermediate set is accepted and the final rules in force are the same.
+#[test]
+fn every_order_of_apply_ends_with_the_same_rules() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/istio-samples");
+    let pieces: Vec<ResourceSet> = [
+        "services.yaml",
+        "bookinfo-networking/destination-rule-all.yaml",
+        "bookinfo-networking/virtual-service-reviews-jason-v2-v3.yaml",
+        "bookinfo-networking/bookinfo-gateway.yaml",
+    ]
+    .iter()
+    .map(|f| crate::config::load_path(&dir.join(f)).unwrap())
+    .collect();
+    let mut reference: Option<DesiredState> = None;
+    let mut orders = 0;
+    for order in permutations(pieces.len()) {
+        let mut applied = ResourceSet::default();
+        for &i in &order {
+            applied.merge(pieces[i].clone());
+            // Each step is accepted, whatever is still missing.
+            compile(&applied, &node()).unwrap_or_else(|e| panic!("order {order:?}: {e}"));
+        }
+        let mut state = compile(&applied, &node()).unwrap();
+        state.warnings.clear();
+        assert!(state.services.iter().any(|s| matches!(&s.plan, Plan::L7(p)
+            if p.clusters.iter().any(|c| c.subset.as_deref() == Some("v2") && !c.backends.is_empty()))));
+        match &reference {
+            None => reference = Some(state),
+            Some(first) => assert_eq!(first, &state, "order {order:?}"),
+        }
+        orders += 1;
+    }
+    assert_eq!(orders, 24);
+}
+
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![vec![]];
+    }
+    let mut out = Vec::new();
+    for rest in permutations(n - 1) {
+        for at in 0..=rest.len() {
+            let mut order = rest.clone();
+            order.insert(at, n - 1);
+            out.push(order);
+        }
+    }
+    out
 }

@@ -177,6 +177,10 @@ impl Serialize for Resource {
 pub struct ResourceSet {
     /// Resources in source order.
     pub resources: Vec<Resource>,
+    /// One line per document that was read but skipped: other API groups (a Deployment, a
+    /// Service of a `kubectl` bundle) and Istio kinds mesh does not implement. Not part of the
+    /// rules; callers print them.
+    pub notices: Vec<String>,
 }
 
 impl ResourceSet {
@@ -432,7 +436,10 @@ pub fn load_path(path: &Path) -> Result<ResourceSet, ConfigError> {
     for file in files {
         match load_file(&file) {
             // Concatenate rather than merge so duplicates across files are reported.
-            Ok(loaded) => set.resources.extend(loaded.resources),
+            Ok(loaded) => {
+                set.resources.extend(loaded.resources);
+                set.notices.extend(loaded.notices);
+            }
             Err(ConfigError::Multiple(many)) => errors.extend(many),
             Err(error) => errors.push(error),
         }

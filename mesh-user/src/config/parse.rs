@@ -176,7 +176,7 @@ fn typed<S: DeserializeOwned>(chunk: &Chunk, at: &Origin) -> Result<(ObjectMeta,
     }
 }
 
-fn parse_chunk(file: &str, chunk: &Chunk) -> Result<Resource, ConfigError> {
+fn parse_chunk(file: &str, chunk: &Chunk) -> Result<Parsed, ConfigError> {
     let mut at = Origin {
         file: file.to_owned(),
         document: chunk.document,
@@ -249,6 +249,17 @@ fn parse_chunk(file: &str, chunk: &Chunk) -> Result<Resource, ConfigError> {
             "a string",
         ));
     }
+    let group = api_version.split_once('/').map_or("", |(group, _)| group);
+    if group != "networking.istio.io" {
+        return Ok(Parsed::Skipped(format!(
+            "{at}: skipped: {kind} ({api_version}) is not an Istio networking resource"
+        )));
+    }
+    if let Some(why) = unimplemented_kind(kind) {
+        return Ok(Parsed::Skipped(format!(
+            "{at}: skipped: {kind} is not supported ({why})"
+        )));
+    }
     if !ACCEPTED_API_VERSIONS.contains(&api_version) {
         return Err(ConfigError::UnsupportedApiVersion {
             at,
@@ -279,7 +290,7 @@ fn parse_chunk(file: &str, chunk: &Chunk) -> Result<Resource, ConfigError> {
             })
         }
     };
-    Ok(Resource {
+    Ok(Parsed::Resource(Resource {
         source: Source {
             file: file.to_owned(),
             document: chunk.document,
@@ -287,6 +298,28 @@ fn parse_chunk(file: &str, chunk: &Chunk) -> Result<Resource, ConfigError> {
         },
         kind,
         meta,
+    }))
+}
+
+/// A document read: an Istio resource mesh models, or a one-line notice saying why it was
+/// skipped.
+// Unboxed like `ResourceKind`: one value per document, moved straight into the set.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Resource(Resource),
+    Skipped(String),
+}
+
+/// Istio networking kinds mesh reads but does not implement, with the reason it gives.
+fn unimplemented_kind(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "Sidecar" => "mesh has no sidecars: every rule applies node-wide",
+        "EnvoyFilter" => "mesh does not run Envoy",
+        "WorkloadEntry" | "WorkloadGroup" => {
+            "list endpoints in the ServiceEntry instead (mesh has no workload registry)"
+        }
+        "ProxyConfig" => "mesh has no per-workload proxies",
+        _ => return None,
     })
 }
 
@@ -316,7 +349,8 @@ pub(super) fn parse_documents_unbounded(
     let mut errors = Vec::new();
     for chunk in &chunks {
         match parse_chunk(file, chunk) {
-            Ok(resource) => set.resources.push(resource),
+            Ok(Parsed::Resource(resource)) => set.resources.push(resource),
+            Ok(Parsed::Skipped(notice)) => set.notices.push(notice),
             Err(error) => errors.push(error),
         }
     }

@@ -130,8 +130,27 @@ fn top_level_shape_errors_are_precise() {
     )
     .contains("metadata.name: required field is missing"));
     let message =
-        err("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\nspec: {}\n");
-    assert!(message.contains("unknown kind `Sidecar`"), "{message}");
+        err("apiVersion: networking.istio.io/v1\nkind: Sidecars\nmetadata: {name: s}\nspec: {}\n");
+    assert!(message.contains("unknown kind `Sidecars`"), "{message}");
+}
+
+#[test]
+fn other_api_groups_and_unimplemented_kinds_are_skipped_with_one_notice_each() {
+    let text = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: reviews-v1}}\nspec: {{replicas: 1}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: reviews}}\nspec: {{}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default}}\nspec: {{}}\n---\n{VS}"
+    );
+    let set = parse_str("bundle.yaml", &text).unwrap();
+    assert_eq!(set.len(), 1);
+    assert_eq!(
+        set.notices,
+        [
+            "bundle.yaml: document 1 (Deployment default/reviews-v1): skipped: Deployment (apps/v1) is not an Istio networking resource",
+            "bundle.yaml: document 2 (Service default/reviews): skipped: Service (v1) is not an Istio networking resource",
+            "bundle.yaml: document 3 (Sidecar default/default): skipped: Sidecar is not supported (mesh has no sidecars: every rule applies node-wide)",
+        ]
+    );
 }
 
 #[test]

@@ -345,6 +345,9 @@ pub struct FaultAbort {
     /// Share of requests aborted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentage: Option<Percent>,
+    /// Deprecated integer share (older Istio samples, e.g. `virtual-service-ratings-test-abort`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<i64>,
 }
 
 /// Istio `HTTPMirrorPolicy`.

@@ -27,6 +27,7 @@ use crate::{
     fleet::{agent::FleetLink, etcd::RulesSnapshot},
     metrics::Metrics,
     store::{Layer, RuleStore},
+    validate::Warning,
 };
 
 /// A rejected request: an HTTP status and a precise message.
@@ -178,9 +179,13 @@ impl Controller {
             }
         };
         let api = self.store.api().clone();
-        let report = self.install(&files, &api, trigger, false)?;
+        let (report, _) = self.install(&files, &api, trigger, false)?;
+        let report = report.expect("not a dry run");
+        for notice in &files.notices {
+            tracing::info!(trigger, "{notice}");
+        }
         self.store.commit_files(files);
-        Ok(report.expect("not a dry run"))
+        Ok(report)
     }
 
     /// `meshctl apply`: all documents together or nothing.
@@ -193,15 +198,33 @@ impl Controller {
         let mut errors = Vec::new();
         for doc in &request.documents {
             match config::parse_str(&doc.source, &doc.yaml) {
-                Ok(set) => incoming.resources.extend(set.resources),
+                Ok(set) => {
+                    incoming.resources.extend(set.resources);
+                    incoming.notices.extend(set.notices);
+                }
                 Err(e) => errors.push(e.to_string()),
             }
+        }
+        if errors.is_empty() && incoming.resources.is_empty() {
+            errors.push(format!(
+                "nothing to apply: no Istio networking resource in the submission\n{}",
+                incoming.notices.join("\n")
+            ));
         }
         if !errors.is_empty() {
             let message = errors.join("\n");
             self.record("apply", Err(&message), started.elapsed().as_micros() as u64);
             return Err(Rejection::bad_request(message));
         }
+        for notice in &incoming.notices {
+            tracing::info!("apply: {notice}");
+        }
+        let mut warnings = std::mem::take(&mut incoming.notices);
+        let submitted: std::collections::HashSet<String> = incoming
+            .resources
+            .iter()
+            .map(|r| r.display_name())
+            .collect();
         // Within one submission a resource may appear once: a second copy is almost always a
         // mistake (two files defining the same rule), and silently keeping one would hide it.
         let first_of = incoming.index_by_key();
@@ -247,7 +270,7 @@ impl Controller {
             .collect();
         let candidate = self.store.api_with_applied(incoming);
         let files = self.store.files().clone();
-        self.install_and_commit(
+        let mut response = self.install_and_commit(
             &files,
             candidate,
             "apply",
@@ -255,7 +278,15 @@ impl Controller {
             changes,
             started,
             base,
-        )
+        )?;
+        // What the submission is warned about (not every warning of the rules in force).
+        warnings.extend(response.warnings.drain(..).filter(|w| {
+            submitted
+                .iter()
+                .any(|name| w.contains(&format!("({name})")))
+        }));
+        response.warnings = warnings;
+        Ok(response)
     }
 
     /// `meshctl delete`: all named resources or nothing.
@@ -317,6 +348,7 @@ impl Controller {
                 return Err(Rejection::internal(message));
             }
         }
+        let (report, warnings) = report;
         let (services, backends, generation) = match &report {
             Some(r) => (r.services, r.backends, r.generation),
             None => (self.current.services.len(), 0, 0),
@@ -328,17 +360,20 @@ impl Controller {
             backends,
             generation,
             duration_us: started.elapsed().as_micros() as u64,
+            warnings: warnings.iter().map(ToString::to_string).collect(),
         })
     }
 
     /// Compiles `files` + `api` and (unless `dry_run`) writes the result to the dataplane.
+    /// Returns the dataplane's report (none for a dry run) and validation's warnings, which are
+    /// also logged.
     fn install(
         &mut self,
         files: &ResourceSet,
         api: &ResourceSet,
         trigger: &str,
         dry_run: bool,
-    ) -> Result<Option<ApplyReport>, Rejection> {
+    ) -> Result<(Option<ApplyReport>, Vec<Warning>), Rejection> {
         let started = Instant::now();
         let result = RuleStore::combine(files, api)
             .map_err(|e| Rejection::bad_request(e.to_string()))
@@ -357,14 +392,18 @@ impl Controller {
                 return Err(rejection);
             }
         };
+        for warning in &state.warnings {
+            tracing::warn!(trigger, "{warning}");
+        }
         if dry_run {
-            return Ok(None);
+            return Ok((None, state.warnings));
         }
         match self.apply_state(&state) {
             Ok(report) => {
+                let warnings = state.warnings.clone();
                 self.current = state;
                 self.record(trigger, Ok(()), started.elapsed().as_micros() as u64);
-                Ok(Some(report))
+                Ok((Some(report), warnings))
             }
             Err(message) => {
                 self.record(trigger, Err(&message), started.elapsed().as_micros() as u64);

@@ -427,6 +427,7 @@ fn short(e: &etcd_client::Error) -> String {
 fn resource_yaml(resource: &Resource) -> String {
     ResourceSet {
         resources: vec![resource.clone()],
+        ..Default::default()
     }
     .to_yaml()
 }

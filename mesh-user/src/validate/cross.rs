@@ -10,7 +10,7 @@ use std::{
 };
 
 use super::{
-    index::{self, fqdn, same_host, Index},
+    index::{self, dangling_host, fqdn, same_host, Index},
     values, ValidationErrors,
 };
 use crate::config::{Resource, ResourceSet, ServiceEntry};
@@ -137,15 +137,7 @@ fn destination_rules(index: &Index, errors: &mut ValidationErrors) {
             ),
         }
         let Some((_, entry)) = index.service_entry(&rule.host, ns) else {
-            errors.push(
-                resource,
-                "spec.host",
-                format!(
-                    "no ServiceEntry defines host `{}` (a short name means `{}`)",
-                    rule.host,
-                    fqdn(&rule.host, ns)
-                ),
-            );
+            errors.warn(resource, "spec.host", dangling_host(&rule.host, ns));
             continue;
         };
         for (i, subset) in rule.subsets.iter().enumerate() {
@@ -154,11 +146,11 @@ fn destination_rules(index: &Index, errors: &mut ValidationErrors) {
                 .iter()
                 .any(|e| index::selects(&subset.labels, &e.labels))
             {
-                errors.push(
+                errors.warn(
                     resource,
                     format!("spec.subsets[{i}].labels"),
                     format!(
-                        "subset `{}` selects no endpoint of host `{}` (no endpoint has all of {})",
+                        "subset `{}` selects no endpoint of host `{}` yet (no endpoint has all of {}); traffic routed to it is refused until one does",
                         subset.name,
                         rule.host,
                         label_list(&subset.labels)
@@ -203,10 +195,10 @@ fn virtual_services(index: &Index, errors: &mut ValidationErrors) {
         for (field, reference) in references {
             if reference != "mesh" && index.gateway(reference, ns).is_none() {
                 let (gns, name) = index::gateway_ref(reference, ns);
-                errors.push(
+                errors.warn(
                     resource,
                     field,
-                    format!("no Gateway {gns}/{name} (use `mesh` for sidecar traffic)"),
+                    format!("Gateway {gns}/{name} is not defined (yet); the rule is bound to it when it is (use `mesh` for sidecar traffic)"),
                 );
             }
         }
@@ -231,15 +223,15 @@ fn virtual_services(index: &Index, errors: &mut ValidationErrors) {
                     ),
                 }
                 match index.service_entry(host, ns) {
-                    Some((_, entry)) => vips.extend(vips_of(entry)),
-                    None => errors.push(
+                    Some((_, entry)) if entry.addresses.is_empty() && !gateway_bound => errors.warn(
                         resource,
                         format!("spec.hosts[{i}]"),
                         format!(
-                            "no ServiceEntry defines host `{host}` (a short name means `{}`)",
-                            fqdn(host, ns)
+                            "host `{host}` has no address clients could use (its ServiceEntry has no `addresses`): this rule serves nothing until it has one or is bound to a Gateway"
                         ),
                     ),
+                    Some((_, entry)) => vips.extend(vips_of(entry)),
+                    None => errors.warn(resource, format!("spec.hosts[{i}]"), dangling_host(host, ns)),
                 }
             }
         }
@@ -249,31 +241,24 @@ fn virtual_services(index: &Index, errors: &mut ValidationErrors) {
                 continue; // reported by the per-resource checks
             }
             let Some((_, entry)) = index.service_entry(host, ns) else {
-                errors.push(
-                    resource,
-                    format!("{field}.host"),
-                    format!(
-                        "no ServiceEntry defines host `{host}` (a short name means `{}`)",
-                        fqdn(host, ns)
-                    ),
-                );
+                errors.warn(resource, format!("{field}.host"), dangling_host(host, ns));
                 continue;
             };
             let mut selector = BTreeMap::new();
             if let Some(subset) = &destination.subset {
                 match index.destination_rule(host, ns) {
-                    None => errors.push(
+                    None => errors.warn(
                         resource,
                         format!("{field}.subset"),
-                        format!("subset `{subset}` is not defined: no DestinationRule for host `{host}`"),
+                        format!("subset `{subset}` is not defined (yet): no DestinationRule for host `{host}`; traffic routed to it is refused until it is"),
                     ),
                     Some((rule_resource, rule)) => match rule.subsets.iter().find(|s| &s.name == subset) {
                         Some(found) => selector = found.labels.clone(),
-                        None => errors.push(
+                        None => errors.warn(
                             resource,
                             format!("{field}.subset"),
                             format!(
-                                "subset `{subset}` is not defined in {} (it has: {})",
+                                "subset `{subset}` is not defined (yet) in {} (it has: {}); traffic routed to it is refused until it is",
                                 rule_resource.display_name(),
                                 rule.subsets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
                             ),
@@ -348,29 +333,53 @@ fn port_list(entry: &ServiceEntry) -> String {
         .join(", ")
 }
 
+/// Gateways are served on every node address. Like Istio, servers of several Gateways on one
+/// port merge by host (HTTP servers, told apart by the Host header); the same host twice on one
+/// port, or a non-HTTP server sharing its port with another Gateway, is a conflict.
 fn gateways(index: &Index, errors: &mut ValidationErrors) {
-    // Every Gateway is served on every node address, so two Gateways on one port collide.
-    let mut ports: BTreeMap<(u16, Option<&str>), &Resource> = BTreeMap::new();
+    type Claim<'a> = (&'a Resource, bool, Vec<&'a str>);
+    let mut ports: BTreeMap<(u16, Option<&str>), Vec<Claim>> = BTreeMap::new();
     for (resource, spec) in &index.gateways {
         for (i, server) in spec.servers.iter().enumerate() {
             let Ok(number) = values::port(server.port.number) else {
                 continue;
             };
-            let key = (number, server.bind.as_deref());
-            match ports.entry(key) {
-                Entry::Vacant(slot) => {
-                    slot.insert(resource);
+            let http = matches!(
+                server.port.protocol.to_ascii_uppercase().as_str(),
+                "HTTP" | "HTTP2"
+            );
+            let hosts: Vec<&str> = server
+                .hosts
+                .iter()
+                .map(|h| h.split_once('/').map_or(h.as_str(), |(_, host)| host))
+                .collect();
+            let claims = ports.entry((number, server.bind.as_deref())).or_default();
+            let field = format!("spec.servers[{i}]");
+            for (owner, owner_http, owner_hosts) in claims.iter() {
+                if std::ptr::eq(*owner, *resource) {
+                    continue; // reported by the per-resource checks
                 }
-                Entry::Occupied(first) if !std::ptr::eq(*first.get(), *resource) => errors.push(
-                    resource,
-                    format!("spec.servers[{i}].port.number"),
-                    format!(
-                        "port {number} is already served by {}",
-                        first_seen(first.get())
-                    ),
-                ),
-                Entry::Occupied(_) => {} // reported by the per-resource checks
+                if !(http && *owner_http) {
+                    errors.push(
+                        resource,
+                        format!("{field}.port.number"),
+                        format!(
+                            "port {number} is already served by {}; only HTTP servers of several Gateways can share a port (by host)",
+                            first_seen(owner)
+                        ),
+                    );
+                } else if let Some(host) = hosts.iter().find(|h| owner_hosts.contains(h)) {
+                    errors.push(
+                        resource,
+                        format!("{field}.hosts"),
+                        format!(
+                            "host `{host}` on port {number} is also served by {}: two Gateways cannot serve one host on one port",
+                            first_seen(owner)
+                        ),
+                    );
+                }
             }
+            claims.push((resource, http, hosts));
         }
     }
 }

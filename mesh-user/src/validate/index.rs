@@ -17,6 +17,15 @@ pub(crate) fn fqdn(host: &str, namespace: &str) -> String {
     }
 }
 
+/// The warning for a reference to a host no ServiceEntry defines (Istio's IST0101): the one
+/// wording, wherever a host reference is resolved.
+pub(crate) fn dangling_host(host: &str, namespace: &str) -> String {
+    format!(
+        "no ServiceEntry defines host `{host}` (yet; a short name means `{}`): the rule takes effect when one does, until then traffic routed to it is refused",
+        fqdn(host, namespace)
+    )
+}
+
 /// Whether a host named in one namespace denotes a host defined in another: equal after
 /// short-name completion, or written identically.
 pub(crate) fn same_host(

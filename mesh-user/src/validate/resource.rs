@@ -19,6 +19,10 @@ impl Checker<'_> {
         self.errors.push(self.resource, field, message);
     }
 
+    fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.warn(self.resource, field, message);
+    }
+
     fn port(&mut self, field: String, number: i64) -> Option<u16> {
         match values::port(number) {
             Ok(port) => Some(port),
@@ -571,17 +575,24 @@ fn outlier_detection(c: &mut Checker, field: &str, outlier: &crate::config::Outl
     );
 }
 
+/// mesh has no workload identity and does not originate TLS: `ISTIO_MUTUAL` (Istio's sidecar
+/// mTLS) is accepted with a warning saying traffic stays as the client sent it, `SIMPLE` and
+/// `MUTUAL` (TLS origination to the backends) are refused, `DISABLE` is what mesh does anyway.
 fn client_tls(c: &mut Checker, field: &str, tls: &crate::config::ClientTlsSettings) {
-    if let Some(mode) = &tls.mode {
-        if !matches!(
-            mode.as_str(),
-            "DISABLE" | "SIMPLE" | "MUTUAL" | "ISTIO_MUTUAL"
-        ) {
-            c.error(
-                format!("{field}.mode"),
-                format!("`{mode}` is not DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL"),
-            );
-        }
+    match tls.mode.as_deref() {
+        None | Some("DISABLE") => {}
+        Some("ISTIO_MUTUAL") => c.warn(
+            format!("{field}.mode"),
+            "ISTIO_MUTUAL is not supported (mesh has no sidecars and no workload identity): traffic reaches the backends as the client sent it, without mTLS",
+        ),
+        Some(mode @ ("SIMPLE" | "MUTUAL")) => c.error(
+            format!("{field}.mode"),
+            format!("{mode} (TLS origination to the backends) is not supported; mesh forwards traffic as the client sent it"),
+        ),
+        Some(mode) => c.error(
+            format!("{field}.mode"),
+            format!("`{mode}` is not DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL"),
+        ),
     }
 }
 
@@ -627,6 +638,7 @@ fn virtual_service(c: &mut Checker, spec: &VirtualService) {
                 }
             }
             c.labels(&format!("{field}.sourceLabels"), &m.source_labels);
+            no_workload_identity(c, &field, &m.source_labels, &m.source_namespace);
             for (k, gateway) in m.gateways.iter().enumerate() {
                 c.gateway_reference(format!("{field}.gateways[{k}]"), gateway);
             }
@@ -692,6 +704,28 @@ fn route_destinations<'d>(
     c.weights(&format!("{field}.route"), &weights);
 }
 
+/// `sourceLabels` and `sourceNamespace` select clients by workload identity, which mesh does not
+/// have: refused for every rule, whether or not it is ever served.
+fn no_workload_identity(
+    c: &mut Checker,
+    field: &str,
+    labels: &BTreeMap<String, String>,
+    namespace: &Option<String>,
+) {
+    if !labels.is_empty() {
+        c.error(
+            format!("{field}.sourceLabels"),
+            "matching on client workload labels is not supported (mesh has no workload identity)",
+        );
+    }
+    if namespace.is_some() {
+        c.error(
+            format!("{field}.sourceNamespace"),
+            "matching on the client namespace is not supported (mesh has no workload identity)",
+        );
+    }
+}
+
 fn http_route(c: &mut Checker, field: &str, route: &HttpRoute) {
     for (j, m) in route.matches.iter().enumerate() {
         let field = format!("{field}.match[{j}]");
@@ -721,6 +755,7 @@ fn http_route(c: &mut Checker, field: &str, route: &HttpRoute) {
             c.port(format!("{field}.port"), port);
         }
         c.labels(&format!("{field}.sourceLabels"), &m.source_labels);
+        no_workload_identity(c, &field, &m.source_labels, &m.source_namespace);
         for (k, gateway) in m.gateways.iter().enumerate() {
             c.gateway_reference(format!("{field}.gateways[{k}]"), gateway);
         }
@@ -795,6 +830,7 @@ fn http_route(c: &mut Checker, field: &str, route: &HttpRoute) {
         }
         if let Some(abort) = &fault.abort {
             c.percent(format!("{field}.fault.abort.percentage"), &abort.percentage);
+            c.int_percent(format!("{field}.fault.abort.percent"), abort.percent);
             if let Some(status) = abort.http_status {
                 if !(200..=599).contains(&status) {
                     c.error(

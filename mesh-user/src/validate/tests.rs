@@ -32,9 +32,26 @@ fn vs(body: &str) -> String {
 fn errors(docs: &[&str]) -> Vec<String> {
     let set = parse_str("v.yaml", &docs.join("---\n")).unwrap();
     match validate(&set) {
-        Ok(()) => Vec::new(),
+        Ok(_) => Vec::new(),
         Err(errors) => errors.errors.iter().map(ToString::to_string).collect(),
     }
+}
+
+/// Warnings, whether or not there are errors too.
+fn warnings(docs: &[&str]) -> Vec<String> {
+    let set = parse_str("v.yaml", &docs.join("---\n")).unwrap();
+    match validate(&set) {
+        Ok(warnings) => warnings.iter().map(ToString::to_string).collect(),
+        Err(errors) => errors.warnings.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn assert_warning(docs: &[&str], want: &str) {
+    let found = warnings(docs);
+    assert!(
+        found.iter().any(|e| e.contains(want)),
+        "want {want:?} in {found:#?}"
+    );
 }
 
 fn assert_error(docs: &[&str], want: &str) {
@@ -60,7 +77,7 @@ fn display_format_is_file_document_resource_field_message() {
 
 #[test]
 fn all_problems_are_reported() {
-    let bad = vs("  hosts: [echo]\n  tcp: [{route: [{destination: {host: nope}, weight: -1}, {destination: {host: echo, subset: v7}}]}]\n");
+    let bad = vs("  hosts: [echo]\n  tcp: [{route: [{destination: {host: Nope}, weight: -1}, {destination: {host: echo, subset: V7}}]}]\n");
     assert!(errors(&[SE, DR, &bad]).len() >= 3);
 }
 
@@ -97,15 +114,20 @@ fn unknown_host_subset_and_port() {
             "  hosts: [echo]\n  tcp: [{{route: [{{destination: {dest}}}]}}]\n"
         ))
     };
-    assert_error(&[SE, &route("{host: nope}")], "spec.tcp[0].route[0].destination.host: no ServiceEntry defines host `nope` (a short name means `nope.default.svc.cluster.local`)");
-    assert_error(
+    // Istio's semantics (IST0101): references to what is not defined (yet) are warnings, with
+    // the same precision as errors, and nothing else is wrong with the rule.
+    let dangling = [SE, &route("{host: nope}")];
+    assert_warning(&dangling, "warning: v.yaml: document 2 (VirtualService default/echo): spec.tcp[0].route[0].destination.host: no ServiceEntry defines host `nope` (yet; a short name means `nope.default.svc.cluster.local`)");
+    assert!(errors(&dangling).is_empty());
+    assert_warning(
         &[SE, &route("{host: echo, subset: v1}")],
-        "subset `v1` is not defined: no DestinationRule for host `echo`",
+        "subset `v1` is not defined (yet): no DestinationRule for host `echo`",
     );
-    assert_error(
+    assert_warning(
         &[SE, DR, &route("{host: echo, subset: v2}")],
-        "subset `v2` is not defined in DestinationRule default/echo (it has: v1)",
+        "subset `v2` is not defined (yet) in DestinationRule default/echo (it has: v1)",
     );
+    assert!(errors(&[SE, DR, &route("{host: echo, subset: v2}")]).is_empty());
     assert_error(
         &[SE, &route("{host: echo, port: {number: 81}}")],
         "destination.port.number: host `echo` has no port 81 (it has: 80)",
@@ -117,7 +139,7 @@ fn short_names_match_fqdns() {
     let route = vs("  hosts: [echo.default.svc.cluster.local]\n  tcp: [{route: [{destination: {host: echo.default.svc.cluster.local}}]}]\n");
     assert!(errors(&[SE, &route]).is_empty());
     let other_ns = vs("  hosts: [echo]\n  tcp: [{route: [{destination: {host: echo.other.svc.cluster.local}}]}]\n");
-    assert_error(
+    assert_warning(
         &[SE, &other_ns],
         "no ServiceEntry defines host `echo.other.svc.cluster.local`",
     );
@@ -126,10 +148,12 @@ fn short_names_match_fqdns() {
 #[test]
 fn subsets_must_select_an_endpoint() {
     let dr = DR.replace("version: v1", "version: v9");
-    assert_error(
+    // A canary's subset defined before the canary exists: a warning, as in Istio.
+    assert_warning(
         &[SE, &dr],
-        "spec.subsets[0].labels: subset `v1` selects no endpoint of host `echo`",
+        "spec.subsets[0].labels: subset `v1` selects no endpoint of host `echo` yet",
     );
+    assert!(errors(&[SE, &dr]).is_empty());
 }
 
 #[test]
@@ -239,7 +263,7 @@ fn destination_rule_fields() {
         &[SE, &pool],
         "spec.trafficPolicy.connectionPool.tcp.connectTimeout: `10` has no unit",
     );
-    assert_error(
+    assert_warning(
         &[SE, &DR.replace("host: echo", "host: nope")],
         "spec.host: no ServiceEntry defines host `nope`",
     );
@@ -253,9 +277,9 @@ fn gateways_are_resolved() {
     };
     assert!(errors(&[SE, gw, &bound("[gw]")]).is_empty());
     assert!(errors(&[SE, gw, &bound("[default/gw]")]).is_empty());
-    assert_error(
+    assert_warning(
         &[SE, gw, &bound("[other]")],
-        "spec.gateways[0]: no Gateway default/other",
+        "spec.gateways[0]: Gateway default/other is not defined (yet)",
     );
     assert_error(
         &[SE, gw, &bound("[mesh]")],
@@ -270,6 +294,15 @@ fn gateways_are_resolved() {
     assert_error(
         &[gw, &gw2],
         "spec.servers[0].port.number: port 31400 is already served by Gateway default/gw",
+    );
+    // HTTP servers of several Gateways merge by host; one host twice names both Gateways.
+    let http = |name: &str, host: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: {name}}}\nspec:\n  servers: [{{port: {{number: 8080, name: http, protocol: HTTP}}, hosts: ['{host}']}}]\n")
+    };
+    assert!(errors(&[&http("a", "a.example.com"), &http("b", "b.example.com")]).is_empty());
+    assert_error(
+        &[&http("a", "a.example.com"), &http("b", "a.example.com")],
+        "v.yaml: document 2 (Gateway default/b): spec.servers[0].hosts: host `a.example.com` on port 8080 is also served by Gateway default/a (v.yaml: document 1)",
     );
 }
 

@@ -72,7 +72,8 @@ impl Controller {
         base: RulesSnapshot,
     ) -> Result<ApplyResponse, Rejection> {
         let link = self.fleet.clone().expect("fleet mode");
-        self.install(files, &candidate, trigger, true)?;
+        let (_, warnings) = self.install(files, &candidate, trigger, true)?;
+        let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
         if dry_run {
             return Ok(ApplyResponse {
                 changes,
@@ -81,6 +82,7 @@ impl Controller {
                 backends: 0,
                 generation: 0,
                 duration_us: started.elapsed().as_micros() as u64,
+                warnings,
             });
         }
         let guard = GuardValue {
@@ -119,6 +121,7 @@ impl Controller {
             backends: report.backends,
             generation: report.generation,
             duration_us: started.elapsed().as_micros() as u64,
+            warnings,
         })
     }
 
@@ -133,7 +136,7 @@ impl Controller {
         let previous = self.current.clone();
         let outcome = self
             .install(&files, &snapshot.rules, trigger, false)
-            .and_then(|report| {
+            .and_then(|(report, _)| {
                 let report = report.expect("not a dry run");
                 match self.store.commit_api(snapshot.rules.clone()) {
                     Ok(()) => Ok(report),
