@@ -12,7 +12,7 @@ use anyhow::{ensure, Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use mesh_common::{map_names, Backend, ServiceInfo, ServiceKey};
 use mesh_tests::{
-    meshd::{meshctl, meshctl_stdin, Meshd},
+    meshd::{meshctl, meshctl_stdin, metric_value, scrape_metrics, Meshd},
     rules::{echo_service_entry, echo_split, meshd_args, RulesDir},
     servers::{tcp_connect, tcp_echo},
     split::assert_shares,
@@ -389,17 +389,8 @@ fn stats_match_what_the_clients_sent() -> Result<()> {
     );
     // And the Prometheus endpoint carries the same numbers (curl must succeed: a missing
     // endpoint is a failure, not a skip).
-    let out = topo
-        .node
-        .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"])
-        .context("GET /metrics on meshd's metrics listener")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let sample = |family: &str| -> Option<u64> {
-        text.lines()
-            .find(|l| l.starts_with(family) && l.contains(":8081\""))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-    };
+    let text = scrape_metrics(&topo.node)?;
+    let sample = |family: &str| metric_value(&text, family, ":8081\"");
     ensure!(
         sample("mesh_service_connections_total{") == Some(total_flows as u64),
         "mesh_service_connections_total for the UDP service should be {total_flows}:\n{text}"

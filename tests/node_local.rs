@@ -194,6 +194,18 @@ fn node_clients_ipv4_tcp_and_udp_follow_weights_70_20_10_and_see_the_vip() -> Re
             && status.contains("connect_balanced"),
         "meshctl status does not show the socket hooks:\n{status}"
     );
+    let metrics = topo
+        .node
+        .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"])?;
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let connects = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mesh_socket_hook_calls_total{outcome=\"connect_balanced\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    ensure!(
+        connects == Some(SAMPLES as u64),
+        "connect_balanced in /metrics: {connects:?}\n{metrics}"
+    );
     Ok(())
 }
 

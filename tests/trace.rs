@@ -132,7 +132,8 @@ fn a_filtered_trace_shows_exactly_one_clients_decisions() -> Result<()> {
             client.ip().to_string() == CLIENT_V4,
             "event of another client: {e}"
         );
-        ensure!(e["hook"] == "xdp", "hook: {e}");
+        // Whichever entry meshd attached on these veths (XDP or TC) says so.
+        ensure!(e["hook"] == "xdp" || e["hook"] == "tc", "hook: {e}");
     }
     // One new-flow decision per connection, on the connection's own port, to the backend that
     // accepted it; as many per backend as each backend accepted.

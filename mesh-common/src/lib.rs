@@ -26,6 +26,13 @@ pub mod map_names {
     /// client -> service entry names the backend, the backend -> client entry the service
     /// address to restore on replies (see [`FlowState::direction`](crate::FlowState)).
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// LRU hash, same key and value as [`CONNTRACK`]: flows not yet confirmed by traffic in
+    /// both directions (a request after a reply: the TCP handshake's final ACK, a UDP client's
+    /// second datagram). A flood of spoofed packets only churns this table; flows move to
+    /// [`CONNTRACK`] once confirmed, so the flood never evicts an established flow.
+    pub const CT_PENDING: &str = "CT_PENDING";
+    /// Per-CPU array: [`ct_event`](crate::ct_event) code -> count.
+    pub const CT_STATS: &str = "CT_STATS";
     /// Per-CPU array: service id -> [`TrafficCounters`](crate::TrafficCounters).
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     /// Per-CPU array: backend id -> [`TrafficCounters`](crate::TrafficCounters).
@@ -92,6 +99,11 @@ pub const DEFAULT_MAGLEV_POOL_ENTRIES: u32 = 1 << 22;
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 524_288;
 /// Default connection-tracking capacity in flows.
 pub const DEFAULT_CONNTRACK_FLOWS: u32 = DEFAULT_CONNTRACK_ENTRIES / 2;
+/// Default capacity of [`map_names::CT_PENDING`] in entries (two per flow); meshd sizes it from
+/// `--conntrack-entries` at load time.
+pub const DEFAULT_PENDING_ENTRIES: u32 = 65_536;
+/// [`FlowState::flags`]: a reply of this pending flow was seen (set on its request entry).
+pub const FLOW_FLAG_REPLY_SEEN: u8 = 1;
 /// [`FlowState::direction`]: the entry of the client -> service direction.
 pub const FLOW_REQUEST: u8 = 0;
 /// [`FlowState::direction`]: the entry of the backend -> client direction.
@@ -168,6 +180,21 @@ pub mod reason {
         "forward_tx",
         "forward_redirect",
     ];
+}
+
+/// Connection-table events counted in [`map_names::CT_STATS`].
+pub mod ct_event {
+    /// A new flow entered the pending table (SYN, first datagram, or a packet of a flow whose
+    /// state is gone).
+    pub const PENDING: u32 = 0;
+    /// A pending flow was confirmed (request after reply) and moved to the connection table.
+    pub const CONFIRMED: u32 = 1;
+    /// One direction of an established flow was missing (evicted) and rebuilt from the other.
+    pub const REBUILT: u32 = 2;
+    /// Number of event codes.
+    pub const COUNT: u32 = 3;
+    /// Names for metrics labels, indexed by code.
+    pub const NAMES: [&str; COUNT as usize] = ["pending", "confirmed", "rebuilt"];
 }
 
 /// Outcomes of the socket hooks: the index into [`map_names::SOCK_STATS`].
@@ -328,8 +355,8 @@ pub struct FlowState {
     pub port: u16,
     /// [`FLOW_REQUEST`] or [`FLOW_REPLY`].
     pub direction: u8,
-    /// Explicit padding, always zero.
-    pub _pad: u8,
+    /// [`FLOW_FLAG_REPLY_SEEN`] (pending flows only); zero otherwise.
+    pub flags: u8,
     /// Service id (for counters).
     pub service_id: u32,
     /// Backend id (for counters).

@@ -8,9 +8,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use mesh_common::{
-    reason, sock_reason, Backend, FlowKey, FlowState, ServiceInfo, ServiceKey, SockConfig, SockKey,
-    SockTarget, TrafficCounters, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_POOL_ENTRIES,
-    GENERATIONS, MAX_BACKENDS, MAX_SERVICES, SOCK_MAP_ENTRIES,
+    ct_event, reason, sock_reason, Backend, FlowKey, FlowState, ServiceInfo, ServiceKey,
+    SockConfig, SockKey, SockTarget, TrafficCounters, DEFAULT_CONNTRACK_ENTRIES,
+    DEFAULT_MAGLEV_POOL_ENTRIES, DEFAULT_PENDING_ENTRIES, GENERATIONS, MAX_BACKENDS, MAX_SERVICES,
+    SOCK_MAP_ENTRIES,
 };
 
 /// The rule generation (0 or 1) new flows are looked up in.
@@ -36,6 +37,20 @@ pub static MAGLEV: Array<u32> =
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Flows not yet confirmed in both directions, same layout as [`CONNTRACK`]: floods churn this
+/// table, not the one holding established flows.
+#[map]
+pub static CT_PENDING: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_PENDING_ENTRIES, 0);
+
+/// One slot per CPU of working space for building connection-table entries off the stack.
+#[map]
+pub static CT_SCRATCH: PerCpuArray<crate::conntrack::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Connection-table event code -> count (`mesh_common::ct_event`).
+#[map]
+pub static CT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ct_event::COUNT, 0);
 
 /// Service id -> traffic counters.
 #[map]

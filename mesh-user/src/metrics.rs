@@ -198,6 +198,40 @@ impl Collector for KernelCollector {
                 "Packets seen by the XDP program, by verdict reason",
                 &reasons,
             )?;
+            let events: Vec<(Labels, u64)> = snapshot
+                .conntrack_events
+                .iter()
+                .map(|(event, n)| (vec![("event", event.clone())], *n))
+                .collect();
+            counter_family(
+                &mut encoder,
+                "conntrack_events",
+                "Connection-table events: pending (new flow awaiting traffic both ways), \
+                 confirmed (moved to the established table), rebuilt (a lost direction of an \
+                 established flow restored)",
+                &events,
+            )?;
+            let count = |name: &str| {
+                snapshot
+                    .conntrack_events
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| *v)
+                    .unwrap_or(0)
+            };
+            let unconfirmed = count("pending").saturating_sub(count("confirmed"));
+            if let Some(turnover) = unconfirmed.checked_div(snapshot.pending_capacity) {
+                // Unconfirmed flows per pending-table capacity: above 1 the table overflowed
+                // (a flood, or handshakes that never completed) and pending flows were evicted;
+                // established flows live in their own table and are not affected.
+                gauge_family(
+                    &mut encoder,
+                    "conntrack_pending_turnover",
+                    "Times unconfirmed flows filled the pending-flow table since start (table \
+                     pressure; above 1 pending flows were evicted, established ones never)",
+                    &[(Vec::new(), turnover as i64)],
+                )?;
+            }
         }
         let used: Vec<(Labels, i64)> = self
             .fill

@@ -113,7 +113,7 @@ impl Conn {
     fn serve(&self, stream: TcpStream) {
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let _ = stream.set_read_timeout(Some(crate::patience(Duration::from_secs(30))));
         let Ok(write) = stream.try_clone() else {
             return;
         };
@@ -246,10 +246,10 @@ pub struct Client {
 impl Client {
     /// Connects to `target` (call inside the client namespace).
     pub fn connect(target: SocketAddr) -> Result<Self> {
-        let stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))
+        let stream = TcpStream::connect_timeout(&target, crate::patience(Duration::from_secs(3)))
             .with_context(|| format!("connecting to {target}"))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(crate::patience(Duration::from_secs(10))))?;
+        stream.set_write_timeout(Some(crate::patience(Duration::from_secs(10))))?;
         stream.set_nodelay(true)?;
         let reader = BufReader::new(stream.try_clone()?);
         Ok(Self { stream, reader })

@@ -64,7 +64,7 @@ impl Meshd {
             }
         });
         let mut meshd = Meshd { child, log };
-        meshd.wait_for_log("meshd ready", 0, Duration::from_secs(20))?;
+        meshd.wait_for_log("meshd ready", 0, crate::patience(Duration::from_secs(20)))?;
         Ok(meshd)
     }
 
@@ -109,7 +109,7 @@ impl Meshd {
     pub fn reload(&mut self) -> Result<String> {
         let from = self.log_len();
         self.signal(libc::SIGHUP);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
         loop {
             if let Some(line) = self.log.lock().expect("log lock")[from..].iter().find(|l| {
                 l.contains("rules reloaded")
@@ -134,7 +134,7 @@ impl Meshd {
     /// Stops meshd with SIGTERM and returns its exit status.
     pub fn stop(mut self) -> Result<std::process::ExitStatus> {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
         loop {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status);
@@ -201,4 +201,22 @@ pub fn meshctl_stdin(socket: &str, args: &[&str], stdin: &str) -> Result<(bool, 
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// meshd's Prometheus text from its default metrics listener, fetched inside `ns`; an error
+/// when the endpoint does not answer (never an empty page that checks pass on).
+pub fn scrape_metrics(ns: &crate::netns::Netns) -> Result<String> {
+    let out = ns
+        .exec("curl", &["-sf", "http://127.0.0.1:9464/metrics"])
+        .context("GET /metrics on meshd's metrics listener")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of the first sample in `text` whose line starts with `prefix` (family name and
+/// the start of its labels) and contains `needle`.
+pub fn metric_value(text: &str, prefix: &str, needle: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix) && l.contains(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

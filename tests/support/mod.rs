@@ -19,3 +19,15 @@ pub mod split;
 pub mod topology;
 pub mod traffic;
 pub mod web;
+
+/// `d` stretched by `MESH_TEST_SLOWDOWN` (an integer factor, default 1): `cargo xtask vm-test`
+/// sets it in its guests, where emulation (TCG) makes everything many times slower. Only waits
+/// and I/O timeouts use it; nothing asserts on time.
+pub fn patience(d: std::time::Duration) -> std::time::Duration {
+    let factor = std::env::var("MESH_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    d * factor
+}

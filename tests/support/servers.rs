@@ -65,7 +65,7 @@ pub fn tcp_server(ns: &Netns, addr: SocketAddr, identity: &str) -> Result<Server
 
 fn serve_tcp(mut stream: TcpStream, identity: &str, stop: &AtomicBool) {
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = stream.set_read_timeout(Some(crate::patience(Duration::from_millis(200))));
     if stream
         .write_all(format!("{identity}\n").as_bytes())
         .is_err()
@@ -96,7 +96,7 @@ pub fn udp_server(ns: &Netns, addr: SocketAddr, identity: &str) -> Result<Server
     let socket = ns
         .run(move || UdpSocket::bind(addr))?
         .with_context(|| format!("binding udp {addr}"))?;
-    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    socket.set_read_timeout(Some(crate::patience(Duration::from_millis(100))))?;
     let stop = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(AtomicU64::new(0));
     let (stop2, accepted2, identity) = (stop.clone(), accepted.clone(), identity.to_string());
@@ -114,10 +114,10 @@ pub fn udp_server(ns: &Netns, addr: SocketAddr, identity: &str) -> Result<Server
 
 /// Opens a TCP connection to `target` and returns the stream and the identity line it got.
 pub fn tcp_connect(target: SocketAddr) -> Result<(TcpStream, String)> {
-    let stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))
+    let stream = TcpStream::connect_timeout(&target, crate::patience(Duration::from_secs(3)))
         .with_context(|| format!("connecting to {target}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(3)))?;
+    stream.set_read_timeout(Some(crate::patience(Duration::from_secs(3))))?;
+    stream.set_write_timeout(Some(crate::patience(Duration::from_secs(3))))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader
@@ -146,7 +146,7 @@ pub fn udp_ask(target: SocketAddr) -> Result<String> {
         "[::]:0".parse()?
     };
     let socket = UdpSocket::bind(bind)?;
-    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+    socket.set_read_timeout(Some(crate::patience(Duration::from_millis(500))))?;
     let mut buf = [0u8; 512];
     // UDP may lose the very first datagram while the node resolves a neighbour: retry a little.
     for _ in 0..4 {

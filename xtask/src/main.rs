@@ -4,6 +4,7 @@
 //! work on a fresh machine.
 
 mod toolchain;
+mod vm;
 
 use std::process::{Command, ExitStatus};
 
@@ -37,7 +38,25 @@ enum Cmd {
         no_lint: bool,
         /// Only run tests whose name contains this filter (passed to cargo test).
         filter: Option<String>,
+        /// Skip the VM step (also `MESH_SKIP_VM=1`); CI always runs it.
+        #[arg(long, env = "MESH_SKIP_VM", value_parser = clap::builder::FalseyValueParser::new())]
+        skip_vm: bool,
     },
+    /// Run the integration tests as root inside qemu VMs on Debian 12's 6.1 and 6.12 kernels and
+    /// the host's kernel, with a real NIC driver (virtio-net); prints a kernel x test matrix.
+    #[command(
+        long_about = "Run mesh's integration test binaries as root inside qemu VMs booting the kernels \
+                      users run: Debian 12's 6.1 and 6.12 cloud kernels (fetched with apt-get download \
+                      into target/vm/kernels, never installed) and the host's own kernel when its image \
+                      is readable. KVM when it works, TCG otherwise (said in the output). Each guest has \
+                      two virtio-net NICs joined back to back, for native XDP on a real driver.\n\n\
+                      Prints a matrix (kernel x test binary: passed/failed/skipped with reason), writes \
+                      it to target/vm/matrix.md and, for a full run (--kernel all, no filter), to \
+                      docs/kernels.md. Logs: target/vm/<kernel>/console.log.\n\n\
+                      Examples:\n  cargo xtask vm-test --kernel 6.1\n  \
+                      cargo xtask vm-test --kernel 6.12 --tests golden_packets -- ipv6"
+    )]
+    VmTest(vm::VmTestArgs),
     /// Format and lint checks only (cargo fmt --check, clippy -D warnings).
     Lint,
     /// Run the sandbox: namespaces, meshd, backends, and the traffic split live.
@@ -70,7 +89,16 @@ fn main() -> Result<()> {
             toolchain::ensure()?;
             lint()
         }
-        Cmd::Test { no_lint, filter } => {
+        Cmd::VmTest(args) => {
+            toolchain::ensure()?;
+            require_root("the guests' tests create namespaces and load BPF programs as root")?;
+            vm::run(&args, &repo_root())
+        }
+        Cmd::Test {
+            no_lint,
+            filter,
+            skip_vm,
+        } => {
             toolchain::ensure()?;
             require_root("the tests create network namespaces and load BPF programs")?;
             if !no_lint {
@@ -84,6 +112,7 @@ fn main() -> Result<()> {
                 args.push(f);
             }
             cargo(&args)?;
+            vm_step(skip_vm, filter.as_deref())?;
             eprintln!("==> all tests passed");
             Ok(())
         }
@@ -131,6 +160,25 @@ fn main() -> Result<()> {
     }
 }
 
+/// The VM part of `cargo xtask test`: the CI subset on Debian 12's 6.1 kernel.
+fn vm_step(skip: bool, filter: Option<&str>) -> Result<()> {
+    if skip {
+        eprintln!("==> VM suite SKIPPED (MESH_SKIP_VM / --skip-vm); CI runs it: cargo xtask vm-test --kernel 6.1");
+        return Ok(());
+    }
+    step("running the VM suite on Debian 12's 6.1 kernel (cargo xtask vm-test --kernel 6.1)");
+    let args = vm::VmTestArgs::ci(filter);
+    vm::run(&args, &repo_root())
+}
+
+/// The workspace root (xtask lives one level below it).
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
 fn lint() -> Result<()> {
     step("cargo fmt --check");
     cargo(&["fmt", "--all", "--check"])?;
@@ -157,11 +205,11 @@ fn require_root(why: &str) -> Result<()> {
     Ok(())
 }
 
-fn step(what: &str) {
+pub(crate) fn step(what: &str) {
     eprintln!("==> {what}");
 }
 
-fn cargo(args: &[&str]) -> Result<()> {
+pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(args);
     run(&mut cmd)

@@ -28,6 +28,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     ("bpftool", "/usr/sbin/bpftool"),
     ("curl", "/usr/bin/curl"),
+    // The VM suite (`cargo xtask vm-test`): qemu, a static busybox for the guest's initramfs,
+    // cpio to write it, mkfs.ext4 -d for the guest's disk, xz for the kernels' modules.
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/usr/share/doc/busybox-static"),
+    ("cpio", "/usr/bin/cpio"),
+    ("e2fsprogs", "/usr/sbin/mkfs.ext4"),
+    ("xz-utils", "/usr/bin/xz"),
+    ("kmod", "/usr/sbin/depmod"),
     // The split page's test drives a real headless browser (tests/split_page.rs).
     ("chromium", "/usr/bin/chromium"),
 ];

@@ -143,6 +143,9 @@ pub struct Status {
     /// This node's link to its fleet (`meshd --etcd`).
     #[serde(default)]
     pub fleet: Option<crate::fleet::LocalFleetState>,
+    /// The kernel's features and what meshd chose from them (absent from older daemons).
+    #[serde(default)]
+    pub kernel: Option<crate::dataplane::features::KernelFeatures>,
     /// Socket-level balancing of node-local clients (None: off, `--no-socket-lb`).
     #[serde(default)]
     pub socket_lb: Option<crate::dataplane::SocketLbStatus>,

@@ -608,6 +608,9 @@ fn print_status(status: &Status) {
         "meshd {} (pid {}), up {:.0}s",
         status.version, status.pid, status.uptime_s
     );
+    if let Some(k) = &status.kernel {
+        println!("{}", k.summary());
+    }
     println!("\nINTERFACE        IFINDEX  MODE     PROGRAM");
     for i in &status.interfaces {
         println!(

@@ -84,7 +84,9 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = mesh_common::DEFAULT_MAGLEV_POOL_ENTRIES)]
     maglev_pool_entries: u32,
 
-    /// Connection-tracking capacity in flows; the least recently used flows are evicted.
+    /// Connection-tracking capacity in established flows; the least recently used are evicted.
+    /// New flows wait in a separate table of a quarter of this size (at least 512) until
+    /// traffic went both ways, so a flood of spoofed packets never evicts established flows.
     #[arg(long, value_name = "N", default_value_t = mesh_common::DEFAULT_CONNTRACK_FLOWS)]
     conntrack_entries: u32,
 

@@ -504,6 +504,7 @@ impl Controller {
                 .pin_dir
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            kernel: Some(crate::dataplane::features::current().clone()),
             socket_lb: self.socket_lb.clone().map(|mut s| {
                 s.counters = self.dataplane.socket_counters();
                 s
@@ -516,12 +517,21 @@ impl Controller {
         let snapshot = self.dataplane.stats().ok();
         let fill = self.dataplane.fill_levels();
         let text = self.metrics.render(snapshot.as_ref(), &fill);
-        let Some(proxy) = &self.proxy else {
-            return text;
-        };
-        // One exposition: the proxy's families go before the closing `# EOF`.
+        // One exposition: the proxy's and the socket hooks' families go before the closing
+        // `# EOF`.
         let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
-        format!("{body}{}# EOF\n", proxy.render_metrics())
+        let proxy = self
+            .proxy
+            .as_ref()
+            .map(|p| p.render_metrics())
+            .unwrap_or_default();
+        let sockets = match &self.socket_lb {
+            Some(_) => {
+                crate::dataplane::sockets::render_prometheus(&self.dataplane.socket_counters())
+            }
+            None => String::new(),
+        };
+        format!("{body}{proxy}{sockets}# EOF\n")
     }
 }
 

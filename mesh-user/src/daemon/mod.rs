@@ -92,6 +92,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         link.restore_cached_revision();
         Arc::new(link)
     });
+    let features = crate::dataplane::features::current();
+    features.require()?;
+    tracing::info!("{}", features.summary());
     let dataplane = Dataplane::load(DataplaneOptions {
         pin_dir: options.pin_dir.clone(),
         maglev_pool_entries: options.maglev_pool_entries,

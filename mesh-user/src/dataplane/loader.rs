@@ -43,6 +43,14 @@ pub struct DataplaneOptions {
     pub conntrack_entries: u32,
 }
 
+impl DataplaneOptions {
+    /// Capacity of the pending-flow table in flows: a quarter of the connection table (at least
+    /// 512), enough for the handshakes in flight; floods only ever fill this one.
+    pub fn pending_flows(&self) -> u32 {
+        (self.conntrack_entries / 4).max(512)
+    }
+}
+
 impl Default for DataplaneOptions {
     fn default() -> Self {
         Self {
@@ -79,6 +87,8 @@ const PINNED_MAPS: &[&str] = &[
     map_names::BACKENDS,
     map_names::MAGLEV,
     map_names::CONNTRACK,
+    map_names::CT_PENDING,
+    map_names::CT_STATS,
     map_names::SERVICE_STATS,
     map_names::BACKEND_STATS,
     map_names::REASON_STATS,
@@ -113,7 +123,8 @@ impl Dataplane {
                 options.conntrack_entries.checked_mul(2).ok_or_else(|| {
                     DataplaneError::Capacity("conntrack capacity too large".into())
                 })?,
-            );
+            )
+            .map_max_entries(map_names::CT_PENDING, 2 * options.pending_flows());
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }

@@ -2,11 +2,13 @@
 //! them to interfaces, applies a [`DesiredState`](crate::compile::DesiredState) to the BPF maps
 //! atomically and reads the counters back.
 //!
+//! - [`features`]: what the running kernel supports, and the choices made from it;
 //! - [`loader`]: object loading, map sizing and pinning, interface attachment;
 //! - [`tables`]: id allocation and the double-buffered (generation) table writes;
 //! - [`stats`]: per-CPU counters summed into a snapshot;
 //! - [`sockets`]: the cgroup socket hooks that balance node-local clients at connect().
 
+pub mod features;
 pub mod loader;
 pub mod sockets;
 pub mod stats;

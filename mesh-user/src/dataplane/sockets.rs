@@ -177,6 +177,34 @@ impl Dataplane {
     }
 }
 
+/// The hooks' outcome counters as Prometheus families (`mesh_socket_hook_calls_total{outcome}`),
+/// without the closing `# EOF`, to go into meshd's one exposition.
+pub fn render_prometheus(counters: &[(String, u64)]) -> String {
+    use prometheus_client::{
+        encoding::text::encode,
+        metrics::{counter::Counter, family::Family},
+        registry::Registry,
+    };
+    let calls = Family::<Vec<(String, String)>, Counter>::default();
+    for (outcome, n) in counters {
+        calls
+            .get_or_create(&vec![("outcome".into(), outcome.clone())])
+            .inc_by(*n);
+    }
+    let mut registry = Registry::with_prefix("mesh_socket_hook");
+    registry.register(
+        "calls",
+        "Calls of node-local clients handled by the socket hooks, by outcome",
+        calls,
+    );
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    encode(&mut out, &registry).expect("metrics encode into a String");
+    out.strip_suffix("# EOF\n")
+        .map(str::to_string)
+        .unwrap_or(out)
+}
+
 /// Pins `link` at `path`, atomically replacing (and so detaching) a link an earlier meshd
 /// pinned there: the new program is already attached, so no call goes unbalanced.
 fn pin_replacing(link: FdLink, path: &Path) -> Result<(), SocketLbError> {

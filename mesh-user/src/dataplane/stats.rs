@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use mesh_common::{map_names, reason, FlowKey, FlowState, TrafficCounters, FLOW_REQUEST};
+use mesh_common::{ct_event, map_names, reason, FlowKey, FlowState, TrafficCounters, FLOW_REQUEST};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -30,6 +30,13 @@ pub struct StatsSnapshot {
     /// controller; empty from older meshd versions).
     #[serde(default)]
     pub l7: Vec<crate::proxy::L7ServiceStats>,
+    /// Connection-table events (`mesh_common::ct_event`) by name: pending flows created,
+    /// confirmed, directions rebuilt. Empty from older meshd versions.
+    #[serde(default)]
+    pub conntrack_events: Vec<(String, u64)>,
+    /// Capacity of the pending-flow table in flows (0 from older meshd versions).
+    #[serde(default)]
+    pub pending_capacity: u64,
 }
 
 /// Counters of one service address.
@@ -106,10 +113,6 @@ impl Dataplane {
         let backend_counters: PerCpuArray<&MapData, TrafficCounters> =
             PerCpuArray::try_from(map(&self.ebpf, map_names::BACKEND_STATS)?)
                 .map_err(map_err("opening BACKEND_STATS"))?;
-        let reason_counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map(&self.ebpf, map_names::REASON_STATS)?)
-                .map_err(map_err("opening REASON_STATS"))?;
-
         let sum = |array: &PerCpuArray<&MapData, TrafficCounters>,
                    id: u32|
          -> Result<Counters, DataplaneError> {
@@ -149,18 +152,15 @@ impl Dataplane {
                 })
             })
             .collect::<Result<_, DataplaneError>>()?;
-        let mut reasons = Vec::with_capacity(reason::COUNT as usize);
-        for (code, name) in reason::NAMES.iter().enumerate() {
-            let values = reason_counters
-                .get(&(code as u32), 0)
-                .map_err(map_err("reading REASON_STATS"))?;
-            reasons.push((name.to_string(), values.iter().sum()));
-        }
+        let reasons = named_sums(&self.ebpf, map_names::REASON_STATS, &reason::NAMES)?;
+        let conntrack_events = named_sums(&self.ebpf, map_names::CT_STATS, &ct_event::NAMES)?;
         Ok(StatsSnapshot {
             taken_at,
             services,
             reasons,
             l7: Vec::new(),
+            conntrack_events,
+            pending_capacity: u64::from(self.options.pending_flows()),
         })
     }
 
@@ -250,6 +250,26 @@ impl Dataplane {
         }
         out
     }
+}
+
+/// Per-CPU `u64` counters of map `name`, summed over CPUs, as (name, total) for each code.
+fn named_sums(
+    ebpf: &aya::Ebpf,
+    name: &str,
+    names: &[&str],
+) -> Result<Vec<(String, u64)>, DataplaneError> {
+    let counters: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(map(ebpf, name)?).map_err(map_err(format!("opening {name}")))?;
+    names
+        .iter()
+        .enumerate()
+        .map(|(code, label)| {
+            let values = counters
+                .get(&(code as u32), 0)
+                .map_err(map_err(format!("reading {name}")))?;
+            Ok((label.to_string(), values.iter().sum()))
+        })
+        .collect()
 }
 
 /// The clock `bpf_ktime_get_ns` reads.

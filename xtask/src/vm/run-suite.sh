@@ -1,0 +1,37 @@
+#!/mesh/bb/sh
+# mesh VM suite, guest side, on the suite's disk: runs each test binary listed in /mesh/plan
+# (`NAME PATH` lines) as root with the arguments in /mesh/args (one per line), one test thread,
+# and reports on the second serial port (ttyS1) between markers that `cargo xtask vm-test` parses:
+#   MESH-VM: BEGIN NAME / the test runner's own output / MESH-VM: END NAME rc=N / MESH-VM: DONE
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/mesh/bb
+# Backtraces for panics only: capturing one for every anyhow error is very slow under TCG.
+export HOME=/root RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=0 MESH_VM=1
+# Emulation is many times slower: the tests' waits and I/O timeouts stretch by this factor.
+export MESH_TEST_SLOWDOWN=15
+R=/dev/ttyS1
+say() {
+    echo "MESH-VM: $*" > $R
+    echo "mesh-vm: $*"
+}
+ip link set lo up
+# The two virtio-net NICs joined back to back by qemu (MACs set by xtask) for tests/vm_nic.rs.
+for dev in /sys/class/net/*; do
+    case "$(cat "$dev/address")" in
+        52:54:00:12:34:01) export MESH_VM_NIC_CLIENT="${dev##*/}" ;;
+        52:54:00:12:34:02) export MESH_VM_NIC_NODE="${dev##*/}" ;;
+    esac
+done
+say "BOOTED kernel=$(uname -r) cpus=$(nproc) nics=${MESH_VM_NIC_CLIENT:-none},${MESH_VM_NIC_NODE:-none}"
+TIMEOUT=$(cat /mesh/timeout)
+set --
+while IFS= read -r a; do set -- "$@" "$a"; done < /mesh/args
+cd "$(cat /mesh/cwd)"
+while read -r name path; do
+    say "BEGIN $name"
+    timeout -s KILL "$TIMEOUT" "$path" --test-threads=1 "$@" > $R 2>&1
+    rc=$?
+    say "END $name rc=$rc"
+done < /mesh/plan
+say "DONE"
+sync
+/mesh/bb/busybox poweroff -f
