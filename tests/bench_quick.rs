@@ -38,9 +38,9 @@ fn quick_bench_writes_a_complete_report() {
         .and_then(|s| s.split("## 5. Split quality").next())
         .expect("section 4");
     let mesh_rows: Vec<&str> = l7.lines().filter(|l| l.starts_with("| mesh |")).collect();
-    assert_eq!(
-        mesh_rows.len(),
-        3,
+    // Keep-alive, close and fixed-rate rows, and instructions per request when perf is there.
+    assert!(
+        mesh_rows.len() >= 3,
         "keep-alive, close, fixed-rate rows:\n{l7}"
     );
     for row in &mesh_rows {

@@ -477,13 +477,18 @@ fn expiring_ttl_passes_untouched() -> Result<()> {
 }
 
 #[test]
-fn service_without_backends_drops() -> Result<()> {
+fn service_without_backends_is_passed_to_the_stack_to_be_refused() -> Result<()> {
     let mut lb = setup()?;
     let mut svc = service(14, "198.18.0.10:80", PROTO_TCP, &[]);
     svc.table_size = 0;
     lb.install(&svc)?;
     let input = Frame::tcp(sa("198.18.1.1:40000"), sa("198.18.0.10:80"));
-    expect_untouched(&mut lb, &input.build()?, XDP_DROP, reason::DROP_NO_BACKEND)?;
+    expect_untouched(
+        &mut lb,
+        &input.build()?,
+        XDP_PASS,
+        reason::REFUSED_NO_BACKEND,
+    )?;
     ensure!(lb.service_stats(14)? == Default::default());
     Ok(())
 }

@@ -4,128 +4,17 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context, Result};
 use mesh_tests::{
-    http::{get_once, http_server, Client, HttpServer, Reply},
-    meshd::{meshctl, meshctl_stdin, Meshd},
-    rules::{meshd_args, RulesDir},
+    http::{get_once, Client, HttpServer, Reply},
+    l7::{vip, virtual_service, Setup, HOST},
+    meshd::{meshctl, meshctl_stdin},
     split::{assert_shares, check_share},
-    topology::{backend_v4, Topology},
 };
-
-const VIP: &str = "198.18.100.1";
-const HOST: &str = "web.mesh.test";
-
-fn vip() -> SocketAddr {
-    SocketAddr::new(VIP.parse().expect("ip"), 80)
-}
-
-/// ServiceEntry `web` (VIP:80, HTTP, endpoints :8080 on backends `1..=n`, version v<i>) and a
-/// DestinationRule with subsets v1..vn and `policy` (YAML under `trafficPolicy:`, or empty).
-fn service(n: usize, policy: &str) -> String {
-    let mut yaml = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: web}}
-spec:
-  hosts: [{HOST}]
-  addresses: [{VIP}]
-  ports:
-  - {{number: 80, name: http, protocol: HTTP, targetPort: 8080}}
-  resolution: STATIC
-  endpoints:
-"
-    );
-    for i in 1..=n {
-        yaml.push_str(&format!(
-            "  - {{address: {}, labels: {{version: v{i}}}}}\n",
-            backend_v4(i)
-        ));
-    }
-    yaml.push_str(&format!(
-        "---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: web}}
-spec:
-  host: {HOST}
-"
-    ));
-    if !policy.is_empty() {
-        yaml.push_str("  trafficPolicy:\n");
-        for line in policy.lines() {
-            yaml.push_str(&format!("    {line}\n"));
-        }
-    }
-    yaml.push_str("  subsets:\n");
-    for i in 1..=n {
-        yaml.push_str(&format!("  - {{name: v{i}, labels: {{version: v{i}}}}}\n"));
-    }
-    yaml
-}
-
-fn virtual_service(http: &str) -> String {
-    format!(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: web}}
-spec:
-  hosts: [{HOST}]
-  http:
-{http}"
-    )
-}
-
-/// Topology with `n` HTTP backends (identities v1..vn), rules written, meshd running.
-struct Setup {
-    servers: Vec<HttpServer>,
-    meshd: Meshd,
-    rules: RulesDir,
-    topo: Topology,
-}
-
-impl Setup {
-    fn new(n: usize, policy: &str, http: &str) -> Result<Self> {
-        let topo = Topology::build(n)?;
-        let mut servers = Vec::new();
-        for (index, ns) in topo.backends.iter().enumerate() {
-            let i = index + 1;
-            servers.push(http_server(
-                ns,
-                SocketAddr::new(backend_v4(i), 8080),
-                &format!("v{i}"),
-            )?);
-        }
-        let rules = RulesDir::new(&topo)?;
-        rules.write("web.yaml", &service(n, policy))?;
-        if !http.is_empty() {
-            rules.write("vs.yaml", &virtual_service(http))?;
-        }
-        // JSON logs: the access-log check parses them.
-        let mut args = meshd_args(&topo, &rules);
-        args.extend(["--log-format".to_string(), "json".to_string()]);
-        let meshd = Meshd::start(&topo.node, &args)?;
-        Ok(Self {
-            servers,
-            meshd,
-            rules,
-            topo,
-        })
-    }
-
-    /// Runs `f` in the client namespace.
-    fn client<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        self.topo.client.run(f)?
-    }
-}
 
 /// `count` requests on one keep-alive connection; who answered, by identity.
 fn tally(

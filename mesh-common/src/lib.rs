@@ -153,8 +153,11 @@ pub mod reason {
     pub const PASS_FIB_OTHER: u32 = 7;
     /// A service served by the L7 proxy in meshd.
     pub const PASS_L7_PROXY: u32 = 8;
-    /// A service with no backend in its table (all weights zero or no endpoints).
-    pub const DROP_NO_BACKEND: u32 = 9;
+    /// A service with no backend in its table (its routes name subsets or hosts not defined yet,
+    /// selecting no endpoint yet, or all weights zero): passed to the stack, where meshd has made
+    /// the address local with nothing listening on the port, so a TCP client gets a reset and a
+    /// UDP client an ICMP port unreachable at once (Istio answers such routes with 503).
+    pub const REFUSED_NO_BACKEND: u32 = 9;
     /// A service lookup hit an inconsistent table (should never happen).
     pub const DROP_INTERNAL: u32 = 10;
     /// Forwarded out of the interface it came in on (XDP_TX).
@@ -175,7 +178,7 @@ pub mod reason {
         "pass_no_neighbour",
         "pass_fib_other",
         "pass_l7_proxy",
-        "drop_no_backend",
+        "refused_no_backend",
         "drop_internal",
         "forward_tx",
         "forward_redirect",

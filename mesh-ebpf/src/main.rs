@@ -110,7 +110,7 @@ fn try_mesh_xdp(ctx: &XdpContext) -> Result<u32, ()> {
                 return Ok(verdict(reason::PASS_L7_PROXY, xdp_action::XDP_PASS));
             }
             if svc.table_size == 0 {
-                return Ok(verdict(reason::DROP_NO_BACKEND, xdp_action::XDP_DROP));
+                return Ok(verdict(reason::REFUSED_NO_BACKEND, xdp_action::XDP_PASS));
             }
             // Checked before any state is created, like on the tracked paths below.
             if pkt.ttl <= 1 {

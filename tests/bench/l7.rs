@@ -85,6 +85,15 @@ impl L7System {
         L7System::Nginx,
         L7System::Haproxy,
     ];
+    fn binary_name(self) -> &'static str {
+        match self {
+            L7System::Mesh => "meshd",
+            L7System::Envoy => "envoy",
+            L7System::Nginx => "nginx",
+            L7System::Haproxy => "haproxy",
+        }
+    }
+
     pub fn short(self) -> &'static str {
         match self {
             L7System::Mesh => "mesh",
@@ -93,6 +102,108 @@ impl L7System {
             L7System::Haproxy => "HAProxy",
         }
     }
+}
+
+/// One configuration of a system: access log on or off, proxy cores, client protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub system: L7System,
+    /// Access log on (one line per request to a file, each system's default format).
+    pub log: bool,
+    /// Proxy cores (workers/threads/processes), pinned to as many CPUs.
+    pub cores: usize,
+    /// HTTP/2 (h2c, prior knowledge) from the client, load by h2load.
+    pub h2: bool,
+}
+
+impl Variant {
+    /// Log off, one core, HTTP/1.1: the configuration the targets compare.
+    pub fn base(system: L7System) -> Variant {
+        Variant {
+            system,
+            log: false,
+            cores: 1,
+            h2: false,
+        }
+    }
+
+    /// The same configuration of another system.
+    pub fn with(self, system: L7System) -> Variant {
+        Variant { system, ..self }
+    }
+
+    /// How the report names it.
+    pub fn label(&self) -> String {
+        let mut s = self.system.short().to_string();
+        if self.h2 {
+            s.push_str(" h2c");
+        }
+        if self.log {
+            s.push_str(", access log on");
+        }
+        if self.cores > 1 {
+            s.push_str(&format!(", {} cores", self.cores));
+        }
+        s
+    }
+
+    /// The class in ratio lines (empty for the base class).
+    pub fn class(&self) -> String {
+        let mut parts = Vec::new();
+        if self.h2 {
+            parts.push("h2c".to_string());
+        }
+        if self.log {
+            parts.push("access log on".into());
+        }
+        if self.cores > 1 {
+            parts.push(format!("{} cores", self.cores));
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", parts.join(", "))
+        }
+    }
+
+    fn cpus(&self) -> String {
+        if self.cores <= 1 {
+            PROXY_CPU.to_string()
+        } else {
+            (0..self.cores)
+                .map(|c| ((PROXY_CPU + c) % 2).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    }
+}
+
+/// The configurations measured: every system with the access log off and on on one core,
+/// with two cores (log off), and mesh and Envoy with an h2c client.
+fn variants(quick: bool) -> Vec<Variant> {
+    let mut out: Vec<Variant> = L7System::ALL.iter().map(|s| Variant::base(*s)).collect();
+    if quick {
+        return out;
+    }
+    for s in L7System::ALL {
+        out.push(Variant {
+            log: true,
+            ..Variant::base(s)
+        });
+    }
+    for s in L7System::ALL {
+        out.push(Variant {
+            cores: 2,
+            ..Variant::base(s)
+        });
+    }
+    for s in [L7System::Mesh, L7System::Envoy] {
+        out.push(Variant {
+            h2: true,
+            ..Variant::base(s)
+        });
+    }
+    out
 }
 
 /// One closed-loop load, over the rounds.
@@ -135,11 +246,15 @@ pub struct LatStats {
 #[derive(Clone, Debug)]
 pub struct L7Row {
     pub system: L7System,
+    pub variant: Variant,
     pub version: String,
     pub skipped: Option<String>,
     pub keepalive: Option<LoadStats>,
     pub close: Option<LoadStats>,
     pub fixed: Option<LatStats>,
+    /// Instructions per request (user, kernel) of the proxy's processes under the keep-alive
+    /// load (`perf stat`): a figure other work on the machine does not change.
+    pub instructions: Option<(f64, f64)>,
     /// A measurement that failed after the system started.
     pub error: Option<String>,
 }
@@ -171,6 +286,7 @@ struct L7Plan {
 
 struct Tools {
     wrk: Result<String, String>,
+    h2load: Result<String, String>,
     nginx: Result<String, String>,
     haproxy: Result<String, String>,
     envoy: Result<String, String>,
@@ -308,6 +424,7 @@ fn ensure_envoy(install: bool) -> Result<String, String> {
 fn find_tools(install: bool) -> Tools {
     Tools {
         wrk: ensure_apt("wrk", "wrk", install),
+        h2load: ensure_apt("h2load", "nghttp2-client", install),
         nginx: ensure_apt("nginx", "nginx-light", install),
         haproxy: ensure_apt("haproxy", "haproxy", install),
         envoy: ensure_envoy(install),
@@ -373,7 +490,7 @@ struct Proc {
 impl Proc {
     fn spawn(
         ns: &Netns,
-        cpu: usize,
+        cpu: &str,
         program: &str,
         args: &[String],
         env: &[(&str, &str)],
@@ -381,7 +498,7 @@ impl Proc {
     ) -> Result<Proc> {
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new("taskset")
-            .args(["-c", &cpu.to_string(), "nsenter"])
+            .args(["-c", cpu, "nsenter"])
             .arg(format!("--net=/var/run/netns/{}", ns.name()))
             .arg("--")
             .arg(program)
@@ -532,7 +649,19 @@ spec:
     )
 }
 
-fn envoy_config() -> String {
+fn envoy_config(access_log: Option<&Path>) -> String {
+    let log = match access_log {
+        Some(p) => format!(
+            "          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+",
+            p.display()
+        ),
+        None => String::new(),
+    };
     let cluster = |name: &str, ip: std::net::IpAddr| {
         format!(
             "  - name: {name}
@@ -557,7 +686,7 @@ fn envoy_config() -> String {
         typed_config:
           \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: bench
-          route_config:
+{log}          route_config:
             virtual_hosts:
             - name: all
               domains: [\"*\"]
@@ -580,18 +709,23 @@ fn envoy_config() -> String {
     )
 }
 
-fn nginx_config(dir: &Path) -> String {
+fn nginx_config(dir: &Path, log: bool, workers: usize) -> String {
     let d = dir.display();
+    let access_log = if log {
+        format!("access_log {d}/access.log;")
+    } else {
+        "access_log off;".to_string()
+    };
     format!(
         "user root;
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
 events {{ worker_connections 8192; }}
 http {{
-  access_log off;
+  {access_log}
   client_body_temp_path {d}/nginx-body;
   proxy_temp_path {d}/nginx-proxy;
   keepalive_requests 1000000;
@@ -617,13 +751,21 @@ http {{
     )
 }
 
-fn haproxy_config() -> String {
+fn haproxy_config(log: bool, threads: usize) -> String {
+    let (global_log, defaults_log) = if log {
+        (
+            "  log stdout format raw local0\n",
+            "  log global\n  option httplog\n",
+        )
+    } else {
+        ("", "")
+    };
     format!(
         "global
-  nbthread 1
+  nbthread {threads}
   maxconn 4000
-defaults
-  mode http
+{global_log}defaults
+{defaults_log}  mode http
   timeout connect 5s
   timeout client 30s
   timeout server 10s
@@ -645,6 +787,7 @@ backend backends
 /// One system ready to serve: its own topology, backends and proxy. Field order = drop order.
 struct Setup {
     system: L7System,
+    variant: Variant,
     backends: Vec<Backend>,
     proxy: Proc,
     topo: Topology,
@@ -653,7 +796,10 @@ struct Setup {
 }
 
 impl Setup {
-    fn start(system: L7System, binary: &str) -> Result<Setup> {
+    fn start(variant: Variant, binary: &str) -> Result<Setup> {
+        let system = variant.system;
+        let cpus = variant.cpus();
+        let cpu = cpus.as_str();
         let topo = Topology::build(2)?;
         for s in [
             "net.ipv4.ip_local_port_range=1024 65000",
@@ -689,33 +835,38 @@ impl Setup {
                     args.extend(["--iface".into(), i]);
                 }
                 args.extend(["--config".into(), s(&rules)]);
-                // The access log (info level, one line per request) is off, as for the peers.
-                let env = [("RUST_LOG", "info,mesh::access=off")];
+                args.extend(["--proxy-workers".into(), variant.cores.to_string()]);
+                // The access log (info level, one line per request) is meshd's default; the
+                // runs with it off filter its target out.
+                let filter = if variant.log {
+                    "info"
+                } else {
+                    "info,mesh::access=off"
+                };
+                let env = [("RUST_LOG", filter)];
                 (
-                    Proc::spawn(&topo.node, PROXY_CPU, binary, &args, &env, log)?,
+                    Proc::spawn(&topo.node, cpu, binary, &args, &env, log)?,
                     SocketAddr::new(VIP.parse()?, 80),
                 )
             }
             L7System::Envoy => {
                 let cfg = dir.join("envoy.yaml");
-                std::fs::write(&cfg, envoy_config())?;
+                let access = dir.join("access.log");
+                std::fs::write(&cfg, envoy_config(variant.log.then_some(access.as_path())))?;
                 let args: Vec<String> = vec![
                     "-c".into(),
                     s(&cfg),
                     "--concurrency".into(),
-                    "1".into(),
+                    variant.cores.to_string(),
                     "--disable-hot-restart".into(),
                     "-l".into(),
                     "warning".into(),
                 ];
-                (
-                    Proc::spawn(&topo.node, PROXY_CPU, binary, &args, &[], log)?,
-                    peer,
-                )
+                (Proc::spawn(&topo.node, cpu, binary, &args, &[], log)?, peer)
             }
             L7System::Nginx => {
                 let cfg = dir.join("nginx.conf");
-                std::fs::write(&cfg, nginx_config(&dir))?;
+                std::fs::write(&cfg, nginx_config(&dir, variant.log, variant.cores))?;
                 let args: Vec<String> = vec![
                     "-c".into(),
                     s(&cfg),
@@ -724,23 +875,18 @@ impl Setup {
                     "-e".into(),
                     s(&dir.join("nginx-error.log")),
                 ];
-                (
-                    Proc::spawn(&topo.node, PROXY_CPU, binary, &args, &[], log)?,
-                    peer,
-                )
+                (Proc::spawn(&topo.node, cpu, binary, &args, &[], log)?, peer)
             }
             L7System::Haproxy => {
                 let cfg = dir.join("haproxy.cfg");
-                std::fs::write(&cfg, haproxy_config())?;
+                std::fs::write(&cfg, haproxy_config(variant.log, variant.cores))?;
                 let args: Vec<String> = vec!["-db".into(), "-f".into(), s(&cfg)];
-                (
-                    Proc::spawn(&topo.node, PROXY_CPU, binary, &args, &[], log)?,
-                    peer,
-                )
+                (Proc::spawn(&topo.node, cpu, binary, &args, &[], log)?, peer)
             }
         };
         let mut setup = Setup {
             system,
+            variant,
             backends,
             proxy,
             topo,
@@ -1069,16 +1215,26 @@ fn builtin_closed(setup: &Setup, secs: u64, close: bool) -> Result<(u64, f64, u6
 }
 
 fn closed(setup: &Setup, wrk: Option<&str>, secs: u64, close: bool) -> Result<Run> {
-    let (a0, b0) = setup.counts();
-    let c0 = cpu_ticks();
-    let p0 = ns_cpu_ticks(&setup.topo.node);
-    let (requests, secs_run, errors) = match wrk {
+    closed_with(setup, secs, || match wrk {
         Some(w) => wrk_finish(
             wrk_spawn(w, setup, secs, close)?,
             Duration::from_secs(secs + 20),
-        )?,
-        None => builtin_closed(setup, secs, close)?,
-    };
+        ),
+        None => builtin_closed(setup, secs, close),
+    })
+}
+
+/// One closed-loop run by `load` (requests, seconds, errors) with the CPU and backend counts
+/// around it.
+fn closed_with(
+    setup: &Setup,
+    _secs: u64,
+    load: impl FnOnce() -> Result<(u64, f64, u64)>,
+) -> Result<Run> {
+    let (a0, b0) = setup.counts();
+    let c0 = cpu_ticks();
+    let p0 = ns_cpu_ticks(&setup.topo.node);
+    let (requests, secs_run, errors) = load()?;
     let p1 = ns_cpu_ticks(&setup.topo.node);
     let c1 = cpu_ticks();
     let (a1, b1) = setup.counts();
@@ -1346,12 +1502,7 @@ fn profile(setup: &Setup, wrk: &str, perf: &str) -> Result<Profile> {
             })
             .collect())
     };
-    let own = match setup.system {
-        L7System::Mesh => "meshd",
-        L7System::Envoy => "envoy",
-        L7System::Nginx => "nginx",
-        L7System::Haproxy => "haproxy",
-    };
+    let own = setup.system.binary_name();
     let mut p = Profile {
         system: setup.system,
         kernel: 0.0,
@@ -1383,6 +1534,116 @@ fn profile(setup: &Setup, wrk: &str, perf: &str) -> Result<Profile> {
 
 // ---------------------------------------------------------------- the section
 
+/// h2load's closed loop over h2c: (2xx responses, seconds, other outcomes).
+fn h2load_closed(h2load: &str, setup: &Setup, secs: u64) -> Result<(u64, f64, u64)> {
+    let out = Command::new("timeout")
+        .arg((secs + 30).to_string())
+        .args(["taskset", "-c", &LOAD_CPU.to_string(), "nsenter"])
+        .arg(format!("--net=/var/run/netns/{}", setup.topo.client.name()))
+        .args(["--", h2load, "-t1", "-c8", "-m4", "-D"])
+        .arg(secs.to_string())
+        .args(["-H", &format!(":authority: {HOST}")])
+        .arg(format!("http://{}/", setup.target))
+        .stdin(Stdio::null())
+        .output()
+        .context("starting h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let num = |s: &str| s.trim().trim_end_matches(',').parse::<f64>().ok();
+    let mut secs_run = None;
+    let mut ok = None;
+    let mut done = 0u64;
+    let mut failed = 0u64;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            secs_run = rest
+                .split(',')
+                .next()
+                .and_then(|t| num(t.trim().trim_end_matches('s')));
+        } else if let Some(rest) = line.strip_prefix("requests: ") {
+            for part in rest.split(',') {
+                let mut it = part.split_whitespace();
+                if let (Some(n), Some(what)) = (it.next().and_then(num), it.next()) {
+                    match what {
+                        "done" => done = n as u64,
+                        "failed" | "errored" | "timeout" => failed += n as u64,
+                        _ => {}
+                    }
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("status codes: ") {
+            ok = rest
+                .split(',')
+                .find(|p| p.trim().ends_with("2xx"))
+                .and_then(|p| p.split_whitespace().next().and_then(num))
+                .map(|v| v as u64);
+        }
+    }
+    match (ok, secs_run) {
+        (Some(ok), Some(t)) if t > 0.0 => Ok((ok, t, failed + done.saturating_sub(ok))),
+        _ => bail!(
+            "could not parse h2load's output:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// `perf stat` of the proxy's processes over one keep-alive run: (user, kernel) instructions
+/// per request, requests counted by the backends over perf's whole window.
+fn instructions_per_request(
+    setup: &Setup,
+    perf: &str,
+    secs: u64,
+    load: impl FnOnce() -> Result<Run>,
+) -> Result<(f64, f64)> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", setup.topo.node.name()])
+        .output()?;
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if pids.is_empty() {
+        bail!("no process in the node namespace");
+    }
+    let (a0, b0) = setup.counts();
+    let stat = Command::new("timeout")
+        .args([
+            "60",
+            perf,
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            "instructions:u,instructions:k",
+            "-p",
+        ])
+        .arg(pids.join(","))
+        .args(["--", "sleep"])
+        .arg((secs + 1).to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting perf stat")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let loaded = load();
+    let out = stat.wait_with_output()?;
+    let (a1, b1) = setup.counts();
+    loaded?;
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    let count = |event: &str| {
+        text.lines()
+            .find(|l| l.contains(event))
+            .and_then(|l| l.split(',').next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let requests = (a1 + b1).saturating_sub(a0 + b0) as f64;
+    match (count("instructions:u"), count("instructions:k")) {
+        (Some(u), Some(k)) if requests > 0.0 => Ok((u / requests, k / requests)),
+        _ => bail!("perf stat gave no instruction counts: {}", text.trim()),
+    }
+}
+
 /// Runs section 4.
 pub fn run(plan: &Plan) -> Result<L7Result> {
     let p = if plan.quick {
@@ -1402,6 +1663,7 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
     };
     let tools = find_tools(!plan.quick);
     let wrk = tools.wrk.as_ref().ok().cloned();
+    let h2load = tools.h2load.clone();
     let generator = match &wrk {
         Some(w) => format!("{} (`-t1 -c{CONNS}`)", version(w, "-v")),
         None => format!(
@@ -1412,7 +1674,8 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
     let meshd = bin("meshd").map(|p| p.display().to_string());
     let mut rows = Vec::new();
     let mut setups = Vec::new();
-    for system in L7System::ALL {
+    for variant in variants(plan.quick) {
+        let system = variant.system;
         let (binary, ver) = match system {
             L7System::Mesh => (
                 meshd.as_ref().map_err(|e| format!("{e:#}")).cloned(),
@@ -1428,13 +1691,19 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
             L7System::Nginx => (tools.nginx.clone(), String::new()),
             L7System::Haproxy => (tools.haproxy.clone(), String::new()),
         };
+        let binary = match (&binary, variant.h2, &h2load) {
+            (Ok(_), true, Err(why)) => Err(format!("h2load: {why}")),
+            _ => binary,
+        };
         let mut row = L7Row {
             system,
+            variant,
             version: ver,
             skipped: None,
             keepalive: None,
             close: None,
             fixed: None,
+            instructions: None,
             error: None,
         };
         match binary {
@@ -1450,11 +1719,11 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
                         },
                     );
                 }
-                progress(&format!("L7: starting {}", system.short()));
-                match Setup::start(system, &b) {
+                progress(&format!("L7: starting {}", variant.label()));
+                match Setup::start(variant, &b) {
                     Ok(s) => setups.push(s),
                     Err(e) => {
-                        progress(&format!("L7: {} did not start: {e:#}", system.short()));
+                        progress(&format!("L7: {} did not start: {e:#}", variant.label()));
                         row.skipped = Some(format!("did not start: {e:#}"));
                     }
                 }
@@ -1466,9 +1735,15 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
     let mut cl: Vec<Vec<Run>> = setups.iter().map(|_| Vec::new()).collect();
     let mut fx: Vec<Vec<FixedRun>> = setups.iter().map(|_| Vec::new()).collect();
     let mut failed: Vec<Option<String>> = setups.iter().map(|_| None).collect();
+    let keepalive = |s: &Setup, secs: u64| -> Result<Run> {
+        match (&h2load, s.variant.h2) {
+            (Ok(h), true) => closed_with(s, secs, || h2load_closed(h, s, secs)),
+            _ => closed(s, wrk.as_deref(), secs, false),
+        }
+    };
     if p.warmup_s > 0 {
         for s in &setups {
-            let _ = closed(s, wrk.as_deref(), p.warmup_s, false);
+            let _ = keepalive(s, p.warmup_s);
         }
     }
     for round in 0..p.rounds {
@@ -1477,18 +1752,29 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
                 continue;
             }
             progress(&format!(
-                "L7 round {}/{}: {} keep-alive and new connection per request, {} s each",
+                "L7 round {}/{}: {} keep-alive{}, {} s each",
                 round + 1,
                 p.rounds,
-                s.system.short(),
+                s.variant.label(),
+                if s.variant.h2 {
+                    ""
+                } else {
+                    " and new connection per request"
+                },
                 p.run_s
             ));
-            match closed(s, wrk.as_deref(), p.run_s, false)
-                .and_then(|k| Ok((k, closed(s, wrk.as_deref(), p.run_s, true)?)))
-            {
+            let measured = keepalive(s, p.run_s).and_then(|k| {
+                let c = if s.variant.h2 {
+                    None
+                } else {
+                    Some(closed(s, wrk.as_deref(), p.run_s, true)?)
+                };
+                Ok((k, c))
+            });
+            match measured {
                 Ok((k, c)) => {
                     ka[i].push(k);
-                    cl[i].push(c);
+                    cl[i].extend(c);
                 }
                 Err(e) => failed[i] = Some(format!("{e:#}")),
             }
@@ -1496,8 +1782,9 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
     }
     let slowest = ka
         .iter()
-        .filter(|runs| !runs.is_empty())
-        .map(|runs| median(&runs.iter().map(|r| r.rps).collect::<Vec<_>>()))
+        .zip(&setups)
+        .filter(|(runs, s)| !runs.is_empty() && s.variant == Variant::base(s.system))
+        .map(|(runs, _)| median(&runs.iter().map(|r| r.rps).collect::<Vec<_>>()))
         .fold(f64::INFINITY, f64::min);
     let rate = if slowest.is_finite() && slowest > 200.0 {
         // Half the slowest keep-alive rate, rounded down to two significant digits.
@@ -1507,21 +1794,40 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
     } else {
         1000.0
     };
+    // The fixed rate: one-core HTTP/1.1 configurations, access log off and on.
+    let fixed_wanted = |v: &Variant| v.cores == 1 && !v.h2;
     for round in 0..p.rounds {
         for (i, s) in setups.iter().enumerate() {
-            if failed[i].is_some() {
+            if failed[i].is_some() || !fixed_wanted(&s.variant) {
                 continue;
             }
             progress(&format!(
                 "L7 round {}/{}: {} at a fixed {rate:.0} requests/s, {} s",
                 round + 1,
                 p.rounds,
-                s.system.short(),
+                s.variant.label(),
                 p.fixed_s
             ));
             match fixed_rate(s, rate, p.fixed_s) {
                 Ok(r) => fx[i].push(r),
                 Err(e) => failed[i] = Some(format!("{e:#}")),
+            }
+        }
+    }
+    let mut instructions: Vec<Option<(f64, f64)>> = setups.iter().map(|_| None).collect();
+    if let Some(perf) = which("perf") {
+        for (i, s) in setups.iter().enumerate() {
+            if failed[i].is_some() || s.variant != Variant::base(s.system) {
+                continue;
+            }
+            progress(&format!(
+                "L7: instructions per request of {} (perf stat, keep-alive, {} s)",
+                s.system.short(),
+                p.run_s
+            ));
+            match instructions_per_request(s, &perf, p.run_s, || keepalive(s, p.run_s)) {
+                Ok(v) => instructions[i] = Some(v),
+                Err(e) => progress(&format!("L7: {}: {e:#}", s.system.short())),
             }
         }
     }
@@ -1531,6 +1837,7 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
         (_, _, None) => Err("perf not installed".to_string()),
         (false, Some(w), Some(perf)) => Ok(setups
             .iter()
+            .filter(|s| s.variant == Variant::base(s.system))
             .filter_map(|s| {
                 progress(&format!(
                     "L7: perf record of {} under the keep-alive load (3 s)",
@@ -1545,10 +1852,14 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
             .collect()),
     };
     for (i, s) in setups.iter().enumerate() {
-        let r = rows.iter().position(|x| x.system == s.system).unwrap_or(0);
+        let r = rows
+            .iter()
+            .position(|x| x.variant == s.variant)
+            .unwrap_or(0);
         rows[r].keepalive = load_stats(&ka[i]);
         rows[r].close = load_stats(&cl[i]);
         rows[r].fixed = lat_stats(&fx[i]);
+        rows[r].instructions = instructions[i];
         rows[r].error = failed[i].clone();
     }
     drop(setups);
@@ -1567,7 +1878,80 @@ pub fn run(plan: &Plan) -> Result<L7Result> {
 // ---------------------------------------------------------------- report
 
 fn row(r: &L7Result, s: L7System) -> Option<&L7Row> {
-    r.rows.iter().find(|x| x.system == s && x.skipped.is_none())
+    variant_row(r, Variant::base(s))
+}
+
+fn variant_row(r: &L7Result, v: Variant) -> Option<&L7Row> {
+    r.rows
+        .iter()
+        .find(|x| x.variant == v && x.skipped.is_none())
+}
+
+fn load_of(x: &L7Row, close: bool) -> Option<&LoadStats> {
+    if close {
+        x.close.as_ref()
+    } else {
+        x.keepalive.as_ref()
+    }
+}
+
+/// mesh's requests per proxy CPU-second divided by `peer`'s in the same configuration.
+pub fn variant_ratio(r: &L7Result, peer: Variant, close: bool) -> Option<f64> {
+    let get = |v| finite(load_of(variant_row(r, v)?, close)?.rps_per_core);
+    finite(get(peer.with(L7System::Mesh))? / get(peer)?)
+}
+
+/// One line per ratio, mesh over each peer in each configuration (what `--only l7` prints).
+pub fn ratio_lines(r: &L7Result) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some((mu, mk)) = row(r, L7System::Mesh).and_then(|m| m.instructions) {
+        out.push(format!(
+            "l7 instructions per request mesh: {} user + {} kernel",
+            f(mu, 0),
+            f(mk, 0)
+        ));
+        for x in r.rows.iter().filter(|x| x.system != L7System::Mesh) {
+            if let Some((u, k)) = x.instructions {
+                out.push(format!(
+                    "l7 instructions per request mesh/{}: {}",
+                    x.system.short(),
+                    f((mu + mk) / (u + k), 2)
+                ));
+            }
+        }
+    }
+    for x in r.rows.iter().filter(|x| x.system != L7System::Mesh) {
+        for (close, what) in [(false, "keep-alive"), (true, "new connection")] {
+            if let Some(v) = variant_ratio(r, x.variant, close) {
+                out.push(format!(
+                    "l7 {what} per core{} mesh/{}: {}",
+                    x.variant.class(),
+                    x.system.short(),
+                    f(v, 2)
+                ));
+            }
+        }
+        let p99 = |v: Variant| finite(variant_row(r, v)?.fixed.as_ref()?.p99);
+        let p999 = |v: Variant| finite(variant_row(r, v)?.fixed.as_ref()?.p999);
+        let mesh = x.variant.with(L7System::Mesh);
+        if let (Some(m), Some(p)) = (p99(mesh), p99(x.variant)) {
+            out.push(format!(
+                "l7 p99 at a fixed rate{} mesh/{}: {}",
+                x.variant.class(),
+                x.system.short(),
+                f(m / p, 2)
+            ));
+        }
+        if let (Some(m), Some(p)) = (p999(mesh), p999(x.variant)) {
+            out.push(format!(
+                "l7 p99.9 at a fixed rate{} mesh/{}: {}",
+                x.variant.class(),
+                x.system.short(),
+                f(m / p, 2)
+            ));
+        }
+    }
+    out
 }
 
 fn finite(v: f64) -> Option<f64> {
@@ -1609,7 +1993,7 @@ fn verdict(ok: Option<bool>) -> &'static str {
 /// The L7 rows of the summary table.
 pub fn summary_rows(w: &mut String, r: &Result<L7Result, String>) {
     let r = r.as_ref().ok();
-    for peer in [L7System::Envoy, L7System::Nginx] {
+    for peer in [L7System::Envoy, L7System::Nginx, L7System::Haproxy] {
         let ka = r.and_then(|r| per_core_ratio(r, peer, false));
         let cl = r.and_then(|r| per_core_ratio(r, peer, true));
         let ok = match (ka, cl) {
@@ -1620,6 +2004,27 @@ pub fn summary_rows(w: &mut String, r: &Result<L7Result, String>) {
         let _ = writeln!(
             w,
             "| L7 requests/s per core >= {}'s | mesh/{0}: {}x keep-alive, {}x new connection per request | {} |",
+            peer.short(),
+            opt(ka, 2),
+            opt(cl, 2),
+            verdict(ok)
+        );
+    }
+    for peer in [L7System::Nginx, L7System::Haproxy] {
+        let logged = Variant {
+            log: true,
+            ..Variant::base(peer)
+        };
+        let ka = r.and_then(|r| variant_ratio(r, logged, false));
+        let cl = r.and_then(|r| variant_ratio(r, logged, true));
+        let ok = match (ka, cl) {
+            (Some(a), Some(b)) => Some(a >= 1.0 && b >= 1.0),
+            (Some(a), None) | (None, Some(a)) => Some(a >= 1.0),
+            _ => None,
+        };
+        let _ = writeln!(
+            w,
+            "| L7 requests/s per core >= {}'s, access log on for both | mesh/{0}: {}x keep-alive, {}x new connection per request | {} |",
             peer.short(),
             opt(ka, 2),
             opt(cl, 2),
@@ -1688,37 +2093,26 @@ fn clean(s: &str) -> String {
 }
 
 fn load_table(w: &mut String, r: &L7Result, close: bool) {
-    let mesh = row(r, L7System::Mesh).and_then(|x| {
-        if close {
-            x.close.as_ref()
-        } else {
-            x.keepalive.as_ref()
-        }
-    });
     let _ = writeln!(
         w,
         "| system | requests/s (median) | mesh / this | requests per proxy CPU-second | mesh / this, per core | CPU 1 busy % | requests/s per busy CPU 1 | CPU 0 busy % (load) | runs (requests/s) | errors / requests | share at A % |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
-    for x in &r.rows {
+    for x in r.rows.iter().filter(|x| !(close && x.variant.h2)) {
+        let mesh = variant_row(r, x.variant.with(L7System::Mesh)).and_then(|m| load_of(m, close));
         if let Some(why) = &x.skipped {
             let _ = writeln!(
                 w,
                 "| {} | skipped: {} | | | | | | | | |",
-                x.system.short(),
+                x.variant.label(),
                 clean(why)
             );
             continue;
         }
-        let l = if close {
-            x.close.as_ref()
-        } else {
-            x.keepalive.as_ref()
-        };
-        let Some(l) = l else {
+        let Some(l) = load_of(x, close) else {
             let _ = writeln!(
                 w,
                 "| {} | not measured: {} | | | | | | | | | |",
-                x.system.short(),
+                x.variant.label(),
                 clean(x.error.as_deref().unwrap_or("no run"))
             );
             continue;
@@ -1727,7 +2121,7 @@ fn load_table(w: &mut String, r: &L7Result, close: bool) {
         let _ = writeln!(
             w,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
-            x.system.short(),
+            x.variant.label(),
             f(l.rps, 0),
             ratio(mesh.map(|m| m.rps), l.rps),
             f(l.rps_per_core, 0),
@@ -1766,14 +2160,20 @@ pub fn write_section(
     let _ = writeln!(
         w,
         "HTTP/1.1 GET through each proxy, client namespace -> node namespace (the proxy, pinned to \
-         CPU 1 with `taskset`) -> two backends with an 80/20 split per request. mesh: meshd's L7 \
-         proxy on the VIP (VirtualService weights 80/20 with `timeout: 10s`, which puts the \
-         service on the proxy); meshd's runtime has 2 worker threads and no knob, so the whole \
-         meshd process is pinned to CPU 1. Envoy `--concurrency 1` (weighted_clusters 80/20), \
-         nginx `worker_processes 1` (upstream `weight=4`/`weight=1`, `keepalive 64`), HAProxy \
-         `nbthread 1` (`weight 80`/`20`, `http-reuse always`): each on CPU 1, upstream keep-alive \
-         on, access logs off for all (meshd: `RUST_LOG=info,mesh::access=off`; its default logs \
-         one line per request). Backends: the benchmark's own hyper server answering 64 bytes, \
+         CPU 1 with `taskset`, or CPUs 0 and 1 in the 2-core rows) -> two backends with an 80/20 \
+         split per request. mesh: meshd's L7 proxy on the VIP (VirtualService weights 80/20 with \
+         `timeout: 10s`, which puts the service on the proxy), `--proxy-workers 1` (or 2): one \
+         current-thread runtime per worker with its own SO_REUSEPORT listener and upstream \
+         pools. Envoy `--concurrency 1` (weighted_clusters 80/20), nginx `worker_processes 1` \
+         (upstream `weight=4`/`weight=1`, `keepalive 64`), HAProxy `nbthread 1` (`weight \
+         80`/`20`, `http-reuse always`), or 2 of each in the 2-core rows; upstream keep-alive on. \
+         Access log off, and on in the rows that say so, for every system: a line per request to \
+         a file in each one's default format (meshd: its `mesh::access` log target, on by \
+         default, to stderr redirected to a file; off with `RUST_LOG=info,mesh::access=off`; \
+         nginx `access_log FILE`; Envoy a file access logger; HAProxy `option httplog` to \
+         stdout redirected to a file). The h2c rows: h2load (`-t1 -c8 -m4`, 32 streams in \
+         flight) speaking HTTP/2 with prior knowledge to mesh and Envoy (nginx and HAProxy \
+         are not configured for h2c here). Backends: the benchmark's own hyper server answering 64 bytes, \
          the same for every system; backends and load generator share CPU 0. One topology per \
          system, all started first, then measured interleaved (system by system within each \
          round). Closed loops: {}, {CONNS} connections, {} s per run, {} round(s); keep-alive, \
@@ -1826,13 +2226,18 @@ pub fn write_section(
         w,
         "| system | p50 us | p99 us | p99.9 us | mesh p99 / this p99 | samples | sent late (busy connection) | errors | proxy processes CPU % | CPU 1 busy % (all work) | share at A % |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
-    let mesh_p99 = row(r, L7System::Mesh).and_then(|x| x.fixed.as_ref().map(|l| l.p99));
-    for x in &r.rows {
+    for x in r
+        .rows
+        .iter()
+        .filter(|x| x.variant.cores == 1 && !x.variant.h2)
+    {
+        let mesh_p99 = variant_row(r, x.variant.with(L7System::Mesh))
+            .and_then(|x| x.fixed.as_ref().map(|l| l.p99));
         let Some(l) = x.fixed.as_ref().filter(|_| x.skipped.is_none()) else {
             let _ = writeln!(
                 w,
                 "| {} | {} | | | | | | | | | |",
-                x.system.short(),
+                x.variant.label(),
                 clean(
                     x.skipped
                         .as_deref()
@@ -1847,7 +2252,7 @@ pub fn write_section(
         let _ = writeln!(
             w,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            x.system.short(),
+            x.variant.label(),
             f(l.p50, 0),
             f(l.p99, 0),
             f(l.p999, 0),
@@ -1872,7 +2277,7 @@ pub fn write_section(
         let _ = writeln!(
             w,
             "\n{}: a run failed: {}",
-            x.system.short(),
+            x.variant.label(),
             clean(x.error.as_deref().unwrap_or(""))
         );
     }
@@ -1880,7 +2285,9 @@ pub fn write_section(
     let measured: Vec<&L7Row> = r
         .rows
         .iter()
-        .filter(|x| x.skipped.is_none() && x.fixed.is_some())
+        .filter(|x| {
+            x.skipped.is_none() && x.fixed.is_some() && x.variant == Variant::base(x.system)
+        })
         .collect();
     let cats: Vec<String> = measured
         .iter()
@@ -1948,6 +2355,42 @@ pub fn write_section(
             );
         }
         Err(e) => plots_note.push(format!("l7_rps.png: {e:#}")),
+    }
+    let counted: Vec<&L7Row> = r.rows.iter().filter(|x| x.instructions.is_some()).collect();
+    if !counted.is_empty() {
+        let mesh = row(r, L7System::Mesh).and_then(|m| m.instructions);
+        let _ = writeln!(
+            w,
+            "**Instructions per request** (keep-alive, `perf stat -e instructions:u,instructions:k` \
+             of every process in the proxy's namespace over one run, divided by the requests the \
+             backends counted in that window; unlike CPU time, other work on the machine does \
+             not change it):\n\n| system | user | kernel | total | mesh / this (total) |\n|---|---|---|---|---|"
+        );
+        for x in counted {
+            let Some((u, k)) = x.instructions else {
+                continue;
+            };
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} |",
+                x.variant.label(),
+                f(u, 0),
+                f(k, 0),
+                f(u + k, 0),
+                opt(mesh.and_then(|(mu, mk)| finite((mu + mk) / (u + k))), 2)
+            );
+        }
+        let _ = writeln!(w);
+    }
+    let lines = ratio_lines(r);
+    if !lines.is_empty() {
+        let _ = writeln!(
+            w,
+            "**Ratios** (mesh over each peer in the same configuration; per core = requests per \
+             proxy CPU-second; > 1 means mesh serves more per core; for p99 < 1 means mesh's tail \
+             is lower), as `cargo xtask bench --only l7` prints them:\n\n```text\n{}\n```\n",
+            lines.join("\n")
+        );
     }
     match &r.perf {
         Ok(profiles) if !profiles.is_empty() => write_profiles(w, r, profiles),
@@ -2036,28 +2479,5 @@ fn write_profiles(w: &mut String, r: &L7Result, profiles: &[Profile]) {
     }
     if !gaps.is_empty() {
         let _ = writeln!(w, "**Where mesh falls short**: {}.\n", gaps.join("; "));
-        let _ = writeln!(w, "{GAP_NOTES}\n");
     }
 }
-
-/// What the profiles show about mesh's per-request cost. Checked when this section was written:
-/// `strace -c` of meshd under the keep-alive load counted one `recvfrom` and one `writev` per
-/// socket per request (no extra syscalls) and few futex calls; the allocations are visible in
-/// `mesh-user/src/proxy/handler.rs` (header map cloned per request and again per try, upstream
-/// URI built with `format!` and parsed, owned strings for the path, authority, host and the
-/// route outcome).
-const GAP_NOTES: &str = "What explains it. User space (the larger part): meshd's per-request \
-path is hyper's HTTP/1 server and client on tokio plus the handler, which allocates several \
-times per request: the header map is cloned for the request and again for each try, the \
-upstream URI is built with `format!` and parsed back, the path, authority, host and route \
-outcome are owned strings (libc `malloc`/`free`/`memmove` together are about a tenth of \
-meshd's samples, hyper's dispatch and the handler most of the rest); nginx and HAProxy parse in \
-place in per-connection buffers and forward without rebuilding the request. Kernel: the same \
-socket and veth work for every proxy (syscalls are not the difference: `strace -c` of meshd \
-counts one `recvfrom` and one `writev` per socket per request), plus the wake-up of the \
-receiving process on the other CPU (`_raw_spin_unlock_irqrestore` under `sock_def_readable`, \
-the top kernel symbol): with mesh as the bottleneck the generator and backends sleep waiting \
-for it and each send must wake them across CPUs, while nginx and HAProxy run at CPU 0's limit \
-and mostly find them running, so part of the kernel gap comes with being the slower proxy. \
-Not a factor in these figures but worth knowing: meshd's runtime has two worker threads \
-(hard-coded, no knob), here time-sharing one core.";

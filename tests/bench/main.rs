@@ -49,6 +49,8 @@ impl Drop for DirGuard {
 
 struct Args {
     quick: bool,
+    /// Only this section (`l7`).
+    only: Option<String>,
     /// Run only the trace-check measurement and print its table.
     trace_only: bool,
     out: PathBuf,
@@ -57,9 +59,11 @@ struct Args {
 
 const HELP: &str = "mesh-bench: mesh's benchmark suite (run it with `cargo xtask bench`)
 
-Usage: mesh-bench [--quick] [--out DIR] [--docs FILE] [--trace-only]
+Usage: mesh-bench [--quick] [--only l7] [--out DIR] [--docs FILE] [--trace-only]
 
   --quick       small counts, finishes in well under a minute (the test suite runs this)
+  --only l7     run only section 4 (L7) and print one line per ratio; the report then has
+                the other sections as not run (and --docs is ignored)
   --out DIR     where report.md, summary.json and the PNG plots go (default target/bench)
   --docs FILE   also copy the report there (cargo xtask bench: docs/benchmarks.md, full mode)
   --trace-only  only the trace-check cost (section 1), printed, no report written
@@ -72,6 +76,7 @@ for section 4 (full mode only) nginx-light, haproxy and wrk with apt-get and Env
 fn parse_args() -> Result<Option<Args>> {
     let mut args = Args {
         quick: false,
+        only: None,
         trace_only: false,
         out: PathBuf::from("target/bench"),
         docs: None,
@@ -80,6 +85,13 @@ fn parse_args() -> Result<Option<Args>> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
+            "--only" => {
+                let section = it.next().context("--only needs a section (l7)")?;
+                if section != "l7" {
+                    bail!("--only {section:?}: only `l7` can run alone");
+                }
+                args.only = Some(section);
+            }
             "--trace-only" => args.trace_only = true,
             "--out" => args.out = it.next().context("--out needs a directory")?.into(),
             "--docs" => args.docs = Some(it.next().context("--docs needs a file")?.into()),
@@ -145,6 +157,39 @@ fn run(args: &Args) -> Result<()> {
         args.out.display()
     ));
 
+    if args.only.is_some() {
+        progress("section 4 only: L7");
+        let l7 = l7::run(&plan).map_err(|e| format!("{e:#}"));
+        let skipped = || "not run (--only l7)".to_string();
+        let results = report::Results {
+            quick: plan.quick,
+            command: format!(
+                "cargo xtask bench{} --only l7",
+                if plan.quick { " --quick" } else { "" }
+            ),
+            machine: machine(),
+            micro: Err(skipped()),
+            trace_cost: Err(skipped()),
+            forwarding: Err(skipped()),
+            scale_packet: Err(skipped()),
+            scale_apply: Vec::new(),
+            new_conn: Vec::new(),
+            l7,
+            split: Err(skipped()),
+            disruption: Vec::new(),
+            elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        report::write(&results, &args.out)?;
+        match &results.l7 {
+            Ok(r) => {
+                for line in l7::ratio_lines(r) {
+                    println!("{line}");
+                }
+            }
+            Err(e) => println!("l7: not measured: {e}"),
+        }
+        return Ok(());
+    }
     progress("section 1: per-packet cost");
     let micro = micro::per_packet(&plan).map_err(|e| format!("{e:#}"));
     let trace_cost = trace_cost::run(&plan).map_err(|e| format!("{e:#}"));

@@ -7,6 +7,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJE
 pub mod browser;
 pub mod fleet;
 pub mod http;
+pub mod l7;
 pub mod maps;
 pub mod meshd;
 pub mod netns;

@@ -71,6 +71,10 @@ enum Cmd {
         /// Small counts, done in well under a minute (a smoke run; numbers not to quote).
         #[arg(long)]
         quick: bool,
+        /// Run one section only (`l7`: the L7 proxies; prints one line per ratio). The report
+        /// goes to target/bench/ only.
+        #[arg(long, value_name = "SECTION")]
+        only: Option<String>,
         /// More arguments for the benchmark (see `cargo xtask bench -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -135,7 +139,7 @@ fn main() -> Result<()> {
             cmd.args(&args).env("MESH_BIN_DIR", "target/release");
             run(&mut cmd)
         }
-        Cmd::Bench { quick, args } => {
+        Cmd::Bench { quick, only, args } => {
             toolchain::ensure()?;
             require_root("the benchmark creates network namespaces and attaches XDP programs")?;
             step("building meshd, meshctl and the benchmark (release)");
@@ -151,7 +155,10 @@ fn main() -> Result<()> {
             let mut cmd = Command::new("target/release/mesh-bench");
             if quick {
                 cmd.arg("--quick");
-            } else {
+            }
+            if let Some(section) = &only {
+                cmd.args(["--only", section]);
+            } else if !quick {
                 cmd.args(["--docs", "docs/benchmarks.md"]);
             }
             cmd.args(&args).env("MESH_BIN_DIR", "target/release");

@@ -8,6 +8,7 @@ use clap::Parser;
 use mesh_user::{
     daemon::{self, DaemonOptions},
     dataplane::{SocketLbOptions, XdpAttachMode},
+    proxy::{ClientLimits, ProxyOptions, WorkerOptions},
 };
 
 #[derive(Parser, Debug)]
@@ -179,6 +180,29 @@ struct Args {
     /// Time limit of one etcd request: a partition or a lost quorum is noticed after this.
     #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration, help_heading = "Fleet (etcd)")]
     etcd_timeout: std::time::Duration,
+    /// L7 proxy worker threads, each with its own listening socket per service (SO_REUSEPORT)
+    /// and its own upstream connections. Default: the number of CPUs meshd may run on (its
+    /// affinity mask, e.g. under `taskset`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    proxy_workers: Option<u16>,
+
+    /// Pin L7 proxy worker i to the i-th CPU meshd may run on.
+    #[arg(long)]
+    proxy_pin: bool,
+
+    /// Most client connections the L7 proxy holds at once; beyond it a new connection is
+    /// answered 503 and closed.
+    #[arg(long, value_name = "N", default_value_t = mesh_user::proxy::server::DEFAULT_MAX_CONNECTIONS)]
+    proxy_max_connections: usize,
+
+    /// L7 stream idle timeout: a request body that stops arriving is answered 408, a client
+    /// that stops reading its response is disconnected.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    proxy_stream_idle_timeout: std::time::Duration,
+
+    /// L7 client connections (HTTP/2) with no request in flight this long are closed.
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+    proxy_idle_timeout: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -218,6 +242,7 @@ fn run(args: Args) -> Result<()> {
         publish_interval: args.etcd_publish_interval,
         request_timeout: args.etcd_timeout,
     });
+    let proxy = proxy_options(&args);
     let options = DaemonOptions {
         interfaces: args.interfaces,
         config: args.config,
@@ -230,10 +255,13 @@ fn run(args: Args) -> Result<()> {
         maglev_pool_entries: args.maglev_pool_entries,
         conntrack_entries: args.conntrack_entries,
         fleet,
+        proxy,
         socket_lb: (!args.no_socket_lb).then_some(SocketLbOptions {
             cgroup: args.cgroup,
         }),
     };
+    let nofile = mesh_user::proxy::server::raise_nofile_limit();
+    tracing::debug!(nofile, "open-file limit");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -247,6 +275,24 @@ fn host_name() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "node".into())
+}
+
+fn proxy_options(args: &Args) -> ProxyOptions {
+    let mut workers = WorkerOptions {
+        pin: args.proxy_pin,
+        ..WorkerOptions::default()
+    };
+    if let Some(n) = args.proxy_workers {
+        workers.count = usize::from(n);
+    }
+    ProxyOptions {
+        workers,
+        limits: ClientLimits {
+            stream_idle: args.proxy_stream_idle_timeout,
+            idle: args.proxy_idle_timeout,
+            max_connections: args.proxy_max_connections.max(1),
+        },
+    }
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {

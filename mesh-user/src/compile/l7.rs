@@ -346,7 +346,20 @@ impl<'i, 'a> Builder<'i, 'a> {
                 {
                     match token.parse::<u16>() {
                         Ok(code) => codes.push(code),
-                        Err(_) => retry_on.push(token.to_string()),
+                        Err(_) if crate::proxy::retry::RETRY_ON.contains(&token) => {
+                            retry_on.push(token.to_string())
+                        }
+                        // Istio rejects unknown retryOn policies too.
+                        Err(_) => {
+                            return Err(error(
+                                rule,
+                                format!("{field}.retries.retryOn"),
+                                format!(
+                                    "{token:?} is not a retry condition (expected one of {} or an HTTP status code)",
+                                    crate::proxy::retry::RETRY_ON.join(", ")
+                                ),
+                            ))
+                        }
                     }
                 }
                 if !codes.is_empty() && !retry_on.iter().any(|t| t == "retriable-status-codes") {

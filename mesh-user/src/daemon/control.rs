@@ -74,6 +74,8 @@ pub struct Controller {
     socket_lb: Option<crate::dataplane::SocketLbStatus>,
     /// Apply counters and durations for the metrics endpoint.
     pub metrics: Metrics,
+    /// Local routes that make the stack refuse services routed to nothing.
+    refusals: Option<super::refusals::Refusals>,
 }
 
 impl Controller {
@@ -98,12 +100,14 @@ impl Controller {
             fleet: None,
             socket_lb: None,
             metrics: Metrics::default(),
+            refusals: None,
         }
     }
 
     /// Serves L7 services with `proxy`.
     pub fn with_proxy(mut self, proxy: crate::proxy::Proxy) -> Self {
         self.proxy = Some(proxy);
+        self.refusals = Some(super::refusals::Refusals::default());
         self
     }
 
@@ -113,16 +117,33 @@ impl Controller {
         self
     }
 
-    /// Removes what the proxy added to the node (local routes); at exit.
-    pub fn shutdown_proxy(&self) {
+    /// Removes what the proxy and the refusals added to the node (local routes); at exit.
+    pub fn shutdown_proxy(&mut self) {
         if let Some(proxy) = &self.proxy {
             proxy.shutdown();
+        }
+        if let Some(refusals) = &mut self.refusals {
+            refusals.shutdown();
         }
     }
 
     /// Writes `state` to the dataplane with the proxy around the flip: listeners for new L7
     /// addresses open before it, listeners of addresses that left close (drain) after it.
     fn apply_state(&mut self, state: &DesiredState) -> Result<ApplyReport, String> {
+        if let Some(refusals) = &mut self.refusals {
+            refusals.prepare(state);
+        }
+        let result = self.apply_to_dataplane_and_proxy(state);
+        if let Some(refusals) = &mut self.refusals {
+            refusals.commit(if result.is_ok() { state } else { &self.current });
+        }
+        result
+    }
+
+    fn apply_to_dataplane_and_proxy(
+        &mut self,
+        state: &DesiredState,
+    ) -> Result<ApplyReport, String> {
         if let Some(proxy) = &self.proxy {
             if let Err(e) = proxy.prepare(state) {
                 // Nothing flipped: the rules in force stay served as they were.

@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod node;
+pub mod refusals;
 
 use std::{
     net::SocketAddr,
@@ -75,6 +76,8 @@ pub struct DaemonOptions {
     pub watch_interval: Duration,
     /// The fleet's etcd, when the API layer lives there (`--etcd`).
     pub fleet: Option<crate::fleet::FleetOptions>,
+    /// The L7 proxy's workers and client limits.
+    pub proxy: crate::proxy::ProxyOptions,
     /// Socket-level balancing of node-local clients (None: off).
     pub socket_lb: Option<crate::dataplane::SocketLbOptions>,
 }
@@ -108,7 +111,10 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         options.config.clone(),
         options.state_file.clone(),
     )
-    .with_proxy(crate::proxy::Proxy::new(tokio::runtime::Handle::current()));
+    .with_proxy(crate::proxy::Proxy::new(
+        tokio::runtime::Handle::current(),
+        options.proxy,
+    )?);
     if let Some(link) = &fleet {
         controller = controller.with_fleet(link.clone());
     }

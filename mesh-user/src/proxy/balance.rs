@@ -91,10 +91,18 @@ impl OutlierState {
                 .is_some_and(|n| self.consecutive_gateway >= n)
     }
 
-    /// Ejects for `base_ejection_time x times ejected` (Envoy's growing ejection).
-    pub fn eject(&mut self, now: Instant, policy: &OutlierPlan) {
+    /// Ejects for `base_ejection_time x times ejected` (Envoy's growing ejection). Like
+    /// Envoy's ejection sweep, which runs every `interval` from `epoch` (the cluster's start),
+    /// the backend comes back at the first sweep after that time.
+    pub fn eject(&mut self, now: Instant, policy: &OutlierPlan, epoch: Instant) {
         self.times_ejected += 1;
-        self.ejected_until = Some(now + policy.base_ejection_time * self.times_ejected.min(10));
+        let until = now + policy.base_ejection_time * self.times_ejected.min(10);
+        let interval = policy.interval.as_nanos().max(1);
+        let sweeps = until.duration_since(epoch).as_nanos().div_ceil(interval);
+        let at_sweep = u64::try_from(sweeps * interval)
+            .map(|n| epoch + Duration::from_nanos(n))
+            .unwrap_or(until);
+        self.ejected_until = Some(at_sweep);
         self.consecutive_5xx = 0;
         self.consecutive_gateway = 0;
     }
@@ -142,6 +150,8 @@ pub struct Balancer {
     /// Weighted Maglev table for hashing policies.
     table: Vec<u32>,
     cursor: AtomicUsize,
+    /// Start of the outlier sweeps.
+    epoch: Instant,
 }
 
 /// Table size for L7 consistent hashing: prime, small enough to build per apply.
@@ -181,6 +191,7 @@ impl Balancer {
             outlier,
             table,
             cursor: AtomicUsize::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -192,54 +203,40 @@ impl Balancer {
     /// Picks a backend index, avoiding `avoid` (the previous try's backend) when another
     /// eligible one exists. `None` only when the cluster has no backend.
     pub fn pick(&self, input: &HashInput, avoid: Option<usize>) -> Option<usize> {
-        if self.backends.is_empty() {
+        let n = self.backends.len();
+        if n == 0 {
             return None;
         }
-        let now = Instant::now();
-        let healthy: Vec<bool> = self.backends.iter().map(|b| !b.ejected(now)).collect();
-        let mut eligible: Vec<usize> = (0..self.backends.len()).filter(|i| healthy[*i]).collect();
-        if eligible.is_empty() {
-            eligible = (0..self.backends.len()).collect(); // panic mode
-        }
-        if let Some(avoid) = avoid {
-            if eligible.len() > 1 && !self.is_hashing() {
-                eligible.retain(|i| *i != avoid);
-            }
-        }
-        let mut rng = rand::rng();
-        let weighted = |rng: &mut rand::rngs::ThreadRng| -> usize {
-            let total: u64 = eligible
-                .iter()
-                .map(|i| u64::from(self.backends[*i].weight))
-                .sum();
-            let mut point = rng.random_range(0..total);
-            for i in &eligible {
-                let w = u64::from(self.backends[*i].weight);
-                if point < w {
-                    return *i;
+        // Ejections exist only with outlier detection; with none (or all ejected: panic
+        // mode) every backend is eligible and nothing is allocated.
+        let healthy: Option<Vec<bool>> = self.outlier.as_ref().and_then(|_| {
+            let now = Instant::now();
+            let h: Vec<bool> = self.backends.iter().map(|b| !b.ejected(now)).collect();
+            (h.contains(&false) && h.contains(&true)).then_some(h)
+        });
+        let healthy_at = |i: usize| healthy.as_ref().is_none_or(|h| h[i]);
+        let count = (0..n).filter(|i| healthy_at(*i)).count();
+        let avoid = avoid.filter(|_| count > 1 && !self.is_hashing());
+        let eligible = |i: usize| healthy_at(i) && Some(i) != avoid;
+        let weight = |i: usize| u64::from(self.backends[i].weight);
+        let total: u64 = (0..n).filter(|i| eligible(*i)).map(weight).sum();
+        let nth_weighted = |mut point: u64| -> usize {
+            let mut last = 0;
+            for i in (0..n).filter(|i| eligible(*i)) {
+                if point < weight(i) {
+                    return i;
                 }
-                point -= w;
+                point -= weight(i);
+                last = i;
             }
-            eligible[eligible.len() - 1]
+            last
         };
+        let mut rng = rand::rng();
+        let weighted = |rng: &mut rand::rngs::ThreadRng| nth_weighted(rng.random_range(0..total));
         Some(match &self.policy {
             LoadBalancerPlan::Random => weighted(&mut rng),
             LoadBalancerPlan::RoundRobin => {
-                let total: u64 = eligible
-                    .iter()
-                    .map(|i| u64::from(self.backends[*i].weight))
-                    .sum();
-                let mut point = (self.cursor.fetch_add(1, Ordering::Relaxed) as u64) % total;
-                let mut chosen = eligible[0];
-                for i in &eligible {
-                    let w = u64::from(self.backends[*i].weight);
-                    if point < w {
-                        chosen = *i;
-                        break;
-                    }
-                    point -= w;
-                }
-                chosen
+                nth_weighted((self.cursor.fetch_add(1, Ordering::Relaxed) as u64) % total)
             }
             LoadBalancerPlan::LeastRequest => {
                 let a = weighted(&mut rng);
@@ -261,8 +258,8 @@ impl Balancer {
                     // ejected backend's keys spread over the others and come back after.
                     (0..self.table.len())
                         .map(|k| self.table[(start + k) % self.table.len()] as usize)
-                        .find(|i| eligible.contains(i))
-                        .unwrap_or(eligible[0])
+                        .find(|i| eligible(*i))
+                        .unwrap_or_else(|| nth_weighted(0))
                 }
             },
         })
@@ -314,7 +311,7 @@ impl Balancer {
                 .outlier
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .eject(now, policy);
+                .eject(now, policy, self.epoch);
             tracing::warn!(backend = %self.backends[backend].address, "outlier detection ejected a backend");
         }
     }
@@ -440,9 +437,24 @@ mod tests {
         assert!(!s.record(TryResult::Failed, &policy));
         assert!(s.record(TryResult::Status(502), &policy));
         let now = Instant::now();
-        s.eject(now, &policy);
+        s.eject(now, &policy, now);
         assert!(s.ejected(now + Duration::from_secs(29)));
         assert!(!s.ejected(now + Duration::from_secs(31)));
+    }
+
+    #[test]
+    fn ejection_ends_at_the_first_sweep_of_the_interval() {
+        let policy = OutlierPlan {
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            ..outlier(1)
+        };
+        let epoch = Instant::now();
+        let mut s = OutlierState::default();
+        // Ejected 5 s after the sweeps started: 30 s later is 35 s, the next sweep is at 40 s.
+        s.eject(epoch + Duration::from_secs(5), &policy, epoch);
+        assert!(s.ejected(epoch + Duration::from_secs(39)));
+        assert!(!s.ejected(epoch + Duration::from_secs(40)));
     }
 
     #[test]

@@ -1,226 +1,329 @@
-//! One request through the proxy: virtual host and route selection, CORS, faults, redirects
-//! and direct responses, rewrites and header operations, per-request weighted destination
-//! choice, mirroring, retries with per-try and overall deadlines, connection-pool limits,
-//! outlier accounting, the access log line and the counters.
+//! One request through the proxy: the authority check, virtual host and route selection, CORS,
+//! faults, redirects and direct responses, rewrites and header operations, per-request weighted
+//! destination choice, mirroring, retries with per-try and overall deadlines, connection-pool
+//! limits, outlier accounting, the access log line and the counters.
 //!
-//! Bodies stream in both directions. A request body is buffered only when a retry or a mirror
-//! may need to send it again, and only when its declared length is at most
-//! [`MAX_REPLAY_BODY`]; a larger or chunked body streams once (no retry, no mirror copy).
+//! The request path allocates little: the client's header map and URI are forwarded in place
+//! (no copy, no re-formatting), counters are handles resolved once per apply, header operations
+//! are compiled once per apply, and the access log's fields are only gathered when its target
+//! (`mesh::access`) is enabled. Bodies: see [`super::body`].
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    pin::Pin,
     sync::{atomic::Ordering, Arc},
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http::{
-    header::{self, HeaderName, HeaderValue},
-    HeaderMap, Request, Response, StatusCode, Uri,
+    header::{self, HeaderValue},
+    request::Parts,
+    uri::{Authority, PathAndQuery, Scheme},
+    HeaderMap, Method, Request, Response, StatusCode, Uri,
 };
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use rand::Rng;
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::{
     balance::{retry_backoff, HashInput, TryResult},
+    body::{read_request_body, ActiveGuard, ReadError, RespBody, UpBody},
     matching::{domain_matches, strip_port, RequestView},
     retry::{retriable, TryOutcome},
-    table::{BoxError, ClusterRuntime, ProxyBody, RouteRuntime, ServiceRuntime},
+    rewrite::{cors_headers, redirect_location, rewrite_path, shadow_host, strip_hop_by_hop},
+    server::Activity,
+    stats::RouteCounters,
+    table::{ClusterRuntime, RouteRuntime, ServiceRuntime},
     Shared,
 };
-use crate::compile::{
-    HeaderOpPlan, LoadBalancerPlan, RedirectPlan, RouteActionPlan, ServiceAddress, StringMatchPlan,
-};
+use crate::compile::{LoadBalancerPlan, RouteActionPlan, ServiceAddress};
 
-/// Largest request body kept in memory so a retry or mirror can resend it.
-pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+pub use super::body::MAX_REPLAY_BODY;
+
 /// A mirror request that takes longer is abandoned (its answer is never used anyway).
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Hop-by-hop headers (RFC 9110 7.6.1) that must not be forwarded.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// What the access log and the counters record about one request.
-struct Outcome {
-    route: String,
-    subset: String,
-    backend: String,
-    status: u16,
+/// What a connection's requests share: the proxy, where the connection came in and from
+/// whom, and which worker serves it.
+pub struct ConnContext {
+    /// The proxy.
+    pub shared: Arc<Shared>,
+    /// The listener's service address.
+    pub service: ServiceAddress,
+    /// The client.
+    pub client: SocketAddr,
+    /// The client's address as a header value (X-Forwarded-For), formatted once.
+    pub client_ip: HeaderValue,
+    /// The worker serving the connection.
+    pub worker: usize,
+    /// Requests in flight (idle timeout).
+    pub activity: Activity,
 }
 
-/// Serves one request on the listener of `service` from `client`.
-pub async fn handle(
-    shared: Arc<Shared>,
-    service: ServiceAddress,
-    client: SocketAddr,
-    request: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let authority = request_authority(&request);
-    let runtime = shared.table.load().services.get(&service).cloned();
-    let (response, outcome, counters) = match runtime {
-        None => (
-            local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service is not served by the L7 proxy",
-            ),
-            Outcome {
-                route: String::new(),
-                subset: String::new(),
-                backend: String::new(),
-                status: 503,
-            },
-            None,
-        ),
-        Some(runtime) => route_request(&shared, &runtime, client, request, &authority).await,
-    };
-    let elapsed = started.elapsed();
-    if let Some(counters) = counters {
-        counters.observe(outcome.status, elapsed);
+impl ConnContext {
+    /// Context of a new connection.
+    pub fn new(
+        shared: Arc<Shared>,
+        service: ServiceAddress,
+        client: SocketAddr,
+        worker: usize,
+    ) -> Self {
+        let client_ip = HeaderValue::try_from(client.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            shared,
+            service,
+            client,
+            client_ip,
+            worker,
+            activity: Activity::default(),
+        }
     }
+
+    /// How long the connection has had no request in flight.
+    pub fn idle_for(&self) -> Duration {
+        self.activity.idle_for()
+    }
+}
+
+/// What the access log and the counters record about one request.
+struct Outcome<'a> {
+    route: Option<&'a RouteRuntime>,
+    cluster: Option<&'a ClusterRuntime>,
+    backend: Option<SocketAddr>,
+    status: u16,
+    counters: Option<&'a RouteCounters>,
+}
+
+impl<'a> Outcome<'a> {
+    fn local(
+        route: Option<&'a RouteRuntime>,
+        status: u16,
+        counters: Option<&'a RouteCounters>,
+    ) -> Self {
+        Self {
+            route,
+            cluster: None,
+            backend: None,
+            status,
+            counters,
+        }
+    }
+}
+
+/// Whether access-log lines are wanted (the `mesh::access` target at info level).
+fn access_log_enabled() -> bool {
+    tracing::enabled!(target: "mesh::access", tracing::Level::INFO)
+}
+
+/// Serves one request of the connection `conn`.
+pub async fn handle(
+    conn: Arc<ConnContext>,
+    request: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
+    conn.activity.start();
+    let response = serve(&conn, request).await;
+    conn.activity.end();
+    Ok(response)
+}
+
+async fn serve(conn: &ConnContext, request: Request<Incoming>) -> Response<RespBody> {
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    // The method and URI outlive the request only for the access log or a running trace.
+    let log = access_log_enabled();
+    let kept = (log || crate::trace::hub::hub().active())
+        .then(|| (parts.method.clone(), parts.uri.clone()));
+    let record =
+        |authority: &str, service_name: &str, outcome: &Outcome, response: &Response<RespBody>| {
+            if let Some((method, uri)) = &kept {
+                if log {
+                    access_log(conn, method, uri, authority, outcome, started, response);
+                }
+                trace(conn, service_name, method, uri, authority, outcome);
+            }
+        };
+    let authority = match request_authority(&parts) {
+        Ok(a) => a,
+        Err(why) => {
+            let response = local(StatusCode::BAD_REQUEST, why);
+            record("", "", &Outcome::local(None, 400, None), &response);
+            return response;
+        }
+    };
+    let authority_str = authority.to_str().unwrap_or("");
+    let table = conn.shared.table.load();
+    let runtime = table.services.get(&conn.service).cloned();
+    drop(table);
+    let Some(runtime) = runtime else {
+        let response = local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service is not served by the L7 proxy",
+        );
+        record(
+            authority_str,
+            "",
+            &Outcome::local(None, 503, None),
+            &response,
+        );
+        return response;
+    };
+    let (response, outcome) = route_request(conn, &runtime, parts, body, &authority).await;
+    if let Some(counters) = outcome.counters {
+        counters.observe(outcome.status, started.elapsed());
+    }
+    record(authority_str, &runtime.name, &outcome, &response);
+    response
+}
+
+fn route_label<'a>(outcome: &'a Outcome) -> &'a str {
+    match outcome.route {
+        Some(r) => &r.name,
+        None if outcome.status == 404 => "(no route)",
+        None => "",
+    }
+}
+
+/// The proxy's decision for `meshctl trace` (built only while a trace runs).
+fn trace(
+    conn: &ConnContext,
+    service_name: &str,
+    method: &Method,
+    uri: &Uri,
+    authority: &str,
+    outcome: &Outcome,
+) {
+    let backend = outcome.backend.map(|b| b.to_string()).unwrap_or_default();
+    crate::trace::hub::proxy_request(|| crate::trace::ProxyDecision {
+        service: &conn.service,
+        service_name: service_name.to_string(),
+        client: conn.client,
+        request: format!("{method} {authority}{}", uri.path()),
+        route: route_label(outcome),
+        subset: outcome.cluster.map(|c| &*c.subset).unwrap_or(""),
+        backend: &backend,
+        status: outcome.status,
+    });
+}
+
+fn access_log(
+    conn: &ConnContext,
+    method: &Method,
+    uri: &Uri,
+    authority: &str,
+    outcome: &Outcome,
+    started: Instant,
+    response: &Response<RespBody>,
+) {
     let bytes = response
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
+        .unwrap_or("-");
+    let backend = outcome.backend.map(|b| b.to_string()).unwrap_or_default();
     tracing::info!(
         target: "mesh::access",
         method = %method,
         authority = %authority,
-        path = %path,
-        route = %outcome.route,
-        subset = %outcome.subset,
-        backend = %outcome.backend,
+        path = %uri.path(),
+        route = %route_label(outcome),
+        subset = %outcome.cluster.map(|c| &*c.subset).unwrap_or(""),
+        backend = %backend,
         status = outcome.status,
-        duration_ms = elapsed.as_secs_f64() * 1e3,
+        duration_ms = started.elapsed().as_secs_f64() * 1e3,
         bytes = %bytes,
-        client = %client,
+        client = %conn.client,
         "access"
     );
-    crate::trace::hub::proxy_request(|| crate::trace::ProxyDecision {
-        service: &service,
-        service_name: shared
-            .table
-            .load()
-            .services
-            .get(&service)
-            .map(|r| r.name.clone())
-            .unwrap_or_default(),
-        client,
-        request: format!("{method} {authority}{path}"),
-        route: &outcome.route,
-        subset: &outcome.subset,
-        backend: &outcome.backend,
-        status: outcome.status,
-    });
-    Ok(response)
 }
 
-fn request_authority<B>(request: &Request<B>) -> String {
-    request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default()
+/// The request's one authority: the absolute-form URI's authority (HTTP/2's `:authority`) or
+/// the Host header. Both present and different is an error (RFC 9112 3.2.2 lets a server
+/// ignore Host there; a proxy that routed on one and forwarded the other could be steered).
+fn request_authority(parts: &Parts) -> Result<HeaderValue, &'static str> {
+    let host = parts.headers.get(header::HOST);
+    match (parts.uri.authority(), host) {
+        (Some(a), Some(h)) if !a.as_str().eq_ignore_ascii_case(h.to_str().unwrap_or("")) => {
+            Err("the request's authority and Host header differ")
+        }
+        (_, Some(h)) => Ok(h.clone()),
+        (Some(a), None) => {
+            HeaderValue::from_str(a.as_str()).map_err(|_| "the request's authority is not valid")
+        }
+        (None, None) => Ok(HeaderValue::from_static("")),
+    }
 }
 
-type Routed = (
-    Response<ProxyBody>,
-    Outcome,
-    Option<Arc<super::stats::RouteCounters>>,
-);
+type Routed<'a> = (Response<RespBody>, Outcome<'a>);
 
-async fn route_request(
-    shared: &Arc<Shared>,
-    runtime: &Arc<ServiceRuntime>,
-    client: SocketAddr,
-    request: Request<Incoming>,
-    authority: &str,
-) -> Routed {
-    let host = strip_port(authority).to_string();
+async fn route_request<'a>(
+    conn: &ConnContext,
+    runtime: &'a ServiceRuntime,
+    parts: Parts,
+    body: Incoming,
+    authority: &HeaderValue,
+) -> Routed<'a> {
+    let authority_str = authority.to_str().unwrap_or("");
+    let host = strip_port(authority_str);
     let view = RequestView {
-        method: request.method().as_str(),
-        path: request.uri().path(),
-        query: request.uri().query(),
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
         scheme: "http",
-        authority,
-        headers: request.headers(),
+        authority: authority_str,
+        headers: &parts.headers,
     };
     let mut chosen = None;
-    'hosts: for vh in &runtime.virtual_hosts {
-        if !vh.domains.iter().any(|d| domain_matches(d, &host)) {
-            continue;
-        }
+    // Istio: the first virtual host for the Host decides; no route there is a 404.
+    if let Some(vh) = runtime
+        .virtual_hosts
+        .iter()
+        .find(|vh| vh.domains.iter().any(|d| domain_matches(d, host)))
+    {
         for route in &vh.routes {
             if route.matchers.is_empty() {
                 chosen = Some((route, None));
-                break 'hosts;
+                break;
             }
             if let Some(i) = route.matchers.iter().position(|m| m.matches(&view)) {
                 chosen = Some((route, Some(i)));
-                break 'hosts;
+                break;
             }
         }
-        // Istio: the first virtual host for the Host decides; no route there is a 404.
-        break;
     }
     let Some((route, matched)) = chosen else {
         return (
             local(StatusCode::NOT_FOUND, "no route matched"),
-            Outcome {
-                route: "(no route)".into(),
-                subset: String::new(),
-                backend: String::new(),
-                status: 404,
-            },
-            Some(runtime.unmatched.clone()),
+            Outcome::local(None, 404, Some(&runtime.unmatched)),
         );
     };
-    let origin = request
-        .headers()
+    let cors_allowed: Option<HeaderValue> = parts
+        .headers
         .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let cors_allowed = origin
-        .as_deref()
-        .filter(|o| route.cors_origins.iter().any(|m| m.matches(o, false)));
-    if route.plan.cors.is_some()
-        && request.method() == http::Method::OPTIONS
-        && request
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-    {
-        if let Some(origin) = cors_allowed {
+        .filter(|o| {
+            let o = o.to_str().unwrap_or("");
+            route.cors_origins.iter().any(|m| m.matches(o, false))
+        })
+        .cloned();
+    if let Some(origin) = &cors_allowed {
+        if route.plan.cors.is_some()
+            && parts.method == Method::OPTIONS
+            && parts
+                .headers
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        {
             let mut response = local(StatusCode::OK, "");
-            cors_headers(route, origin, true, response.headers_mut());
+            cors_headers(
+                route,
+                origin.to_str().unwrap_or(""),
+                true,
+                response.headers_mut(),
+            );
             return finish_local(route, response);
         }
     }
-    let work = serve_route(shared, runtime, route, matched, client, request, authority);
-    let (mut response, outcome, counters) = match route.plan.timeout {
+    let work = serve_route(conn, runtime, route, matched, parts, body, authority);
+    let (mut response, outcome) = match route.plan.timeout {
         Some(deadline) => match tokio::time::timeout(deadline, work).await {
             Ok(done) => done,
             Err(_) => finish_local(
@@ -230,25 +333,23 @@ async fn route_request(
         },
         None => work.await,
     };
-    if let Some(origin) = cors_allowed {
-        cors_headers(route, origin, false, response.headers_mut());
+    if let Some(origin) = &cors_allowed {
+        cors_headers(
+            route,
+            origin.to_str().unwrap_or(""),
+            false,
+            response.headers_mut(),
+        );
     }
-    (response, outcome, counters)
+    (response, outcome)
 }
 
-fn finish_local(route: &RouteRuntime, response: Response<ProxyBody>) -> Routed {
+fn finish_local(route: &RouteRuntime, mut response: Response<RespBody>) -> Routed<'_> {
     let status = response.status().as_u16();
-    let mut response = response;
-    apply_header_ops(&route.plan.headers.response, response.headers_mut());
+    route.response_ops.apply(response.headers_mut());
     (
         response,
-        Outcome {
-            route: route.plan.name.clone(),
-            subset: String::new(),
-            backend: String::new(),
-            status,
-        },
-        Some(route.local_counters.clone()),
+        Outcome::local(Some(route), status, Some(&route.local_counters)),
     )
 }
 
@@ -256,16 +357,58 @@ fn roll(share: f64) -> bool {
     share >= 1.0 || (share > 0.0 && rand::rng().random_bool(share))
 }
 
+/// Appends the client to X-Forwarded-For as Envoy does at the edge (all earlier values kept,
+/// comma-separated, then the client's address) and sets X-Forwarded-Proto.
+fn forwarded_headers(headers: &mut HeaderMap, client_ip: &HeaderValue) {
+    let mut earlier = headers.get_all("x-forwarded-for").iter();
+    let value = match (earlier.next(), earlier.next()) {
+        (None, _) => client_ip.clone(),
+        (Some(first), None) => {
+            let mut v = Vec::with_capacity(first.len() + 2 + client_ip.len());
+            v.extend_from_slice(first.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(client_ip.as_bytes());
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| client_ip.clone())
+        }
+        (Some(_), Some(_)) => {
+            let mut v = Vec::new();
+            for part in headers.get_all("x-forwarded-for") {
+                v.extend_from_slice(part.as_bytes());
+                v.extend_from_slice(b", ");
+            }
+            v.extend_from_slice(client_ip.as_bytes());
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| client_ip.clone())
+        }
+    };
+    headers.insert("x-forwarded-for", value);
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+}
+
+fn pick_destination(weights: impl Iterator<Item = u32> + Clone) -> Option<usize> {
+    let total: u64 = weights.clone().map(u64::from).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = rand::rng().random_range(0..total);
+    for (i, w) in weights.enumerate() {
+        if point < u64::from(w) {
+            return Some(i);
+        }
+        point -= u64::from(w);
+    }
+    None
+}
+
 #[allow(clippy::too_many_arguments)]
-async fn serve_route(
-    shared: &Arc<Shared>,
-    runtime: &Arc<ServiceRuntime>,
-    route: &RouteRuntime,
+async fn serve_route<'a>(
+    conn: &ConnContext,
+    runtime: &'a ServiceRuntime,
+    route: &'a RouteRuntime,
     matched: Option<usize>,
-    client: SocketAddr,
-    request: Request<Incoming>,
-    authority: &str,
-) -> Routed {
+    parts: Parts,
+    body: Incoming,
+    authority: &HeaderValue,
+) -> Routed<'a> {
     if let Some(fault) = &route.plan.fault {
         if let Some((delay, share)) = fault.delay {
             if roll(share) {
@@ -282,7 +425,8 @@ async fn serve_route(
     }
     let destinations = match &route.plan.action {
         RouteActionPlan::Redirect(redirect) => {
-            let location = redirect_location(redirect, request.uri(), authority);
+            let location =
+                redirect_location(redirect, &parts.uri, authority.to_str().unwrap_or(""));
             let status =
                 StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
             let mut response = local(status, "");
@@ -293,63 +437,59 @@ async fn serve_route(
         }
         RouteActionPlan::DirectResponse { status, body } => {
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
-            let mut response = Response::new(full(Bytes::from(body.clone())));
+            let mut response = Response::new(RespBody::local(Bytes::from(body.clone())));
             *response.status_mut() = status;
             return finish_local(route, response);
         }
         RouteActionPlan::Forward { destinations } => destinations,
     };
     // Per-request weighted choice of the destination.
-    let total: u64 = destinations.iter().map(|d| u64::from(d.weight)).sum();
-    if total == 0 {
+    let Some(pick) = pick_destination(destinations.iter().map(|d| d.weight)) else {
         return finish_local(
             route,
             local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
         );
-    }
-    let mut point = rand::rng().random_range(0..total);
-    let mut pick = 0;
-    for (i, d) in destinations.iter().enumerate() {
-        if point < u64::from(d.weight) {
-            pick = i;
-            break;
-        }
-        point -= u64::from(d.weight);
-    }
-    let destination = &destinations[pick];
-    let cluster = runtime.clusters[destination.cluster].clone();
-    let counters = route.destination_counters[pick].clone();
-    let subset = cluster.plan.subset.clone().unwrap_or_default();
-
-    let (parts, body) = request.into_parts();
-    let mut headers = parts.headers.clone();
-    strip_hop_by_hop(&mut headers);
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {}", client.ip()),
-        None => client.ip().to_string(),
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", v);
+    let destination = &destinations[pick];
+    let cluster: &'a Arc<ClusterRuntime> = &runtime.clusters[destination.cluster];
+    let counters: &'a RouteCounters = &route.destination_counters[pick];
+    let (request_ops, response_ops) = &route.destination_ops[pick];
+    let outcome = |status: u16, backend: Option<SocketAddr>| Outcome {
+        route: Some(route),
+        cluster: Some(cluster),
+        backend,
+        status,
+        counters: Some(counters),
+    };
+
+    let Parts {
+        method,
+        uri,
+        mut headers,
+        ..
+    } = parts;
+    strip_hop_by_hop(&mut headers);
+    forwarded_headers(&mut headers, &conn.client_ip);
+    route.request_ops.apply(&mut headers);
+    request_ops.apply(&mut headers);
+    // The one authority goes upstream as Host (an absolute-form or HTTP/2 request may have
+    // come without one).
+    if !headers.contains_key(header::HOST) && !authority.is_empty() {
+        headers.insert(header::HOST, authority.clone());
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    apply_header_ops(&route.plan.headers.request, &mut headers);
-    apply_header_ops(&destination.headers.request, &mut headers);
-    let mut path_and_query = parts
-        .uri
+    let mut path_and_query = uri
         .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     if let Some(rewrite) = &route.plan.rewrite {
-        path_and_query = rewrite_path(route, matched, &path_and_query);
+        if let Ok(p) = PathAndQuery::try_from(rewrite_path(route, matched, path_and_query.as_str()))
+        {
+            path_and_query = p;
+        }
         if let Some(new_authority) = &rewrite.authority {
             if let Ok(v) = HeaderValue::from_str(new_authority) {
                 headers.insert(header::HOST, v);
             }
-        }
-    }
-    if !headers.contains_key(header::HOST) && !authority.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(authority) {
-            headers.insert(header::HOST, v);
         }
     }
     // Cookie hashing without the cookie: generate one so the client sticks from now on.
@@ -363,53 +503,43 @@ async fn serve_route(
         }
     }
 
-    let retries = &route.plan.retries;
-    let replayable = body.is_end_stream()
-        || body
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= MAX_REPLAY_BODY);
-    let wants_copy = retries.attempts > 0 || !route.plan.mirrors.is_empty();
-    let mut streamed = None;
-    let buffered = if replayable && wants_copy {
-        match http_body_util::Limited::new(body, MAX_REPLAY_BODY as usize)
-            .collect()
-            .await
-        {
-            Ok(collected) => Some(collected.to_bytes()),
-            Err(_) => {
-                return finish_local(
-                    route,
-                    local(StatusCode::BAD_REQUEST, "request body ended early"),
-                )
-            }
+    let stream_idle = conn.shared.limits.stream_idle;
+    let body = match read_request_body(body, stream_idle).await {
+        Ok(b) => b,
+        Err(ReadError::Timeout) => {
+            let mut response = local(StatusCode::REQUEST_TIMEOUT, "request body timeout");
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return finish_local(route, response);
         }
-    } else {
-        streamed = Some(body);
-        None
+        Err(ReadError::Broken) => {
+            return finish_local(
+                route,
+                local(StatusCode::BAD_REQUEST, "request body ended early"),
+            )
+        }
     };
-    let attempts = if buffered.is_some() {
-        retries.attempts
-    } else {
-        0
-    };
+    let retries = &route.plan.retries;
+    let replayable = body.replay().is_some();
+    let attempts = if replayable { retries.attempts } else { 0 };
 
-    if let Some(bytes) = &buffered {
+    if replayable {
         for mirror in &route.plan.mirrors {
             if roll(mirror.share) {
                 spawn_mirror(
-                    shared,
+                    conn,
                     runtime.clusters[mirror.cluster].clone(),
-                    &parts.method,
+                    &method,
                     &path_and_query,
                     &headers,
-                    bytes.clone(),
-                    client,
+                    &body,
                 );
             }
         }
     }
 
+    let mut body = Some(body);
     let mut avoid = None;
     let mut attempt = 0;
     loop {
@@ -424,52 +554,70 @@ async fn serve_route(
             response
                 .headers_mut()
                 .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-            let (response, outcome, _) = finish_local(route, response);
-            return (response, outcome, Some(counters));
+            let (response, _) = finish_local(route, response);
+            return (response, outcome(503, None));
         };
         let input = HashInput {
             headers: &headers,
-            query: parts.uri.query(),
-            client: client.ip(),
+            query: path_and_query.query(),
+            client: conn.client.ip(),
             generated_cookie: generated_cookie.as_deref(),
         };
         let Some(index) = cluster.balancer.pick(&input, avoid) else {
-            let (response, outcome, _) = finish_local(
+            let (response, _) = finish_local(
                 route,
                 local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
             );
-            return (response, outcome, Some(counters));
+            return (response, outcome(503, None));
         };
         let backend = &cluster.balancer.backends[index];
-        let Ok(uri) = format!("http://{}{}", backend.address, path_and_query).parse::<Uri>() else {
-            return finish_local(route, local(StatusCode::BAD_REQUEST, "bad request path"));
+        // A replayable body is copied for each try but the last; a streamed one goes once.
+        let this_body = if attempt < attempts {
+            body.as_ref()
+                .and_then(UpBody::replay)
+                .unwrap_or(UpBody::Empty)
+        } else {
+            body.take().unwrap_or(UpBody::Empty)
         };
-        let body: ProxyBody = match (&buffered, streamed.take()) {
-            (Some(bytes), _) => full(bytes.clone()),
-            (None, Some(incoming)) => incoming.map_err(|e| Box::new(e) as BoxError).boxed(),
-            (None, None) => full(Bytes::new()),
+        let mut upstream = Request::new(this_body);
+        *upstream.method_mut() = method.clone();
+        *upstream.uri_mut() = if cluster.plan.http2 {
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Authority::try_from(authority.as_bytes())
+                .ok()
+                .or_else(|| Authority::try_from(backend.address.to_string()).ok());
+            uri.path_and_query = Some(path_and_query.clone());
+            Uri::from_parts(uri).unwrap_or_default()
+        } else {
+            Uri::from(path_and_query.clone())
         };
-        let mut upstream = Request::new(body);
-        *upstream.method_mut() = parts.method.clone();
-        *upstream.uri_mut() = uri;
-        *upstream.headers_mut() = headers.clone();
+        *upstream.headers_mut() = if attempt < attempts || !route.plan.mirrors.is_empty() {
+            headers.clone()
+        } else {
+            std::mem::take(&mut headers)
+        };
         if cluster.plan.http2 {
             *upstream.version_mut() = http::Version::HTTP_2;
+            upstream.headers_mut().remove(header::HOST);
         }
         backend.active.fetch_add(1, Ordering::Relaxed);
         backend.requests.fetch_add(1, Ordering::Relaxed);
-        let active = ActiveGuard {
+        let mut active = ActiveGuard {
             cluster: cluster.clone(),
             index,
-            _permit: permit,
+            permit: Some(permit),
+            checkin: None,
         };
-        let sent = cluster.client.request(upstream);
+        let sent = cluster
+            .upstream
+            .send(conn.worker, index, backend.address, upstream);
         let result = match retries.per_try_timeout {
             Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| ()),
             None => Ok(sent.await),
         };
         let try_outcome = match &result {
-            Ok(Ok(response)) => TryOutcome::Response(
+            Ok(Ok((response, _))) => TryOutcome::Response(
                 response.status().as_u16(),
                 response
                     .headers()
@@ -478,7 +626,7 @@ async fn serve_route(
                     .and_then(|v| v.parse().ok()),
             ),
             Ok(Err(e)) if e.is_connect() => TryOutcome::ConnectFailure,
-            Ok(Err(e)) if is_refused_stream(e) => TryOutcome::RefusedStream,
+            Ok(Err(e)) if e.is_refused_stream() => TryOutcome::RefusedStream,
             Ok(Err(_)) => TryOutcome::Reset,
             Err(()) => TryOutcome::Timeout,
         };
@@ -489,25 +637,19 @@ async fn serve_route(
                 _ => TryResult::Failed,
             },
         );
-        let backend_label = backend.address.to_string();
         if attempt < attempts && retriable(retries, try_outcome) {
             attempt += 1;
             avoid = Some(index);
-            tracing::debug!(backend = %backend_label, ?try_outcome, attempt, "retrying");
+            tracing::debug!(backend = %backend.address, ?try_outcome, attempt, "retrying");
             continue;
         }
-        let outcome = |status: u16| Outcome {
-            route: route.plan.name.clone(),
-            subset: subset.clone(),
-            backend: backend_label.clone(),
-            status,
-        };
+        let address = Some(backend.address);
         return match result {
-            Ok(Ok(response)) => {
+            Ok(Ok((response, checkin))) => {
                 let (mut head, body) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);
-                apply_header_ops(&destination.headers.response, &mut head.headers);
-                apply_header_ops(&route.plan.headers.response, &mut head.headers);
+                response_ops.apply(&mut head.headers);
+                route.response_ops.apply(&mut head.headers);
                 if let (Some(value), LoadBalancerPlan::HashCookie { name, path, ttl }) =
                     (&generated_cookie, cluster.balancer.policy())
                 {
@@ -523,61 +665,47 @@ async fn serve_route(
                     }
                 }
                 let status = head.status.as_u16();
-                let body = GuardedBody {
-                    inner: body,
-                    _guard: active,
+                active.checkin = Some(checkin);
+                if hyper::body::Body::is_end_stream(&body) {
+                    // Nothing to read: the connection is free again now.
+                    active.release();
                 }
-                .map_err(|e| Box::new(e) as BoxError)
-                .boxed();
                 (
-                    Response::from_parts(head, body),
-                    outcome(status),
-                    Some(counters),
+                    Response::from_parts(head, RespBody::Upstream(body, active)),
+                    outcome(status, address),
                 )
             }
-            Ok(Err(_)) => {
+            Ok(Err(e)) => {
+                tracing::debug!("upstream: {e}");
                 let mut response = local(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream connect error or disconnect/reset before headers",
                 );
-                apply_header_ops(&route.plan.headers.response, response.headers_mut());
-                (response, outcome(503), Some(counters))
+                route.response_ops.apply(response.headers_mut());
+                (response, outcome(503, address))
             }
             Err(()) => {
                 let mut response = local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
-                apply_header_ops(&route.plan.headers.response, response.headers_mut());
-                (response, outcome(504), Some(counters))
+                route.response_ops.apply(response.headers_mut());
+                (response, outcome(504, address))
             }
         };
     }
-}
-
-fn is_refused_stream(error: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(e) = source {
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if format!("{h:?}").contains("REFUSED_STREAM") {
-                return true;
-            }
-        }
-        source = e.source();
-    }
-    false
 }
 
 /// Sends a copy of the request to a mirror cluster in the background; its answer (and how
 /// long it takes) never reaches the client. Copies beyond the proxy's mirror budget are
 /// dropped rather than queued.
 fn spawn_mirror(
-    shared: &Arc<Shared>,
+    conn: &ConnContext,
     cluster: Arc<ClusterRuntime>,
-    method: &http::Method,
-    path_and_query: &str,
+    method: &Method,
+    path_and_query: &PathAndQuery,
     headers: &HeaderMap,
-    body: Bytes,
-    client: SocketAddr,
+    body: &UpBody,
 ) {
-    let Ok(slot) = shared.mirror_slots.clone().try_acquire_owned() else {
+    let Some(body) = body.replay() else { return };
+    let Ok(slot) = conn.shared.mirror_slots.clone().try_acquire_owned() else {
         tracing::debug!("mirror budget exhausted: copy dropped");
         return;
     };
@@ -588,7 +716,9 @@ fn spawn_mirror(
         }
     }
     let method = method.clone();
-    let path_and_query = path_and_query.to_string();
+    let path_and_query = path_and_query.clone();
+    let client = conn.client;
+    let worker = conn.worker;
     tokio::spawn(async move {
         let _slot = slot;
         let input = HashInput {
@@ -601,193 +731,35 @@ fn spawn_mirror(
             return;
         };
         let address = cluster.balancer.backends[index].address;
-        let Ok(uri) = format!("http://{address}{path_and_query}").parse::<Uri>() else {
-            return;
-        };
-        let mut request = Request::new(full(body));
+        let mut request = Request::new(body);
         *request.method_mut() = method;
-        *request.uri_mut() = uri;
+        *request.uri_mut() = Uri::from(path_and_query);
         *request.headers_mut() = headers;
         let _ = tokio::time::timeout(MIRROR_TIMEOUT, async {
-            if let Ok(response) = cluster.client.request(request).await {
-                let _ = response.into_body().collect().await;
+            if let Ok((response, checkin)) =
+                cluster.upstream.send(worker, index, address, request).await
+            {
+                use http_body_util::BodyExt as _;
+                if response.into_body().collect().await.is_ok() {
+                    cluster.upstream.checkin(checkin);
+                }
             }
         })
         .await;
     });
 }
 
-/// Istio/Envoy's mirror Host: `-shadow` appended to the host part (`a.b:80` -> `a.b-shadow:80`).
-pub fn shadow_host(host: &str) -> String {
-    match host.rsplit_once(':') {
-        Some((name, port))
-            if !name.ends_with(']')
-                && port.bytes().all(|b| b.is_ascii_digit())
-                && !name.contains(':') =>
-        {
-            format!("{name}-shadow:{port}")
-        }
-        _ => format!("{host}-shadow"),
-    }
-}
-
-fn rewrite_path(route: &RouteRuntime, matched: Option<usize>, path_and_query: &str) -> String {
-    let Some(rewrite) = &route.plan.rewrite else {
-        return path_and_query.to_string();
-    };
-    let (path, query) = match path_and_query.split_once('?') {
-        Some((p, q)) => (p.to_string(), Some(q)),
-        None => (path_and_query.to_string(), None),
-    };
-    let mut new_path = path.clone();
-    if let (Some(regex), Some((_, replacement))) = (&route.uri_regex, &rewrite.uri_regex) {
-        new_path = regex
-            .replace_all(&path, envoy_substitution(replacement).as_str())
-            .into_owned();
-    } else if let Some(uri) = &rewrite.uri {
-        let prefix = matched
-            .and_then(|i| route.plan.matches.get(i))
-            .and_then(|m| m.uri.as_ref());
-        new_path = match prefix {
-            Some(StringMatchPlan::Prefix(p)) if path.len() >= p.len() => {
-                format!("{uri}{}", &path[p.len()..])
-            }
-            _ => uri.clone(),
-        };
-    }
-    match query {
-        Some(q) => format!("{new_path}?{q}"),
-        None => new_path,
-    }
-}
-
-/// Envoy's `\1` group references in the regex crate's `${1}` syntax.
-fn envoy_substitution(replacement: &str) -> String {
-    let mut out = String::new();
-    let mut chars = replacement.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, chars.peek()) {
-            ('\\', Some(d)) if d.is_ascii_digit() => {
-                out.push_str(&format!("${{{d}}}"));
-                chars.next();
-            }
-            ('$', _) => out.push_str("$$"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
-fn redirect_location(redirect: &RedirectPlan, uri: &Uri, authority: &str) -> String {
-    let scheme = redirect.scheme.as_deref().unwrap_or("http");
-    let request_port = authority
-        .rsplit_once(':')
-        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-        .map(|(_, p)| p.to_string());
-    let mut host = redirect
-        .authority
-        .clone()
-        .unwrap_or_else(|| strip_port(authority).to_string());
-    let port = redirect.port.map(|p| p.to_string()).or_else(|| {
-        if redirect.port_from_request || redirect.authority.is_none() {
-            request_port
-        } else {
-            None
-        }
-    });
-    if let Some(port) = port {
-        host = format!("{}:{port}", strip_port(&host));
-    }
-    let path = redirect.uri.clone().unwrap_or_else(|| {
-        uri.path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into())
-    });
-    format!("{scheme}://{host}{path}")
-}
-
-fn cors_headers(route: &RouteRuntime, origin: &str, preflight: bool, headers: &mut HeaderMap) {
-    let Some(cors) = &route.plan.cors else {
-        return;
-    };
-    let mut set = |name: &'static str, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert(HeaderName::from_static(name), v);
-        }
-    };
-    set("access-control-allow-origin", origin.to_string());
-    if cors.allow_credentials {
-        set("access-control-allow-credentials", "true".into());
-    }
-    if !cors.expose_headers.is_empty() {
-        set(
-            "access-control-expose-headers",
-            cors.expose_headers.join(","),
-        );
-    }
-    if preflight {
-        if !cors.allow_methods.is_empty() {
-            set("access-control-allow-methods", cors.allow_methods.join(","));
-        }
-        if !cors.allow_headers.is_empty() {
-            set("access-control-allow-headers", cors.allow_headers.join(","));
-        }
-        if let Some(age) = cors.max_age {
-            set("access-control-max-age", age.as_secs().to_string());
-        }
-    }
-}
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    for name in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(named) {
-        headers.remove(name.as_str());
-    }
-}
-
-/// Applies Istio header operations in Envoy's order: remove, then set, then add.
-pub fn apply_header_ops(ops: &HeaderOpPlan, headers: &mut HeaderMap) {
-    for name in &ops.remove {
-        headers.remove(name.as_str());
-    }
-    for (name, value) in &ops.set {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            headers.insert(n, v);
-        }
-    }
-    for (name, value) in &ops.add {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            headers.append(n, v);
-        }
-    }
-}
-
-/// A complete body from bytes.
-pub fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
-}
-
 /// A short text answer from the proxy itself.
-pub fn local(status: StatusCode, text: &str) -> Response<ProxyBody> {
-    let mut response = Response::new(full(Bytes::from(if text.is_empty() {
-        String::new()
+pub fn local(status: StatusCode, text: &str) -> Response<RespBody> {
+    let body = if text.is_empty() {
+        Bytes::new()
     } else {
-        format!("{text}\n")
-    })));
+        let mut b = Vec::with_capacity(text.len() + 1);
+        b.extend_from_slice(text.as_bytes());
+        b.push(b'\n');
+        Bytes::from(b)
+    };
+    let mut response = Response::new(RespBody::local(body));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -795,92 +767,49 @@ pub fn local(status: StatusCode, text: &str) -> Response<ProxyBody> {
     response
 }
 
-/// Keeps a cluster slot and the backend's in-flight count until the response body is done.
-struct ActiveGuard {
-    cluster: Arc<ClusterRuntime>,
-    index: usize,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.cluster.balancer.backends[self.index]
-            .active
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A response body that releases its [`ActiveGuard`] when dropped.
-struct GuardedBody {
-    inner: Incoming,
-    _guard: ActiveGuard,
-}
-
-impl Body for GuardedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn shadow_host_keeps_the_port() {
-        assert_eq!(shadow_host("echo.test:8080"), "echo.test-shadow:8080");
-        assert_eq!(shadow_host("echo.test"), "echo.test-shadow");
+    fn parts(uri: &str, host: Option<&str>) -> Parts {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(()).unwrap().into_parts().0
     }
 
     #[test]
-    fn header_ops_remove_set_add() {
-        let mut h = HeaderMap::new();
-        h.insert("a", "1".parse().unwrap());
-        h.insert("b", "1".parse().unwrap());
-        let ops = HeaderOpPlan {
-            set: vec![("a".into(), "2".into())],
-            add: vec![("c".into(), "3".into())],
-            remove: vec!["b".into()],
-        };
-        apply_header_ops(&ops, &mut h);
-        assert_eq!(h.get("a").unwrap(), "2");
-        assert!(h.get("b").is_none());
-        assert_eq!(h.get("c").unwrap(), "3");
-    }
-
-    #[test]
-    fn envoy_group_references() {
-        assert_eq!(envoy_substitution(r"/v2/\1"), "/v2/${1}");
-    }
-
-    #[test]
-    fn redirect_keeps_path_and_port() {
-        let plan = RedirectPlan {
-            uri: None,
-            authority: Some("new.test".into()),
-            port: None,
-            port_from_request: false,
-            scheme: None,
-            status: 301,
-        };
-        let uri: Uri = "/a?b=1".parse().unwrap();
+    fn one_authority_or_400() {
         assert_eq!(
-            redirect_location(&plan, &uri, "old.test:8080"),
-            "http://new.test/a?b=1"
+            request_authority(&parts("/a", Some("web:80"))).unwrap(),
+            "web:80"
+        );
+        assert_eq!(
+            request_authority(&parts("http://web:80/a", None)).unwrap(),
+            "web:80"
+        );
+        assert_eq!(
+            request_authority(&parts("http://WEB:80/a", Some("web:80"))).unwrap(),
+            "web:80"
+        );
+        assert!(request_authority(&parts("http://evil/a", Some("web:80"))).is_err());
+    }
+
+    #[test]
+    fn x_forwarded_for_appends_the_client_like_envoy() {
+        let ip = HeaderValue::from_static("198.18.1.2");
+        let mut h = HeaderMap::new();
+        forwarded_headers(&mut h, &ip);
+        assert_eq!(h["x-forwarded-for"], "198.18.1.2");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "198.19.0.1".parse().unwrap());
+        h.append("x-forwarded-for", "198.19.0.2".parse().unwrap());
+        forwarded_headers(&mut h, &ip);
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["198.19.0.1, 198.19.0.2, 198.18.1.2"]
         );
     }
 }

@@ -31,18 +31,35 @@ pub enum RouteError {
 #[derive(Debug, Default)]
 pub struct LocalRoutes {
     added: BTreeSet<IpAddr>,
+    /// Routing table of the routes (`None`: the local table).
+    table: Option<u32>,
 }
 
 /// The kernel's local routing table.
 const RT_TABLE_LOCAL: u32 = 255;
+/// The kernel's main routing table.
+const RT_TABLE_MAIN: u32 = 254;
 
 impl LocalRoutes {
+    /// Local routes kept in the main table, apart from the proxy's (in the local table), so
+    /// that neither owner removes the other's route for the same address.
+    pub fn in_main_table() -> Self {
+        Self {
+            added: BTreeSet::new(),
+            table: Some(RT_TABLE_MAIN),
+        }
+    }
+
+    fn table(&self) -> u32 {
+        self.table.unwrap_or(RT_TABLE_LOCAL)
+    }
+
     /// Makes `ip` local unless an interface already has it.
     pub fn ensure(&mut self, ip: IpAddr) -> Result<(), RouteError> {
         if self.added.contains(&ip) || configured_on_interface(ip) {
             return Ok(());
         }
-        change(ip, true)?;
+        change(ip, true, self.table())?;
         self.added.insert(ip);
         Ok(())
     }
@@ -50,7 +67,7 @@ impl LocalRoutes {
     /// Removes the route this meshd added for `ip`, if any.
     pub fn remove(&mut self, ip: IpAddr) -> Result<(), RouteError> {
         if self.added.remove(&ip) {
-            change(ip, false)?;
+            change(ip, false, self.table())?;
         }
         Ok(())
     }
@@ -58,7 +75,7 @@ impl LocalRoutes {
     /// Removes every route this meshd added (at shutdown).
     pub fn remove_all(&mut self) {
         for ip in std::mem::take(&mut self.added) {
-            if let Err(e) = change(ip, false) {
+            if let Err(e) = change(ip, false, self.table()) {
                 tracing::warn!("{e}");
             }
         }
@@ -76,7 +93,7 @@ fn configured_on_interface(ip: IpAddr) -> bool {
         .unwrap_or(false)
 }
 
-fn change(ip: IpAddr, add: bool) -> Result<(), RouteError> {
+fn change(ip: IpAddr, add: bool, table: u32) -> Result<(), RouteError> {
     let action = if add { "adding" } else { "removing" };
     let fail = |message: String| RouteError::Netlink {
         action,
@@ -90,7 +107,7 @@ fn change(ip: IpAddr, add: bool) -> Result<(), RouteError> {
         .map_err(|e| fail(e.to_string()))?
         .kind(RouteType::Local)
         .scope(RouteScope::Host)
-        .table_id(RT_TABLE_LOCAL)
+        .table_id(table)
         .output_interface(lo)
         .build();
     std::thread::spawn(move || -> Result<(), String> {

@@ -43,17 +43,21 @@
 //! refuses them until meshd is back (L4 services keep forwarding).
 
 pub mod balance;
+pub mod body;
 pub mod handler;
 pub mod local_routes;
 pub mod matching;
 pub mod retry;
+pub mod rewrite;
 pub mod server;
 pub mod stats;
 pub mod table;
+pub mod upstream;
+pub mod workers;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{atomic::AtomicUsize, Arc, Mutex},
 };
 
 use arc_swap::ArcSwap;
@@ -66,8 +70,11 @@ pub use stats::{
 
 use crate::compile::{DesiredState, L4Protocol, L7Plan, Plan, ServiceAddress};
 use local_routes::LocalRoutes;
+pub use server::ClientLimits;
 use server::ListenerHandle;
 use table::RouteTable;
+pub use workers::WorkerOptions;
+use workers::Workers;
 
 /// Mirror copies in flight at once, over all services; more are dropped, never queued.
 pub const MAX_MIRRORS_IN_FLIGHT: usize = 1024;
@@ -89,6 +96,18 @@ pub enum ProxyError {
     /// A compiled match could not be built (compile validates regexes, so this is a bug).
     #[error(transparent)]
     Match(#[from] matching::MatchError),
+    /// The worker threads could not start.
+    #[error("starting the proxy workers: {0}")]
+    Workers(std::io::Error),
+}
+
+/// How the proxy runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyOptions {
+    /// Worker threads and pinning.
+    pub workers: WorkerOptions,
+    /// Client connection limits and timeouts.
+    pub limits: ClientLimits,
 }
 
 /// State shared by every listener and request.
@@ -101,12 +120,17 @@ pub struct Shared {
     pub mirror_slots: Arc<Semaphore>,
     /// HTTP connection settings (limits) for accepted connections.
     pub builder: auto::Builder<TokioExecutor>,
+    /// Client connection limits and timeouts.
+    pub limits: ClientLimits,
+    /// Client connections open now (all listeners and workers).
+    pub connections: AtomicUsize,
 }
 
 /// The L7 proxy.
 pub struct Proxy {
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
+    workers: Arc<Workers>,
     listeners: Arc<Mutex<HashMap<ServiceAddress, ListenerHandle>>>,
     routes: Arc<Mutex<LocalRoutes>>,
 }
@@ -124,19 +148,30 @@ fn l7_services(state: &DesiredState) -> Vec<(ServiceAddress, String, &L7Plan)> {
 }
 
 impl Proxy {
-    /// A proxy with no service; listeners run on `runtime`.
-    pub fn new(runtime: tokio::runtime::Handle) -> Self {
-        Self {
+    /// A proxy with no service: its workers start now; housekeeping (draining listeners that
+    /// close) runs on `runtime`.
+    pub fn new(runtime: tokio::runtime::Handle, options: ProxyOptions) -> Result<Self, ProxyError> {
+        let workers = Workers::start(options.workers).map_err(ProxyError::Workers)?;
+        tracing::info!(
+            workers = workers.len(),
+            pinned = options.workers.pin,
+            max_connections = options.limits.max_connections,
+            "L7 proxy workers started"
+        );
+        Ok(Self {
             shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(RouteTable::default()),
                 stats: stats::ProxyStats::default(),
                 mirror_slots: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
                 builder: server::connection_builder(),
+                limits: options.limits,
+                connections: AtomicUsize::new(0),
             }),
             runtime,
+            workers: Arc::new(workers),
             listeners: Arc::new(Mutex::new(HashMap::new())),
             routes: Arc::new(Mutex::new(LocalRoutes::default())),
-        }
+        })
     }
 
     /// Before the dataplane flips to `state`: listeners for new L7 addresses are open and the
@@ -144,14 +179,13 @@ impl Proxy {
     pub fn prepare(&self, state: &DesiredState) -> Result<(), ProxyError> {
         let wanted = l7_services(state);
         let current = self.shared.table.load_full();
-        let mut next = table::build(&wanted, &current, &self.shared.stats)?;
+        let mut next = table::build(&wanted, &current, &self.shared.stats, self.workers.len())?;
         for (address, service) in &current.services {
             next.services
                 .entry(*address)
                 .or_insert_with(|| service.clone());
         }
         self.shared.table.store(Arc::new(next));
-        let _runtime = self.runtime.enter();
         let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         for (address, name, _) in &wanted {
             if listeners.contains_key(address) {
@@ -165,9 +199,8 @@ impl Proxy {
                 address: format!("{}:{}", address.ip, address.port),
                 source,
             };
-            let socket = server::bind(*address).map_err(listen_error)?;
-            let handle =
-                server::spawn(self.shared.clone(), *address, socket).map_err(listen_error)?;
+            let handle = server::spawn(self.shared.clone(), *address, self.workers.handles())
+                .map_err(listen_error)?;
             tracing::info!(service = %name, address = %format!("{}:{}", address.ip, address.port), "L7 proxy listening");
             listeners.insert(*address, handle);
         }
@@ -179,7 +212,7 @@ impl Proxy {
     pub fn commit(&self, state: &DesiredState) {
         let wanted = l7_services(state);
         let current = self.shared.table.load_full();
-        match table::build(&wanted, &current, &self.shared.stats) {
+        match table::build(&wanted, &current, &self.shared.stats, self.workers.len()) {
             Ok(next) => self.shared.table.store(Arc::new(next)),
             Err(e) => tracing::error!("L7 route table: {e}"),
         }

@@ -8,6 +8,23 @@
 
 use crate::compile::RetryPlan;
 
+/// Every `retryOn` condition the proxy knows (Envoy's HTTP and gRPC conditions that Istio
+/// passes through); anything else is rejected when the rules are compiled.
+pub const RETRY_ON: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "reset",
+    "refused-stream",
+    "retriable-4xx",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "resource-exhausted",
+    "unavailable",
+    "internal",
+];
+
 /// How one try ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TryOutcome {
@@ -53,6 +70,31 @@ pub fn retriable(policy: &RetryPlan, outcome: TryOutcome) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_known_condition_can_match_something() {
+        let outcomes = [
+            TryOutcome::Response(500, None),
+            TryOutcome::Response(503, None),
+            TryOutcome::Response(409, None),
+            TryOutcome::Response(200, Some(1)),
+            TryOutcome::Response(200, Some(4)),
+            TryOutcome::Response(200, Some(8)),
+            TryOutcome::Response(200, Some(13)),
+            TryOutcome::Response(200, Some(14)),
+            TryOutcome::ConnectFailure,
+            TryOutcome::RefusedStream,
+            TryOutcome::Reset,
+        ];
+        for condition in RETRY_ON {
+            let mut p = policy(condition);
+            p.retriable_status_codes = vec![500];
+            assert!(
+                outcomes.iter().any(|o| retriable(&p, *o)),
+                "{condition} never retries"
+            );
+        }
+    }
 
     fn policy(on: &str) -> RetryPlan {
         RetryPlan {

@@ -12,12 +12,8 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::text::encode,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        histogram::{exponential_buckets, Histogram},
-    },
+    encoding::{text::encode, EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{counter::Counter, family::Family, MetricType, TypedMetric},
     registry::Registry,
 };
 use serde::{Deserialize, Serialize};
@@ -25,13 +21,69 @@ use serde::{Deserialize, Serialize};
 use crate::compile::ServiceAddress;
 
 type Labels = Vec<(String, String)>;
-type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+type HistogramFamily = Family<Labels, LatencyHistogram>;
 
 /// Upper bounds (seconds) of the latency buckets: 1 ms doubling to ~16 s, then +Inf.
 pub const LATENCY_BUCKET_COUNT: usize = 15;
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, LATENCY_BUCKET_COUNT as u16))
+/// A latency histogram that is a few relaxed atomic adds per observation (no lock, so the
+/// proxy's workers never wait for each other), exposed in Prometheus' histogram format.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyHistogram(Arc<LatencyInner>);
+
+#[derive(Debug, Default)]
+struct LatencyInner {
+    /// Per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKET_COUNT + 1],
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Counts one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let micros = elapsed.as_micros();
+        let bucket = (0..LATENCY_BUCKET_COUNT)
+            .find(|i| micros <= 1000u128 << i)
+            .unwrap_or(LATENCY_BUCKET_COUNT);
+        self.0.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_ns.fetch_add(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Requests per bucket (not cumulative).
+    pub fn buckets(&self) -> Vec<u64> {
+        self.0
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts = self.buckets();
+        let buckets: Vec<(f64, u64)> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let bound = latency_bucket_bound(i);
+                (if bound.is_finite() { bound } else { f64::MAX }, *c)
+            })
+            .collect();
+        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, counts.iter().sum(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// Upper bound in seconds of latency bucket `i` (the last bucket is unbounded).
@@ -65,10 +117,8 @@ pub struct StatsKey {
 #[derive(Clone, Debug)]
 pub struct RouteCounters {
     by_class: [Counter; 5],
-    latency: Histogram,
-    /// The same observations as `latency`, readable back (prometheus-client keeps its buckets
-    /// private): `meshctl shift` judges a canary's p99 from them.
-    buckets: Arc<[AtomicU64; LATENCY_BUCKET_COUNT + 1]>,
+    /// Also read back: `meshctl shift` judges a canary's p99 from it.
+    latency: LatencyHistogram,
 }
 
 impl RouteCounters {
@@ -76,19 +126,11 @@ impl RouteCounters {
     pub fn observe(&self, status: u16, elapsed: Duration) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.by_class[class].inc();
-        let seconds = elapsed.as_secs_f64();
-        self.latency.observe(seconds);
-        let bucket = (0..LATENCY_BUCKET_COUNT)
-            .find(|i| seconds <= latency_bucket_bound(*i))
-            .unwrap_or(LATENCY_BUCKET_COUNT);
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency.observe(elapsed);
     }
 
     fn latency_buckets(&self) -> Vec<u64> {
-        self.buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect()
+        self.latency.buckets()
     }
 
     fn classes(&self) -> [u64; 5] {
@@ -110,7 +152,7 @@ impl Default for ProxyStats {
     fn default() -> Self {
         Self {
             requests: Family::default(),
-            latency: Family::new_with_constructor(latency_histogram),
+            latency: Family::default(),
             entries: Mutex::new(BTreeMap::new()),
             configured: Mutex::new(BTreeMap::new()),
         }
@@ -140,11 +182,7 @@ impl ProxyStats {
             self.requests.get_or_create(&labels).clone()
         });
         let latency = self.latency.get_or_create(&base).clone();
-        let counters = Arc::new(RouteCounters {
-            by_class,
-            latency,
-            buckets: Arc::new(std::array::from_fn(|_| AtomicU64::new(0))),
-        });
+        let counters = Arc::new(RouteCounters { by_class, latency });
         entries.insert(key.clone(), counters.clone());
         counters
     }

@@ -10,26 +10,20 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::{TokioExecutor, TokioTimer},
-};
 use regex::Regex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{
     balance::Balancer,
     matching::{MatchError, Matcher, RequestMatcher},
+    rewrite::HeaderOps,
     stats::{ProxyStats, RouteCounters, StatsKey},
+    upstream::{PoolSettings, Upstream},
 };
 use crate::compile::{ClusterPlan, HttpRoutePlan, L7Plan, RouteActionPlan, ServiceAddress};
 
 /// Error type of bodies the proxy sends and receives.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// A request or response body.
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Envoy's circuit-breaker defaults, used when a DestinationRule sets no limit: requests in
 /// flight per cluster, and requests waiting for one of them.
@@ -38,6 +32,8 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 pub const DEFAULT_MAX_PENDING: u32 = 1024;
 /// Connect deadline when the DestinationRule gives none (Istio's default).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle upstream connections close after this when the DestinationRule gives no idleTimeout.
+pub const DEFAULT_UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
 /// Every L7 service in force.
 #[derive(Default)]
@@ -80,6 +76,14 @@ pub struct RouteRuntime {
     pub destination_counters: Vec<Arc<RouteCounters>>,
     /// Counters of answers the proxy gives itself on this route.
     pub local_counters: Arc<RouteCounters>,
+    /// Route name (access log).
+    pub name: Arc<str>,
+    /// The route's request and response header operations.
+    pub request_ops: HeaderOps,
+    /// See `request_ops`.
+    pub response_ops: HeaderOps,
+    /// Per forward destination: request and response header operations.
+    pub destination_ops: Vec<(HeaderOps, HeaderOps)>,
 }
 
 /// An upstream cluster: backends, balancer, connection limits and a pooled client.
@@ -88,30 +92,25 @@ pub struct ClusterRuntime {
     pub plan: ClusterPlan,
     /// Backend choice and outlier state.
     pub balancer: Balancer,
-    /// Pooled HTTP client (connections are reused across requests).
-    pub client: Client<HttpConnector, ProxyBody>,
+    /// Upstream connection pools, per worker and backend.
+    pub upstream: Upstream,
+    /// Subset name (access log).
+    pub subset: Arc<str>,
     permits: Arc<Semaphore>,
     pending: AtomicU32,
     max_pending: u32,
 }
 
 impl ClusterRuntime {
-    fn new(plan: ClusterPlan) -> Self {
+    fn new(plan: ClusterPlan, workers: usize) -> Self {
         let pool = &plan.policy.connection_pool;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(
-            pool.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-        ));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(pool.idle_timeout.unwrap_or(Duration::from_secs(60)))
-            .http2_only(plan.http2);
-        // maxRequestsPerConnection 1: never reuse an upstream connection.
-        if pool.max_requests_per_connection == Some(1) {
-            builder.pool_max_idle_per_host(0);
-        }
+        let settings = PoolSettings {
+            http2: plan.http2,
+            connect_timeout: pool.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            idle_timeout: pool.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE),
+            // maxRequestsPerConnection: 0 means unlimited in Istio.
+            max_requests: pool.max_requests_per_connection.filter(|n| *n > 0),
+        };
         let backends: Vec<_> = plan
             .backends
             .iter()
@@ -123,7 +122,8 @@ impl ClusterRuntime {
                 plan.policy.load_balancer.clone(),
                 plan.policy.outlier_detection.clone(),
             ),
-            client: builder.build(connector),
+            upstream: Upstream::new(settings, workers, plan.backends.len()),
+            subset: plan.subset.as_deref().unwrap_or("").into(),
             permits: Arc::new(Semaphore::new(
                 pool.max_connections
                     .unwrap_or(DEFAULT_MAX_CONNECTIONS)
@@ -157,6 +157,7 @@ pub fn build(
     plans: &[(ServiceAddress, String, &L7Plan)],
     previous: &RouteTable,
     stats: &ProxyStats,
+    workers: usize,
 ) -> Result<RouteTable, MatchError> {
     let mut services = HashMap::new();
     let mut configured = BTreeMap::new();
@@ -167,7 +168,7 @@ pub fn build(
             .iter()
             .map(|c| {
                 old.and_then(|o| o.clusters.iter().find(|x| x.plan == *c).cloned())
-                    .unwrap_or_else(|| Arc::new(ClusterRuntime::new(c.clone())))
+                    .unwrap_or_else(|| Arc::new(ClusterRuntime::new(c.clone(), workers)))
             })
             .collect();
         let key = |route: &str, cluster: Option<&ClusterPlan>| StatsKey {
@@ -207,7 +208,17 @@ pub fn build(
                     .transpose()?
                     .unwrap_or_default();
                 let mut destination_counters = Vec::new();
+                let mut destination_ops = Vec::new();
                 if let RouteActionPlan::Forward { destinations } = &route.action {
+                    destination_ops = destinations
+                        .iter()
+                        .map(|d| {
+                            (
+                                HeaderOps::new(&d.headers.request),
+                                HeaderOps::new(&d.headers.response),
+                            )
+                        })
+                        .collect();
                     let total: u32 = destinations.iter().map(|d| d.weight).sum();
                     for d in destinations {
                         let k = key(&route.name, Some(&plan.clusters[d.cluster]));
@@ -219,6 +230,10 @@ pub fn build(
                     }
                 }
                 routes.push(RouteRuntime {
+                    name: route.name.as_str().into(),
+                    request_ops: HeaderOps::new(&route.headers.request),
+                    response_ops: HeaderOps::new(&route.headers.response),
+                    destination_ops,
                     plan: route.clone(),
                     matchers,
                     uri_regex,
