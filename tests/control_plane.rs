@@ -12,34 +12,13 @@ use anyhow::{ensure, Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use mesh_common::{map_names, Backend, ServiceInfo, ServiceKey};
 use mesh_tests::{
-    meshd::{meshctl, meshctl_stdin, metric_value, scrape_metrics, Meshd},
+    meshd::{meshctl, meshctl_stdin, metric_value, scrape_metrics, Meshd, PinDir},
     rules::{echo_service_entry, echo_split, meshd_args, RulesDir},
     servers::{tcp_connect, tcp_echo},
     split::assert_shares,
     topology::Topology,
     traffic::{tcp_split, vip, EchoSetup},
 };
-
-/// A bpffs pin directory for one test; `meshd --cleanup` and removal on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new(topo: &Topology) -> Self {
-        PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Ok(meshd) = mesh_tests::meshd::bin("meshd") {
-            let _ = std::process::Command::new(meshd)
-                .args(["--cleanup", "--pin-dir"])
-                .arg(&self.0)
-                .output();
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// meshd arguments with pinning and a state file (replacing `--no-pin --no-state`).
 fn pinned_args(topo: &Topology, rules: &RulesDir, pins: &PinDir) -> Vec<String> {
@@ -64,13 +43,10 @@ fn rule_maps(pins: &Path) -> Result<Vec<u8>> {
         MapData::from_pin(pins.join(name)).with_context(|| format!("opening pinned {name}"))
     };
     let mut out = Vec::new();
-    let active: Array<MapData, u32> =
-        Array::try_from(Map::Array(open(map_names::ACTIVE_GENERATION)?))?;
-    out.extend(active.get(&0, 0)?.to_ne_bytes());
     let services: BpfHashMap<MapData, ServiceKey, ServiceInfo> =
         BpfHashMap::try_from(Map::HashMap(open(map_names::SERVICES)?))?;
     let mut entries: Vec<(ServiceKey, ServiceInfo)> = services.iter().collect::<Result<_, _>>()?;
-    entries.sort_by_key(|(k, _)| (k.generation, k.addr, k.port, k.proto));
+    entries.sort_by_key(|(k, _)| (k.addr, k.port, k.proto));
     for (k, v) in entries {
         out.extend(format!("{k:?}{v:?}").bytes());
     }

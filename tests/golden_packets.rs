@@ -535,7 +535,7 @@ fn source_ip_affinity_pins_a_client_to_one_backend() -> Result<()> {
     sticky.flags = SERVICE_FLAG_HASH_SOURCE_IP;
     lb.install(&sticky)?;
     let spread = service(17, "198.18.0.11:80", PROTO_TCP, &backends);
-    lb.write_service(0, &spread)?;
+    lb.install(&spread)?;
 
     let mut per_client = Vec::new();
     for client in ["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.4"] {
@@ -586,11 +586,10 @@ fn a_reused_client_port_reaches_the_proxy_after_the_service_moved_there() -> Res
     ack.l4 = L4::Tcp { syn: false };
     expect_translated(&mut lb, &syn, &syn.with_dst(sa("198.19.0.2:8080")))?;
     expect_translated(&mut lb, &ack, &ack.with_dst(sa("198.19.0.2:8080")))?;
-    // The service moves to the L7 proxy (next generation); the client reuses its port.
+    // The service moves to the L7 proxy (its entry is switched); the client reuses its port.
     let mut l7 = svc.clone();
     l7.flags = SERVICE_FLAG_L7_PROXY;
-    lb.write_service(1, &l7)?;
-    lb.set_active_generation(1)?;
+    lb.install(&l7)?;
     expect_untouched(&mut lb, &syn.build()?, XDP_PASS, reason::PASS_L7_PROXY)?;
     // The rest of the new connection must reach the proxy too, not the old backend.
     let (verdict, out) = lb.run(&ack.build()?)?;
@@ -602,20 +601,20 @@ fn a_reused_client_port_reaches_the_proxy_after_the_service_moved_there() -> Res
 }
 
 #[test]
-fn new_flows_use_the_active_generation() -> Result<()> {
+fn new_flows_follow_a_switched_service_entry() -> Result<()> {
     let mut lb = setup()?;
     let old = service(19, "198.18.0.10:80", PROTO_TCP, &["198.19.0.2:8080"]);
     lb.install(&old)?;
+    let first = Frame::tcp(sa("198.18.1.1:40000"), sa("198.18.0.10:80"));
+    expect_translated(&mut lb, &first, &first.with_dst(sa("198.19.0.2:8080")))?;
+    // meshd's change of one service: a new slice in free pool space, then the entry replaced.
     let mut new = service(19, "198.18.0.10:80", PROTO_TCP, &["198.19.0.9:8080"]);
     new.table_offset += 50;
     new.backends = vec![(199, sa("198.19.0.9:8080"))];
-    lb.write_service(1, &new)?;
-    let first = Frame::tcp(sa("198.18.1.1:40000"), sa("198.18.0.10:80"));
-    expect_translated(&mut lb, &first, &first.with_dst(sa("198.19.0.2:8080")))?;
-    lb.set_active_generation(1)?;
+    lb.install(&new)?;
     let second = Frame::tcp(sa("198.18.1.1:40001"), sa("198.18.0.10:80"));
     expect_translated(&mut lb, &second, &second.with_dst(sa("198.19.0.9:8080")))?;
-    // The flow created under generation 0 stays where it was...
+    // The flow created before the switch stays where it was...
     let mut first_ack = first.clone();
     first_ack.l4 = L4::Tcp { syn: false };
     expect_translated(
@@ -728,14 +727,18 @@ fn forwarding_through_veth_devices() -> Result<()> {
         PROTO_TCP,
         &["198.19.0.2:8080"],
     ))?;
-    lb.write_service(
-        0,
-        &service(21, "198.18.0.11:80", PROTO_TCP, &["198.18.0.60:8080"]),
-    )?;
-    lb.write_service(
-        0,
-        &service(22, "198.18.0.12:80", PROTO_TCP, &["198.19.0.3:8080"]),
-    )?;
+    lb.install(&service(
+        21,
+        "198.18.0.11:80",
+        PROTO_TCP,
+        &["198.18.0.60:8080"],
+    ))?;
+    lb.install(&service(
+        22,
+        "198.18.0.12:80",
+        PROTO_TCP,
+        &["198.19.0.3:8080"],
+    ))?;
 
     // Forwarded by XDP: translated, MACs from the FIB, TTL decremented, counted under `why`.
     let expect_forwarded = |lb: &mut Lb,
@@ -811,15 +814,12 @@ fn udp_checksum_that_computes_to_zero_is_sent_as_all_ones() -> Result<()> {
         PROTO_UDP,
         &["198.19.0.2:5353"],
     ))?;
-    lb.write_service(
-        0,
-        &service(
-            24,
-            "[2001:db8::10]:53",
-            PROTO_UDP,
-            &["[2001:db8:1::2]:5353"],
-        ),
-    )?;
+    lb.install(&service(
+        24,
+        "[2001:db8::10]:53",
+        PROTO_UDP,
+        &["[2001:db8:1::2]:5353"],
+    ))?;
     for (client, vip, backend) in [
         ("198.18.1.1:40000", "198.18.0.10:53", "198.19.0.2:5353"),
         (
@@ -845,15 +845,12 @@ fn malformed_and_unsupported_frames_pass_untouched() -> Result<()> {
         PROTO_TCP,
         &["198.19.0.2:8080"],
     ))?;
-    lb.write_service(
-        0,
-        &service(
-            26,
-            "[2001:db8::10]:80",
-            PROTO_TCP,
-            &["[2001:db8:1::2]:8080"],
-        ),
-    )?;
+    lb.install(&service(
+        26,
+        "[2001:db8::10]:80",
+        PROTO_TCP,
+        &["[2001:db8:1::2]:8080"],
+    ))?;
     let v4 = Frame::tcp(sa("198.18.1.1:40000"), sa("198.18.0.10:80")).build()?;
 
     let mut short_ihl = v4.clone();

@@ -13,13 +13,14 @@
 
 /// Map names, as they appear in the object file and under the bpffs pin directory.
 pub mod map_names {
-    /// Single-entry array holding the active rule generation (0 or 1).
-    pub const ACTIVE_GENERATION: &str = "ACTIVE_GENERATION";
     /// Hash: [`ServiceKey`](crate::ServiceKey) -> [`ServiceInfo`](crate::ServiceInfo).
+    /// Replacing a service's entry is how a change to that service takes effect: one map
+    /// update switches it to a Maglev slice written beforehand.
     pub const SERVICES: &str = "SERVICES";
     /// Array: backend id -> [`Backend`](crate::Backend).
     pub const BACKENDS: &str = "BACKENDS";
-    /// Array: Maglev lookup table pool; entries are backend ids.
+    /// Array ([`MAGLEV_MAP_FLAGS`](crate::MAGLEV_MAP_FLAGS)): the Maglev pool, one slice per
+    /// service; entries are backend ids.
     pub const MAGLEV: &str = "MAGLEV";
     /// LRU hash: [`FlowKey`](crate::FlowKey) as seen on the wire -> [`FlowState`](crate::FlowState).
     /// Holds both directions of every flow (one lookup per packet whichever way it goes): the
@@ -85,15 +86,18 @@ pub const XDP_PROGRAM_NAME: &str = "mesh_xdp";
 /// and as the baseline in benchmarks).
 pub const XDP_PASS_PROGRAM_NAME: &str = "mesh_xdp_pass";
 
-/// Number of rule generations kept in the maps (double buffering).
-pub const GENERATIONS: u32 = 2;
-/// Capacity of [`map_names::SERVICES`] per generation.
+/// Capacity of [`map_names::SERVICES`].
 pub const MAX_SERVICES: u32 = 65_536;
-/// Capacity of [`map_names::BACKENDS`] (backend ids are shared by both generations).
+/// Capacity of [`map_names::BACKENDS`].
 pub const MAX_BACKENDS: u32 = 131_072;
-/// Default number of Maglev entries per generation (the `MAGLEV` map holds
-/// `GENERATIONS * maglev_pool_entries`; meshd may resize it at load time).
-pub const DEFAULT_MAGLEV_POOL_ENTRIES: u32 = 1 << 22;
+/// Default number of entries of the Maglev pool, all services together (meshd may resize it at
+/// load time): 64 MiB (the kernel stores each entry in 8 bytes), room for 30 000 two-backend
+/// services at their default table size (211) plus
+/// the free space a change writes into before its switch.
+pub const DEFAULT_MAGLEV_POOL_ENTRIES: u32 = 1 << 23;
+/// Flags of [`map_names::MAGLEV`]: `BPF_F_MMAPABLE`, so meshd writes and reads slices through
+/// shared memory instead of one system call per entry (the kernel's lookup is unchanged).
+pub const MAGLEV_MAP_FLAGS: u32 = 1 << 10;
 /// Default capacity of the connection-tracking LRU map, in entries (meshd may resize it at load
 /// time); every flow takes two entries, one per direction.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 524_288;
@@ -108,8 +112,6 @@ pub const FLOW_FLAG_REPLY_SEEN: u8 = 1;
 pub const FLOW_REQUEST: u8 = 0;
 /// [`FlowState::direction`]: the entry of the backend -> client direction.
 pub const FLOW_REPLY: u8 = 1;
-/// Default Maglev table size per service when the rules do not give one (prime).
-pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 4_093;
 /// Largest Maglev table size per service (prime, as in Envoy/Istio).
 pub const MAX_MAGLEV_TABLE_SIZE: u32 = 65_537;
 /// Sentinel backend id: "no backend".
@@ -280,7 +282,7 @@ pub struct SockTarget {
     pub backend_id: u32,
 }
 
-/// Key of [`map_names::SERVICES`]: a service address in one rule generation.
+/// Key of [`map_names::SERVICES`]: a service address.
 ///
 /// IPv4 addresses occupy `addr[0..4]`, the rest is zero.
 #[repr(C)]
@@ -292,8 +294,8 @@ pub struct ServiceKey {
     pub port: u16,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
-    /// Rule generation this entry belongs to (0 or 1).
-    pub generation: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
 }
 
 /// Value of [`map_names::SERVICES`].

@@ -10,27 +10,24 @@ use aya_ebpf::{
 use mesh_common::{
     ct_event, reason, sock_reason, Backend, FlowKey, FlowState, ServiceInfo, ServiceKey,
     SockConfig, SockKey, SockTarget, TrafficCounters, DEFAULT_CONNTRACK_ENTRIES,
-    DEFAULT_MAGLEV_POOL_ENTRIES, DEFAULT_PENDING_ENTRIES, GENERATIONS, MAX_BACKENDS, MAX_SERVICES,
+    DEFAULT_MAGLEV_POOL_ENTRIES, DEFAULT_PENDING_ENTRIES, MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_SERVICES,
     SOCK_MAP_ENTRIES,
 };
 
-/// The rule generation (0 or 1) new flows are looked up in.
+/// Service address/port/protocol -> service id, Maglev slice and flags. meshd switches a
+/// service to a new slice by replacing its entry (one update), so a lookup sees the old slice or
+/// the new one, both complete.
 #[map]
-pub static ACTIVE_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
-
-/// Service address/port/protocol/generation -> service id, Maglev slice and flags.
-#[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceInfo> =
-    HashMap::with_max_entries(GENERATIONS * MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
 /// Backend id -> backend address and port.
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Maglev lookup tables of all services of both generations; entries are backend ids.
+/// Maglev lookup tables of all services, one slice each; entries are backend ids.
 #[map]
 pub static MAGLEV: Array<u32> =
-    Array::with_max_entries(GENERATIONS * DEFAULT_MAGLEV_POOL_ENTRIES, 0);
+    Array::with_max_entries(DEFAULT_MAGLEV_POOL_ENTRIES, MAGLEV_MAP_FLAGS);
 
 /// Both directions of every flow: client -> service to the chosen backend, backend -> client to
 /// the service address restored on replies.

@@ -1,5 +1,5 @@
-//! Backend selection for flows that miss conntrack: service lookup in the active generation, a
-//! flow hash, and the Maglev table lookup.
+//! Backend selection for flows that miss conntrack: service lookup, a flow hash, and the Maglev
+//! table lookup (two map reads per new flow: the service entry and its slice's entry).
 //!
 //! The selection is a pure function of the packet tuple and the maps, so a flow whose conntrack
 //! entry was lost (daemon restart, LRU eviction) lands on the same backend while the table is
@@ -9,17 +9,16 @@ use mesh_common::{
     Backend, FlowKey, ServiceInfo, ServiceKey, NO_BACKEND, SERVICE_FLAG_HASH_SOURCE_IP,
 };
 
-use crate::maps::{ACTIVE_GENERATION, BACKENDS, MAGLEV, SERVICES};
+use crate::maps::{BACKENDS, MAGLEV, SERVICES};
 
-/// The service the packet is addressed to, in the active generation.
+/// The service the packet is addressed to.
 #[inline(always)]
 pub fn service(key: &FlowKey) -> Option<ServiceInfo> {
-    let generation = ACTIVE_GENERATION.get(0).copied().unwrap_or(0);
     let skey = ServiceKey {
         addr: key.dst_addr,
         port: key.dst_port,
         proto: key.proto,
-        generation: generation as u8,
+        _pad: 0,
     };
     // SAFETY: the value is copied out immediately.
     unsafe { SERVICES.get(&skey) }.copied()

@@ -255,6 +255,17 @@ impl Collector for KernelCollector {
             "Capacity per BPF map",
             &capacity,
         )?;
+        let memory: Vec<(Labels, i64)> = self
+            .fill
+            .iter()
+            .map(|f| (vec![("map", f.name.clone())], f.memory_bytes as i64))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "map_memory_bytes",
+            "Kernel memory per BPF map (values, keys and element headers, preallocated)",
+            &memory,
+        )?;
         Ok(())
     }
 }

@@ -49,7 +49,7 @@ impl Drop for DirGuard {
 
 struct Args {
     quick: bool,
-    /// Only this section (`l7`).
+    /// Only this section (`l7` or `scale`).
     only: Option<String>,
     /// Run only the trace-check measurement and print its table.
     trace_only: bool,
@@ -59,11 +59,13 @@ struct Args {
 
 const HELP: &str = "mesh-bench: mesh's benchmark suite (run it with `cargo xtask bench`)
 
-Usage: mesh-bench [--quick] [--only l7] [--out DIR] [--docs FILE] [--trace-only]
+Usage: mesh-bench [--quick] [--only l7|scale] [--out DIR] [--docs FILE] [--trace-only]
 
   --quick       small counts, finishes in well under a minute (the test suite runs this)
   --only l7     run only section 4 (L7) and print one line per ratio; the report then has
                 the other sections as not run (and --docs is ignored)
+  --only scale  section 3 alone: per-packet cost vs number of services, and meshd with
+                default settings applying, changing and restarting on 1 to 30 000 services
   --out DIR     where report.md, summary.json and the PNG plots go (default target/bench)
   --docs FILE   also copy the report there (cargo xtask bench: docs/benchmarks.md, full mode)
   --trace-only  only the trace-check cost (section 1), printed, no report written
@@ -86,9 +88,9 @@ fn parse_args() -> Result<Option<Args>> {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--only" => {
-                let section = it.next().context("--only needs a section (l7)")?;
-                if section != "l7" {
-                    bail!("--only {section:?}: only `l7` can run alone");
+                let section = it.next().context("--only needs a section (l7 or scale)")?;
+                if section != "l7" && section != "scale" {
+                    bail!("--only {section:?}: only `l7` or `scale` can run alone");
                 }
                 args.only = Some(section);
             }
@@ -103,6 +105,11 @@ fn parse_args() -> Result<Option<Args>> {
         }
     }
     Ok(Some(args))
+}
+
+/// A section `--only` left out.
+fn skipped<T>() -> Result<T, String> {
+    Err("not run (--only scale)".to_string())
 }
 
 fn sh_out(program: &str, args: &[&str]) -> String {
@@ -132,8 +139,13 @@ fn machine() -> Vec<(String, String)> {
         (
             "mesh commit".into(),
             format!(
-                "{} (plus uncommitted work in the tree)",
-                sh_out("git", &["rev-parse", "--short", "HEAD"])
+                "{} ({})",
+                sh_out("git", &["rev-parse", "--short", "HEAD"]),
+                if sh_out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+                    "clean tree"
+                } else {
+                    "plus uncommitted changes in the tree"
+                }
             ),
         ),
     ]
@@ -157,7 +169,7 @@ fn run(args: &Args) -> Result<()> {
         args.out.display()
     ));
 
-    if args.only.is_some() {
+    if args.only.as_deref() == Some("l7") {
         progress("section 4 only: L7");
         let l7 = l7::run(&plan).map_err(|e| format!("{e:#}"));
         let skipped = || "not run (--only l7)".to_string();
@@ -190,41 +202,72 @@ fn run(args: &Args) -> Result<()> {
         }
         return Ok(());
     }
-    progress("section 1: per-packet cost");
-    let micro = micro::per_packet(&plan).map_err(|e| format!("{e:#}"));
-    let trace_cost = trace_cost::run(&plan).map_err(|e| format!("{e:#}"));
-    progress("section 5: split quality");
-    let split =
-        micro::observed_split(plan.split_flows, vec![251, 4093]).map_err(|e| format!("{e:#}"));
-    let mut disruption: Vec<split::DisruptionPoint> = plan
-        .disruption_sizes
-        .iter()
-        .map(|n| split::disruption(*n, split::maglev::default_table_size(*n)))
-        .collect();
-    // Fixed sizes for comparison: mesh's smallest default and a small explicit tableSize.
-    for m in [mesh_common::DEFAULT_MAGLEV_TABLE_SIZE, 251] {
-        disruption.extend(
-            plan.disruption_sizes
-                .iter()
-                .filter(|n| split::maglev::default_table_size(**n) != m)
-                .map(|n| split::disruption(*n, m)),
-        );
+    let all = args.only.is_none();
+    let micro = if all {
+        progress("section 1: per-packet cost");
+        micro::per_packet(&plan).map_err(|e| format!("{e:#}"))
+    } else {
+        skipped()
+    };
+    let trace_cost = if all {
+        trace_cost::run(&plan).map_err(|e| format!("{e:#}"))
+    } else {
+        skipped()
+    };
+    let split = if all {
+        progress("section 5: split quality");
+        micro::observed_split(plan.split_flows, vec![251, 4093]).map_err(|e| format!("{e:#}"))
+    } else {
+        skipped()
+    };
+    let mut disruption: Vec<split::DisruptionPoint> = Vec::new();
+    if all {
+        disruption = plan
+            .disruption_sizes
+            .iter()
+            .map(|n| split::disruption(*n, split::maglev::default_table_size(*n)))
+            .collect();
+        // Fixed sizes for comparison: mesh's earlier fixed default and a small explicit tableSize.
+        for m in [4093, 251] {
+            disruption.extend(
+                plan.disruption_sizes
+                    .iter()
+                    .filter(|n| split::maglev::default_table_size(**n) != m)
+                    .map(|n| split::disruption(*n, m)),
+            );
+        }
     }
     progress("section 3: per-packet cost vs number of services");
     let scale_packet = micro::scale(&plan).map_err(|e| format!("{e:#}"));
-    progress("section 2: forwarding (installing nftables/iptables if missing)");
-    let peers = peers::ensure_peers();
-    let forwarding = forward::run(&plan, &peers).map_err(|e| format!("{e:#}"));
-    progress("section 3: applying rule sets through meshd");
-    let scale_apply = scale::run(&plan);
-    progress("section 3: new connections vs number of services");
-    let new_conn = newconn::run(&plan, &peers);
-    progress(if plan.quick {
-        "section 4: L7 (quick: mesh against the peers already installed)"
+    let peers = if all {
+        progress("section 2: forwarding (installing nftables/iptables if missing)");
+        Some(peers::ensure_peers())
     } else {
-        "section 4: L7 (installing nginx, haproxy, wrk and Envoy if missing)"
-    });
-    let l7 = l7::run(&plan).map_err(|e| format!("{e:#}"));
+        None
+    };
+    let forwarding = match &peers {
+        Some(peers) => forward::run(&plan, peers).map_err(|e| format!("{e:#}")),
+        None => skipped(),
+    };
+    progress("section 3: applying, changing and restarting rule sets through meshd");
+    let scale_apply = scale::run(&plan);
+    let new_conn = match &peers {
+        Some(peers) => {
+            progress("section 3: new connections vs number of services");
+            newconn::run(&plan, peers)
+        }
+        None => Vec::new(),
+    };
+    let l7 = if all {
+        progress(if plan.quick {
+            "section 4: L7 (quick: mesh against the peers already installed)"
+        } else {
+            "section 4: L7 (installing nginx, haproxy, wrk and Envoy if missing)"
+        });
+        l7::run(&plan).map_err(|e| format!("{e:#}"))
+    } else {
+        skipped()
+    };
 
     let results = report::Results {
         quick: plan.quick,

@@ -57,10 +57,10 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().expect("valid socket address")
 }
 
-/// Loads the object with a MAGLEV pool of `pool` entries per generation and loads both programs.
+/// Loads the object with a MAGLEV pool of `pool` entries and loads both programs.
 fn load(pool: u32, conntrack: u32) -> Result<Lb> {
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries(map_names::MAGLEV, 2 * pool)
+        .map_max_entries(map_names::MAGLEV, pool)
         .map_max_entries(map_names::CONNTRACK, conntrack)
         .load(EBPF_OBJECT)
         .context("loading the BPF object")?;
@@ -148,19 +148,15 @@ pub fn per_packet(plan: &Plan) -> Result<MicroResult> {
 
 fn per_packet_inner(plan: &Plan, jit: String) -> Result<MicroResult> {
     let mut lb = load(4096, 1 << 19)?;
-    lb.write_service(0, &svc(1, VIP, 0, &[(1, BACKEND_A), (2, BACKEND_B)]))?;
-    lb.write_service(0, &svc(2, SELF_VIP, 256, &[(3, SELF_VIP)]))?;
-    lb.write_service(0, &svc(3, SELF_VIP6, 512, &[(4, SELF_VIP6)]))?;
-    lb.write_service(
-        0,
-        &svc(
-            4,
-            VIP6,
-            768,
-            &[(5, "[2001:db8:2::1]:8081"), (6, "[2001:db8:3::1]:8081")],
-        ),
-    )?;
-    lb.set_active_generation(0)?;
+    lb.install(&svc(1, VIP, 0, &[(1, BACKEND_A), (2, BACKEND_B)]))?;
+    lb.install(&svc(2, SELF_VIP, 256, &[(3, SELF_VIP)]))?;
+    lb.install(&svc(3, SELF_VIP6, 512, &[(4, SELF_VIP6)]))?;
+    lb.install(&svc(
+        4,
+        VIP6,
+        768,
+        &[(5, "[2001:db8:2::1]:8081"), (6, "[2001:db8:3::1]:8081")],
+    ))?;
 
     let (client, client6) = (sa(CLIENT), sa(CLIENT6));
     let non_service = udp(client, sa("198.18.50.1:80"))?;
@@ -442,7 +438,7 @@ fn scale_one(n: usize, runs: usize) -> Result<ScalePoint> {
                     addr: addr_bytes(vip.ip()),
                     port: port_to_wire(vip.port()),
                     proto: PROTO_UDP,
-                    generation: 0,
+                    _pad: 0,
                 },
                 ServiceInfo {
                     service_id: i as u32,
@@ -454,7 +450,6 @@ fn scale_one(n: usize, runs: usize) -> Result<ScalePoint> {
             )?;
         }
     }
-    lb.set_active_generation(0)?;
     let fill_s = started.elapsed().as_secs_f64();
     let _ = FAMILY_IPV6;
 
@@ -529,9 +524,8 @@ fn observed_split_one(flows: usize, m: u32) -> Result<SplitObserved> {
     let ids: Vec<u32> = table.iter().map(|i| i + 1).collect();
     let mut service = svc(1, VIP, 0, &[(1, BACKEND_A), (2, BACKEND_B)]);
     service.table_size = m;
-    lb.write_service(0, &service)?;
+    lb.install(&service)?;
     lb.write_maglev(0, &ids)?;
-    lb.set_active_generation(0)?;
     let table_share_a = 100.0 * ids.iter().filter(|i| **i == 1).count() as f64 / f64::from(m);
     progress(&format!(
         "split quality: {flows} new flows over an 80/20 Maglev table of {m}"

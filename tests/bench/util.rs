@@ -50,7 +50,7 @@ impl Plan {
                 hot_repeat: 2_000_000,
                 hot_rounds: 7,
                 single_runs: 100_000,
-                scale_sizes: vec![1, 100, 10_000, 30_000],
+                scale_sizes: vec![1, 1_000, 10_000, 30_000],
                 scale_runs: 50_000,
                 split_flows: 100_000,
                 disruption_sizes: vec![

@@ -1,5 +1,5 @@
 //! Loading `mesh_xdp` for BPF_PROG_TEST_RUN and populating its maps the way meshd does:
-//! backends, a Maglev slice, the service entry in a rule generation, and the active generation.
+//! backends, a Maglev slice, and the service entry pointing at it.
 //!
 //! The Maglev slice here is filled round-robin rather than with Maglev's permutation: the kernel
 //! program only reads `MAGLEV[table_offset + hash % table_size]`, so any table exercises it, and
@@ -20,7 +20,7 @@ use mesh_common::{
 
 use crate::EBPF_OBJECT;
 
-/// Maglev entries per generation in test loads: small, so parallel tests stay light, and a
+/// Maglev pool entries in test loads: small, so parallel tests stay light, and a
 /// resize at load time like meshd's.
 pub const TEST_MAGLEV_POOL_ENTRIES: u32 = 4096;
 /// Connection-tracking capacity in test loads.
@@ -70,7 +70,7 @@ impl Lb {
     /// Loads the object with test-sized maps and loads (verifies) `mesh_xdp`.
     pub fn load() -> Result<Lb> {
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::MAGLEV, 2 * TEST_MAGLEV_POOL_ENTRIES)
+            .map_max_entries(map_names::MAGLEV, TEST_MAGLEV_POOL_ENTRIES)
             .map_max_entries(map_names::CONNTRACK, TEST_CONNTRACK_ENTRIES)
             .load(EBPF_OBJECT)
             .context("loading the BPF object")?;
@@ -111,9 +111,9 @@ impl Lb {
         self.run_on(frame, 0)
     }
 
-    /// Writes backends, the Maglev slice (round-robin over `svc.backends`) and the service entry
-    /// into `generation`. Does not switch the active generation.
-    pub fn write_service(&mut self, generation: u8, svc: &Service) -> Result<()> {
+    /// Writes backends, the Maglev slice (round-robin over `svc.backends`) and then the service
+    /// entry, in meshd's order: replacing an existing entry switches the service to this slice.
+    pub fn install(&mut self, svc: &Service) -> Result<()> {
         {
             let mut backends: Array<_, Backend> =
                 Array::try_from(self.ebpf.map_mut(map_names::BACKENDS).context("BACKENDS")?)?;
@@ -151,7 +151,7 @@ impl Lb {
                 addr: addr_bytes(svc.addr.ip()),
                 port: port_to_wire(svc.addr.port()),
                 proto: svc.proto,
-                generation,
+                _pad: 0,
             },
             ServiceInfo {
                 service_id: svc.id,
@@ -173,23 +173,6 @@ impl Lb {
             maglev.set(offset + i as u32, *id, 0)?;
         }
         Ok(())
-    }
-
-    /// Switches new flows to `generation`.
-    pub fn set_active_generation(&mut self, generation: u32) -> Result<()> {
-        let mut active: Array<_, u32> = Array::try_from(
-            self.ebpf
-                .map_mut(map_names::ACTIVE_GENERATION)
-                .context("ACTIVE_GENERATION")?,
-        )?;
-        active.set(0, generation, 0)?;
-        Ok(())
-    }
-
-    /// Installs `svc` in generation 0 and makes generation 0 active.
-    pub fn install(&mut self, svc: &Service) -> Result<()> {
-        self.write_service(0, svc)?;
-        self.set_active_generation(0)
     }
 
     /// Packets counted under `reason`, summed over CPUs.
@@ -228,4 +211,60 @@ impl Lb {
         }
         Ok(total)
     }
+}
+
+/// Everything the kernel holds for one service, as bytes: its SERVICES entry, its Maglev slice
+/// and the BACKENDS entries the slice references.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceBytes {
+    pub info: Vec<u8>,
+    pub slice: Vec<u32>,
+    pub backends: Vec<(u32, Vec<u8>)>,
+}
+
+fn pod_bytes<T: aya::Pod>(value: &T) -> Vec<u8> {
+    // SAFETY: Pod types are plain data with explicit padding.
+    unsafe {
+        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
+    }
+    .to_vec()
+}
+
+/// Reads every service's kernel entries back from the maps pinned under `pin_dir`, keyed by the
+/// SERVICES key's bytes.
+pub fn pinned_services(
+    pin_dir: &std::path::Path,
+) -> Result<std::collections::BTreeMap<Vec<u8>, ServiceBytes>> {
+    use aya::maps::{Map, MapData};
+    let open = |name: &str| {
+        MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening pinned {name}"))
+    };
+    let services: HashMap<MapData, ServiceKey, ServiceInfo> =
+        HashMap::try_from(Map::HashMap(open(map_names::SERVICES)?))?;
+    let maglev: Array<MapData, u32> = Array::try_from(Map::Array(open(map_names::MAGLEV)?))?;
+    let backends: Array<MapData, Backend> =
+        Array::try_from(Map::Array(open(map_names::BACKENDS)?))?;
+    let mut out = std::collections::BTreeMap::new();
+    for entry in services.iter() {
+        let (key, info) = entry?;
+        let slice: Vec<u32> = (0..info.table_size)
+            .map(|i| maglev.get(&(info.table_offset + i), 0))
+            .collect::<Result<_, _>>()?;
+        let mut ids: Vec<u32> = slice.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        let backends = ids
+            .into_iter()
+            .map(|id| Ok((id, pod_bytes(&backends.get(&id, 0)?))))
+            .collect::<Result<_>>()?;
+        out.insert(
+            pod_bytes(&key),
+            ServiceBytes {
+                info: pod_bytes(&info),
+                slice,
+                backends,
+            },
+        );
+    }
+    Ok(out)
 }

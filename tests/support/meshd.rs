@@ -49,6 +49,11 @@ pub struct Meshd {
 impl Meshd {
     /// Starts meshd in `ns` with `args` and waits until it logs `meshd ready`.
     pub fn start(ns: &Netns, args: &[String]) -> Result<Self> {
+        Self::start_within(ns, args, Duration::from_secs(20))
+    }
+
+    /// [`Meshd::start`] with a longer bound on the start (large rule sets in debug builds).
+    pub fn start_within(ns: &Netns, args: &[String], timeout: Duration) -> Result<Self> {
         let mut cmd = ns.command(bin("meshd")?.to_str().context("utf-8 path")?);
         cmd.args(args)
             .env("RUST_LOG", "info")
@@ -64,7 +69,7 @@ impl Meshd {
             }
         });
         let mut meshd = Meshd { child, log };
-        meshd.wait_for_log("meshd ready", 0, crate::patience(Duration::from_secs(20)))?;
+        meshd.wait_for_log("meshd ready", 0, crate::patience(timeout))?;
         Ok(meshd)
     }
 
@@ -201,6 +206,29 @@ pub fn meshctl_stdin(socket: &str, args: &[&str], stdin: &str) -> Result<(bool, 
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// A bpffs pin directory for one test (named by the topology's per-run prefix); `meshd
+/// --cleanup` and removal on drop.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    /// The pin directory for `topo`.
+    pub fn new(topo: &crate::topology::Topology) -> Self {
+        PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Ok(meshd) = bin("meshd") {
+            let _ = std::process::Command::new(meshd)
+                .args(["--cleanup", "--pin-dir"])
+                .arg(&self.0)
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// meshd's Prometheus text from its default metrics listener, fetched inside `ns`; an error

@@ -17,7 +17,13 @@ pub struct RulesDir(pub PathBuf);
 impl RulesDir {
     /// Creates the directory for `topo`.
     pub fn new(topo: &Topology) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("{}-rules", topo.prefix));
+        Self::named(topo, "rules")
+    }
+
+    /// Another directory of the run, `<prefix>-<suffix>` (e.g. for files to `meshctl apply`
+    /// that meshd must not see as `--config` files).
+    pub fn named(topo: &Topology, suffix: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-{suffix}", topo.prefix));
         std::fs::create_dir_all(&dir)?;
         Ok(RulesDir(dir))
     }
@@ -148,4 +154,56 @@ spec:
         }
     }
     yaml
+}
+
+/// Address of the `i`-th service of a large rule set (198.19.0.0/16, 65 536 of them).
+pub fn scale_vip(i: usize) -> IpAddr {
+    IpAddr::from([198, 19, (i >> 8) as u8, (i & 255) as u8])
+}
+
+/// ServiceEntries `s<i>` for `range`, as a user writes them (block style): one VIP each
+/// ([`scale_vip`]), one `protocol` port `port`, one endpoint per address in `endpoints`
+/// (labelled `app`, `version: v<k>` (1-based), `tier` and `zone`); no DestinationRule, so every default applies.
+pub fn scale_service_entries(
+    range: std::ops::Range<usize>,
+    protocol: &str,
+    port: u16,
+    endpoints: &[IpAddr],
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(range.len() * 600);
+    for i in range {
+        let _ = write!(
+            out,
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: s{i}
+  namespace: default
+spec:
+  hosts:
+  - s{i}.scale.mesh.test
+  addresses:
+  - {}
+  ports:
+  - number: {port}
+    protocol: {protocol}
+    name: p
+  location: MESH_INTERNAL
+  resolution: STATIC
+  endpoints:
+",
+            scale_vip(i)
+        );
+        for (k, address) in endpoints.iter().enumerate() {
+            let _ = write!(
+                out,
+                "  - address: {address}\n    labels:\n      app: s{i}\n      version: v{}\n      \
+                 tier: backend\n      zone: zone-a\n",
+                k + 1
+            );
+        }
+        out.push_str("---\n");
+    }
+    out
 }

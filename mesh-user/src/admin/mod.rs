@@ -86,8 +86,10 @@ pub struct ApplyResponse {
     pub services: usize,
     /// Backends in force afterwards.
     pub backends: usize,
-    /// Rule generation in force afterwards.
-    pub generation: u8,
+    /// Service addresses whose kernel entries were written (new or changed); the others were
+    /// left untouched.
+    #[serde(default)]
+    pub written: usize,
     /// Time spent compiling and writing the maps, in microseconds.
     pub duration_us: u64,
     /// Notices (documents skipped) and warnings about the submitted resources (dangling
@@ -126,6 +128,12 @@ pub struct Status {
     pub interfaces: Vec<InterfaceStatus>,
     /// Map fill levels.
     pub maps: Vec<MapStatus>,
+    /// Kernel memory of all maps, in bytes.
+    #[serde(default)]
+    pub map_memory_bytes: u64,
+    /// Long work in progress (a large apply), if any.
+    #[serde(default)]
+    pub progress: Option<String>,
     /// Connection-tracking entries in use.
     pub conntrack_entries: u64,
     /// Connection-tracking capacity.
@@ -173,6 +181,9 @@ pub struct MapStatus {
     pub used: u64,
     /// Capacity.
     pub capacity: u64,
+    /// Kernel memory it holds, in bytes.
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 /// One rules change.

@@ -417,8 +417,8 @@ fn print_changes(answer: &ApplyResponse) {
     }
     if !answer.dry_run {
         eprintln!(
-            "in force: {} service addresses, {} backends (generation {}, {} us)",
-            answer.services, answer.backends, answer.generation, answer.duration_us
+            "in force: {} service addresses, {} backends ({} written, {} us)",
+            answer.services, answer.backends, answer.written, answer.duration_us
         );
     }
 }
@@ -623,7 +623,7 @@ fn print_status(status: &Status) {
                 .unwrap_or_else(|| "-".into())
         );
     }
-    println!("\nMAP              USED / CAPACITY");
+    println!("\nMAP              USED / CAPACITY              MEMORY");
     for m in &status.maps {
         let pct = if m.capacity > 0 {
             m.used as f64 * 100.0 / m.capacity as f64
@@ -631,9 +631,19 @@ fn print_status(status: &Status) {
             0.0
         };
         println!(
-            "{:<16} {:>9} / {:<9} ({pct:.1}%)",
-            m.name, m.used, m.capacity
+            "{:<16} {:>9} / {:<9} ({pct:>5.1}%) {:>8.1} MiB",
+            m.name,
+            m.used,
+            m.capacity,
+            m.memory_bytes as f64 / 1048576.0
         );
+    }
+    println!(
+        "maps hold {:.1} MiB of kernel memory",
+        status.map_memory_bytes as f64 / 1048576.0
+    );
+    if let Some(progress) = &status.progress {
+        println!("in progress: {progress}");
     }
     println!(
         "\nconntrack: {} of {} entries; {} resources, {} service addresses in force",

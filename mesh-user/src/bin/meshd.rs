@@ -81,7 +81,8 @@ struct Args {
     #[arg(long)]
     no_pin: bool,
 
-    /// Maglev entries per rule generation, shared by all services.
+    /// Entries of the Maglev pool, shared by all services (each service takes a slice of M
+    /// entries, M = 211 for two backends by default; 8 bytes of kernel memory per entry).
     #[arg(long, value_name = "N", default_value_t = mesh_common::DEFAULT_MAGLEV_POOL_ENTRIES)]
     maglev_pool_entries: u32,
 

@@ -393,6 +393,7 @@ fn finish(
     table_size: u32,
     hash_source_ip: bool,
 ) -> ServicePlan {
+    let sized_by_default = table_size == AUTO_TABLE_SIZE;
     let table_size = match table_size {
         AUTO_TABLE_SIZE => maglev::default_table_size(backends.len()),
         configured => configured,
@@ -412,6 +413,7 @@ fn finish(
             backends,
             table,
             hash_source_ip,
+            sized_by_default,
         }),
     }
 }

@@ -72,6 +72,9 @@ pub struct L4Plan {
     pub table: Vec<u32>,
     /// `consistentHash.useSourceIp`: hash the client address only.
     pub hash_source_ip: bool,
+    /// The table size was picked from the backend count (no `maglev.tableSize`), so the
+    /// dataplane may keep the size already installed (see `maglev::keep_table_size`).
+    pub sized_by_default: bool,
 }
 
 /// One backend of an L4 plan.

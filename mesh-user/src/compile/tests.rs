@@ -118,8 +118,9 @@ fn tcp_echo_step_one_sends_everything_to_v1() {
     assert_eq!(plan.backends[0].labels["version"], "v1");
     assert_eq!(
         plan.table.len(),
-        mesh_common::DEFAULT_MAGLEV_TABLE_SIZE as usize
+        super::maglev::default_table_size(1) as usize
     );
+    assert!(plan.sized_by_default);
     assert!(plan.table.iter().all(|s| *s == 0));
     assert!(!plan.hash_source_ip);
 }

@@ -2,8 +2,9 @@
 //!
 //! Every change (startup, files changed, SIGHUP, `meshctl apply`, `meshctl delete`) follows the
 //! same path: build the candidate rule set, compile it against this node, write it to the
-//! dataplane atomically, then commit it to the store (which persists the API layer). Any error
-//! before the generation flip leaves the kernel byte-for-byte as it was.
+//! dataplane (only the services that changed, each switched atomically), then commit it to the
+//! store (which persists the API layer). Any error before the first switch leaves the kernel
+//! byte-for-byte as it was.
 //!
 //! With `meshd --etcd`, the API layer is the fleet's: see `fleet_ops` for how a change is checked
 //! against the fleet's revision and written to etcd.
@@ -370,8 +371,8 @@ impl Controller {
             }
         }
         let (report, warnings) = report;
-        let (services, backends, generation) = match &report {
-            Some(r) => (r.services, r.backends, r.generation),
+        let (services, backends, written) = match &report {
+            Some(r) => (r.services, r.backends, r.written),
             None => (self.current.services.len(), 0, 0),
         };
         Ok(ApplyResponse {
@@ -379,7 +380,7 @@ impl Controller {
             dry_run,
             services,
             backends,
-            generation,
+            written,
             duration_us: started.elapsed().as_micros() as u64,
             warnings: warnings.iter().map(ToString::to_string).collect(),
         })
@@ -402,7 +403,7 @@ impl Controller {
                 compile::compile(&combined, &self.node)
                     .map_err(|e| Rejection::bad_request(e.to_string()))
             });
-        let state = match result {
+        let mut state = match result {
             Ok(state) => state,
             Err(rejection) => {
                 self.record(
@@ -419,6 +420,7 @@ impl Controller {
         if dry_run {
             return Ok((None, state.warnings));
         }
+        self.dataplane.stabilise(&mut state);
         match self.apply_state(&state) {
             Ok(report) => {
                 let warnings = state.warnings.clone();
@@ -506,12 +508,15 @@ impl Controller {
                 .collect(),
             conntrack_entries: conntrack.map(|m| m.used).unwrap_or(0),
             conntrack_capacity: conntrack.map(|m| m.capacity).unwrap_or(0),
+            map_memory_bytes: fill.iter().map(|m| m.memory_bytes).sum(),
+            progress: None,
             maps: fill
                 .into_iter()
                 .map(|m| MapStatus {
                     name: m.name,
                     used: m.used,
                     capacity: m.capacity,
+                    memory_bytes: m.memory_bytes,
                 })
                 .collect(),
             resources: self.store.all().len(),

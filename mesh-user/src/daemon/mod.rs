@@ -68,7 +68,7 @@ pub struct DaemonOptions {
     pub socket: PathBuf,
     /// Metrics listener (None: off).
     pub metrics_addr: Option<SocketAddr>,
-    /// Maglev entries per generation.
+    /// Entries of the Maglev pool.
     pub maglev_pool_entries: u32,
     /// Conntrack capacity.
     pub conntrack_entries: u32,
@@ -125,7 +125,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     info!(
         services = report.services,
         backends = report.backends,
-        generation = report.generation,
+        written = report.written,
         micros = report.duration.as_micros() as u64,
         "rules installed"
     );
@@ -194,7 +194,7 @@ async fn reload(controller: &Arc<Mutex<Controller>>) {
         Ok(Ok(report)) => info!(
             services = report.services,
             backends = report.backends,
-            generation = report.generation,
+            written = report.written,
             micros = report.duration.as_micros() as u64,
             "rules reloaded"
         ),

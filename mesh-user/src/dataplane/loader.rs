@@ -17,7 +17,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use mesh_common::{map_names, GENERATIONS, XDP_PROGRAM_NAME};
+use mesh_common::{map_names, XDP_PROGRAM_NAME};
 use tracing::{info, warn};
 
 use super::{tables::Tables, DataplaneError, EBPF_OBJECT};
@@ -37,7 +37,7 @@ pub enum XdpAttachMode {
 pub struct DataplaneOptions {
     /// Directory under bpffs where maps are pinned; `None` keeps them private to this process.
     pub pin_dir: Option<PathBuf>,
-    /// Maglev entries available per rule generation (all services' tables together).
+    /// Entries of the Maglev pool (all services' tables together).
     pub maglev_pool_entries: u32,
     /// Connection-tracking capacity in flows (the map holds two entries per flow).
     pub conntrack_entries: u32,
@@ -77,12 +77,12 @@ pub struct Dataplane {
     pub(crate) ebpf: Ebpf,
     pub(crate) tables: Tables,
     pub(crate) options: DataplaneOptions,
+    pub(crate) census: super::census::CensusTaker,
     attachments: BTreeMap<String, Attachment>,
     pinned_links: Vec<PinnedLink>,
 }
 
 const PINNED_MAPS: &[&str] = &[
-    map_names::ACTIVE_GENERATION,
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::MAGLEV,
@@ -110,13 +110,7 @@ impl Dataplane {
         };
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(
-                map_names::MAGLEV,
-                options
-                    .maglev_pool_entries
-                    .checked_mul(GENERATIONS)
-                    .ok_or_else(|| DataplaneError::Capacity("maglev pool too large".into()))?,
-            )
+            .map_max_entries(map_names::MAGLEV, options.maglev_pool_entries)
             // Two entries per flow, one per direction.
             .map_max_entries(
                 map_names::CONNTRACK,
@@ -141,11 +135,17 @@ impl Dataplane {
             context: format!("verifying {XDP_PROGRAM_NAME}"),
             source,
         })?;
-        let tables = Tables::recover(&ebpf, options.maglev_pool_entries)?;
+        let tables = Tables::recover(&mut ebpf)?;
+        let census = super::census::CensusTaker::start(
+            super::tables::fd(&ebpf, map_names::CONNTRACK)?
+                .try_clone_to_owned()
+                .map_err(|e| DataplaneError::Other(format!("duplicating the CONNTRACK fd: {e}")))?,
+        );
         Ok(Self {
             ebpf,
             tables,
             options,
+            census,
             attachments: BTreeMap::new(),
             pinned_links: Vec::new(),
         })

@@ -4,12 +4,17 @@
 //!
 //! - [`features`]: what the running kernel supports, and the choices made from it;
 //! - [`loader`]: object loading, map sizing and pinning, interface attachment;
-//! - [`tables`]: id allocation and the double-buffered (generation) table writes;
-//! - [`stats`]: per-CPU counters summed into a snapshot;
+//! - [`tables`]: per-service Maglev slices, ids and incremental applies, over [`pool`]
+//!   (free space) and [`bpf_sys`] (batch map calls, the shared Maglev pool);
+//! - [`stats`]: per-CPU counters summed into a snapshot; [`census`]: connections per backend,
+//!   counted off the request path.
 //! - [`sockets`]: the cgroup socket hooks that balance node-local clients at connect().
 
+pub mod bpf_sys;
+pub mod census;
 pub mod features;
 pub mod loader;
+pub mod pool;
 pub mod sockets;
 pub mod stats;
 pub mod tables;
@@ -57,4 +62,13 @@ pub(crate) fn map_err(
 ) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
     let context = context.into();
     move |source| DataplaneError::Map { context, source }
+}
+
+/// The map behind one of aya's map handles, for the types the program uses.
+pub(crate) fn map_data(map: &aya::maps::Map) -> Option<&aya::maps::MapData> {
+    use aya::maps::Map;
+    match map {
+        Map::Array(m) | Map::HashMap(m) | Map::PerCpuArray(m) | Map::LruHashMap(m) => Some(m),
+        _ => None,
+    }
 }

@@ -1,13 +1,10 @@
-//! Counters read back from the per-CPU maps and summed over CPUs.
+//! Counters read back from the per-CPU maps and summed over CPUs; active connections and the
+//! connection table's fill from the last census (see [`super::census`]), never from a walk.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    time::{Duration, SystemTime},
-};
+use std::{net::SocketAddr, time::SystemTime};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use mesh_common::{ct_event, map_names, reason, FlowKey, FlowState, TrafficCounters, FLOW_REQUEST};
+use aya::maps::{MapData, PerCpuArray};
+use mesh_common::{ct_event, map_names, reason, TrafficCounters};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -125,11 +122,10 @@ impl Dataplane {
             }
             Ok(total.into())
         };
-        let active = self.active_flows();
+        let active = self.census.latest().active;
         let services = self
             .tables
             .installed()
-            .iter()
             .map(|s: &InstalledService| {
                 Ok(ServiceStats {
                     address: s.address,
@@ -164,12 +160,18 @@ impl Dataplane {
         })
     }
 
-    /// Applies a desired state atomically (see [`super::tables`]).
+    /// Applies a desired state, writing only the services that changed (see
+    /// [`super::tables`]).
     pub fn apply(
         &mut self,
         state: &crate::compile::DesiredState,
     ) -> Result<super::ApplyReport, DataplaneError> {
         self.tables.apply(&mut self.ebpf, state)
+    }
+
+    /// Keeps installed default table sizes where they still fit (see [`super::tables`]).
+    pub fn stabilise(&self, state: &mut crate::compile::DesiredState) {
+        self.tables.stabilise(state)
     }
 }
 
@@ -182,72 +184,60 @@ pub struct FillLevel {
     pub used: u64,
     /// Capacity.
     pub capacity: u64,
+    /// Kernel memory the map holds (see [`Dataplane::fill_levels`]).
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
-/// A flow counts as active when it carried a packet within this window.
-pub const ACTIVE_FLOW_WINDOW: Duration = Duration::from_secs(10);
-
 impl Dataplane {
-    /// Fill levels of the rule and connection maps.
+    /// Fill levels and memory of every map. Memory is what the kernel allocates at creation:
+    /// values rounded up to 8 bytes (per-CPU maps once per CPU), and for hash maps the key and
+    /// an element header of about 48 bytes each, all preallocated; the kernel's fixed per-map
+    /// bookkeeping is left out.
     pub fn fill_levels(&self) -> Vec<FillLevel> {
-        let installed = self.tables.installed();
-        let backends: u64 = installed.iter().map(|s| s.backends.len() as u64).sum();
-        let maglev: u64 = self.tables.maglev_entries_in_use();
-        // Flows: the client-side entries (each flow also has a reply-side one).
-        let flows = map(&self.ebpf, map_names::CONNTRACK)
-            .ok()
-            .and_then(|m| BpfHashMap::<&MapData, FlowKey, FlowState>::try_from(m).ok())
-            .map(|m| {
-                m.iter()
-                    .filter_map(Result::ok)
-                    .filter(|(_, state)| state.direction == FLOW_REQUEST)
-                    .count() as u64
-            })
-            .unwrap_or(0);
-        vec![
-            FillLevel {
-                name: map_names::SERVICES.into(),
-                used: installed.len() as u64,
-                capacity: u64::from(mesh_common::MAX_SERVICES),
-            },
-            FillLevel {
-                name: map_names::BACKENDS.into(),
-                used: backends,
-                capacity: u64::from(mesh_common::MAX_BACKENDS),
-            },
-            FillLevel {
-                name: map_names::MAGLEV.into(),
-                used: maglev,
-                capacity: u64::from(self.options.maglev_pool_entries),
-            },
-            FillLevel {
-                name: map_names::CONNTRACK.into(),
-                used: flows,
-                capacity: u64::from(self.options.conntrack_entries),
-            },
-        ]
-    }
-
-    /// Active flows (a packet within [`ACTIVE_FLOW_WINDOW`]) per backend id.
-    pub(crate) fn active_flows(&self) -> HashMap<u32, u64> {
-        let mut out = HashMap::new();
-        let Ok(m) = map(&self.ebpf, map_names::CONNTRACK) else {
-            return out;
-        };
-        let Ok(flows) = BpfHashMap::<&MapData, FlowKey, FlowState>::try_from(m) else {
-            return out;
-        };
-        let now = monotonic_ns();
-        let window = ACTIVE_FLOW_WINDOW.as_nanos() as u64;
-        for (_, state) in flows
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, state)| state.direction == FLOW_REQUEST)
-        {
-            if now.saturating_sub(state.last_seen_ns) <= window {
-                *out.entry(state.backend_id).or_insert(0) += 1;
+        let services = self.tables.installed_len() as u64;
+        let backends: u64 = self
+            .tables
+            .installed()
+            .map(|s| s.backends.len() as u64)
+            .sum();
+        let used = |name: &str| -> u64 {
+            match name {
+                map_names::SERVICES | map_names::SERVICE_STATS => services,
+                map_names::BACKENDS | map_names::BACKEND_STATS => backends,
+                map_names::MAGLEV => self.tables.maglev_entries_in_use(),
+                // Flows: the client-side entries (each flow also has a reply-side one).
+                map_names::CONNTRACK => self.census.latest().flows,
+                _ => u64::from(reason::COUNT),
             }
+        };
+        let cpus = aya::util::nr_cpus().unwrap_or(1) as u64;
+        let round8 = |n: u64| n.div_ceil(8) * 8;
+        let mut out = Vec::new();
+        for (name, map) in self.ebpf.maps() {
+            let Some(Ok(info)) = super::map_data(map).map(MapData::info) else {
+                continue;
+            };
+            let entries = u64::from(info.max_entries());
+            let value = round8(u64::from(info.value_size()));
+            let memory_bytes = match map {
+                aya::maps::Map::Array(_) => entries * value,
+                aya::maps::Map::PerCpuArray(_) => entries * value * cpus,
+                _ => entries * (48 + round8(u64::from(info.key_size())) + value),
+            };
+            let capacity = match name {
+                // Two entries per flow.
+                map_names::CONNTRACK => entries / 2,
+                _ => entries,
+            };
+            out.push(FillLevel {
+                name: name.to_string(),
+                used: used(name),
+                capacity,
+                memory_bytes,
+            });
         }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
 }
@@ -270,11 +260,4 @@ fn named_sums(
             Ok((label.to_string(), values.iter().sum()))
         })
         .collect()
-}
-
-/// The clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
 }

@@ -1,43 +1,51 @@
-//! Rule tables in the kernel: id allocation and atomic, double-buffered updates.
+//! Rule tables in the kernel: per-service Maglev slices, id allocation and incremental applies.
 //!
-//! The maps hold two rule generations. An apply writes the whole new rule set into the inactive
-//! generation (services keyed with that generation, Maglev tables in that generation's half of
-//! the pool), then flips `ACTIVE_GENERATION` with one map write. A packet reads the active
-//! generation once, so it sees either the old rules or the new ones, never a mix.
+//! Every service has its own slice of the Maglev pool and one SERVICES entry pointing at it. An
+//! apply compares each desired service with what is installed by a digest of its kernel content
+//! (flags, backends, table): an unchanged service costs nothing. A changed service gets a new
+//! slice written into free pool space first, then its entry is replaced with one map update, so
+//! a packet reads either the old complete slice or the new complete one. Removed services lose
+//! their entry. Entries are written with batch system calls, slices through memory shared with
+//! the kernel (see [`super::bpf_sys`]).
 //!
-//! Service and backend ids index the per-CPU counters. They stay stable while a service or
-//! backend exists, and an id is only reused once neither generation references it, so counters
-//! and in-flight flows are never attributed to a stranger.
+//! Space and ids a switched-away entry referenced are reused only from the next apply on (see
+//! [`super::pool`]). A restarted meshd rebuilds this view from the pinned maps
+//! ([`Tables::recover`]), so its first apply of the same rules finds every digest equal and
+//! writes nothing.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, BorrowedFd},
     time::{Duration, Instant},
 };
 
-use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
-    util::nr_cpus,
-    Ebpf,
-};
+use aya::{maps::Map, util::nr_cpus, Ebpf};
 use mesh_common::{
     map_names, port_from_wire, port_to_wire, Backend, ServiceInfo, ServiceKey, TrafficCounters,
     FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
     SERVICE_FLAG_HASH_SOURCE_IP, SERVICE_FLAG_L7_PROXY,
 };
+use tracing::info;
 
-use super::{map_err, DataplaneError};
-use crate::compile::{DesiredState, L4Protocol, Plan, ServiceAddress};
+use super::{
+    bpf_sys::{self, MappedU32Array},
+    pool::{IdPool, RangePool},
+    DataplaneError,
+};
+use crate::compile::{maglev, DesiredState, L4Protocol, Plan, ServiceAddress, ServicePlan};
 
 /// What one apply did.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ApplyReport {
-    /// Generation now active.
-    pub generation: u8,
     /// Service addresses in force.
     pub services: usize,
     /// Backends in force (per service).
     pub backends: usize,
+    /// Services whose kernel entries were written (new or changed).
+    pub written: usize,
+    /// Services removed.
+    pub removed: usize,
     /// Maglev entries written.
     pub maglev_entries: usize,
     /// Wall time of the kernel update.
@@ -45,7 +53,7 @@ pub struct ApplyReport {
 }
 
 /// A service as it sits in the kernel: its ids, for reading counters back.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct InstalledService {
     /// Service address.
     pub address: ServiceAddress,
@@ -58,7 +66,7 @@ pub struct InstalledService {
 }
 
 /// A backend as it sits in the kernel.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct InstalledBackend {
     /// Where it listens.
     pub address: SocketAddr,
@@ -72,296 +80,513 @@ pub struct InstalledBackend {
     pub share: f64,
 }
 
-type BackendKey = (ServiceAddress, SocketAddr);
+/// One installed service: its entry, the digest of its content and its backends' ids.
+#[derive(Clone, Debug)]
+struct Entry {
+    info: ServiceInfo,
+    digest: u128,
+    backend_ids: HashMap<SocketAddr, u32>,
+    view: InstalledService,
+}
+
+/// Progress is logged every this many services written.
+const PROGRESS_EVERY: usize = 5_000;
 
 /// Userspace view of the rule tables.
 pub(crate) struct Tables {
-    active_generation: u8,
-    pool_entries: u32,
-    service_ids: HashMap<ServiceAddress, u32>,
-    backend_ids: HashMap<BackendKey, u32>,
-    /// Ids referenced by the inactive generation: not reusable until the next apply.
-    retired_service_ids: BTreeSet<u32>,
-    retired_backend_ids: BTreeSet<u32>,
-    installed: Vec<InstalledService>,
-    maglev_in_use: u64,
+    maglev: MappedU32Array,
+    pool: RangePool,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+    entries: BTreeMap<ServiceAddress, Entry>,
 }
 
 impl Tables {
-    /// Rebuilds the userspace view from maps that may have been pinned by an earlier meshd.
-    pub(crate) fn recover(ebpf: &Ebpf, pool_entries: u32) -> Result<Self, DataplaneError> {
-        let active: Array<&MapData, u32> =
-            Array::try_from(map(ebpf, map_names::ACTIVE_GENERATION)?)
-                .map_err(map_err("opening ACTIVE_GENERATION"))?;
-        let active_generation = active
-            .get(&0, 0)
-            .map_err(map_err("reading ACTIVE_GENERATION"))? as u8;
-        let services: BpfHashMap<&MapData, ServiceKey, ServiceInfo> =
-            BpfHashMap::try_from(map(ebpf, map_names::SERVICES)?)
-                .map_err(map_err("opening SERVICES"))?;
-        let backends: Array<&MapData, Backend> = Array::try_from(map(ebpf, map_names::BACKENDS)?)
-            .map_err(map_err("opening BACKENDS"))?;
-        let maglev: Array<&MapData, u32> =
-            Array::try_from(map(ebpf, map_names::MAGLEV)?).map_err(map_err("opening MAGLEV"))?;
-
+    /// Rebuilds the userspace view from maps that may have been pinned by an earlier meshd:
+    /// every service entry with its slice, backend ids and digest, read with a few batch calls
+    /// and from the shared pool memory.
+    pub(crate) fn recover(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let pool_entries = super::map_data(map(ebpf, map_names::MAGLEV)?)
+            .ok_or_else(|| DataplaneError::Other("MAGLEV is not an array".into()))?
+            .info()
+            .map_err(super::map_err("reading the kernel's info on MAGLEV"))?
+            .max_entries();
+        let maglev = MappedU32Array::map(fd(ebpf, map_names::MAGLEV)?, pool_entries as usize)
+            .map_err(sys_err("mapping MAGLEV"))?;
         let mut tables = Tables {
-            active_generation,
-            pool_entries,
-            service_ids: HashMap::new(),
-            backend_ids: HashMap::new(),
-            retired_service_ids: BTreeSet::new(),
-            retired_backend_ids: BTreeSet::new(),
-            installed: Vec::new(),
-            maglev_in_use: 0,
+            maglev,
+            pool: RangePool::new(pool_entries),
+            service_ids: IdPool::new(MAX_SERVICES),
+            backend_ids: IdPool::new(MAX_BACKENDS),
+            entries: BTreeMap::new(),
         };
-        for entry in services.iter() {
-            let (key, info) = entry.map_err(map_err("iterating SERVICES"))?;
-            let Some(address) = service_address(&key) else {
+        let services: Vec<(ServiceKey, ServiceInfo)> =
+            bpf_sys::lookup_all(fd(ebpf, map_names::SERVICES)?, 4096)
+                .map_err(sys_err("reading SERVICES"))?;
+        if services.is_empty() {
+            return Ok(tables);
+        }
+        let backends: Vec<(u32, Backend)> =
+            bpf_sys::lookup_all(fd(ebpf, map_names::BACKENDS)?, 16_384)
+                .map_err(sys_err("reading BACKENDS"))?;
+        let mut stale = Vec::new();
+        let mut slice = Vec::new();
+        for (key, info) in services {
+            let address = service_address(&key).filter(|_| key._pad == 0);
+            let Some(address) = address.filter(|_| {
+                tables.pool.reserve(info.table_offset, info.table_size)
+                    && tables.service_ids.reserve(info.service_id)
+            }) else {
+                // Not written by this layout, or overlapping another entry: not trusted.
+                stale.push(key);
                 continue;
             };
-            let mut ids = BTreeSet::new();
-            for i in 0..info.table_size {
-                if let Ok(id) = maglev.get(&(info.table_offset + i), 0) {
-                    ids.insert(id);
+            slice.resize(info.table_size as usize, 0);
+            tables.maglev.read(info.table_offset as usize, &mut slice);
+            let mut backend_ids = HashMap::new();
+            let mut addresses = Vec::new();
+            for id in &slice {
+                let known = backends
+                    .get(*id as usize)
+                    .and_then(|(_, b)| backend_address(b));
+                if let Some(addr) = known {
+                    if backend_ids.insert(addr, *id).is_none() {
+                        tables.backend_ids.reserve(*id);
+                        addresses.push(addr);
+                    }
                 }
             }
-            if key.generation == active_generation {
-                tables.maglev_in_use += u64::from(info.table_size);
-                tables.service_ids.insert(address, info.service_id);
-                let mut installed = InstalledService {
-                    address,
-                    name: address_label(&address),
-                    service_id: info.service_id,
-                    backends: Vec::new(),
-                };
-                for id in ids {
-                    let Ok(backend) = backends.get(&id, 0) else {
-                        continue;
-                    };
-                    let Some(addr) = backend_address(&backend) else {
-                        continue;
-                    };
-                    tables.backend_ids.insert((address, addr), id);
-                    installed.backends.push(InstalledBackend {
-                        address: addr,
-                        backend_id: id,
+            addresses.sort();
+            let index: HashMap<u32, u32> = addresses
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (backend_ids[a], i as u32))
+                .collect();
+            let local: Vec<u32> = slice
+                .iter()
+                .map(|id| index.get(id).copied().unwrap_or(u32::MAX))
+                .collect();
+            let digest = content_digest(info.flags, &addresses, &local);
+            let view = InstalledService {
+                address,
+                name: address_label(&address),
+                service_id: info.service_id,
+                backends: addresses
+                    .iter()
+                    .map(|a| InstalledBackend {
+                        address: *a,
+                        backend_id: backend_ids[a],
                         subset: None,
                         version: None,
                         share: 0.0,
-                    });
-                }
-                tables.installed.push(installed);
-            } else {
-                tables.retired_service_ids.insert(info.service_id);
-                tables.retired_backend_ids.extend(ids);
-            }
+                    })
+                    .collect(),
+            };
+            tables.entries.insert(
+                address,
+                Entry {
+                    info,
+                    digest,
+                    backend_ids,
+                    view,
+                },
+            );
         }
+        if !stale.is_empty() {
+            bpf_sys::delete_batch(fd(ebpf, map_names::SERVICES)?, &stale)
+                .map_err(sys_err("removing service entries of another layout"))?;
+        }
+        info!(
+            services = tables.entries.len(),
+            maglev_entries = tables.pool.used(),
+            "rule tables recovered from the pinned maps"
+        );
         Ok(tables)
     }
 
-    /// Maglev entries the active generation uses.
+    /// Maglev entries in use.
     pub(crate) fn maglev_entries_in_use(&self) -> u64 {
-        self.maglev_in_use
+        self.pool.used()
     }
 
     /// The services currently in force.
-    pub(crate) fn installed(&self) -> &[InstalledService] {
-        &self.installed
+    pub(crate) fn installed(&self) -> impl Iterator<Item = &InstalledService> {
+        self.entries.values().map(|e| &e.view)
     }
 
-    /// Writes `state` into the inactive generation and makes it active.
+    /// Number of services in force.
+    pub(crate) fn installed_len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Keeps the table size a service already has when its size was picked by default and
+    /// still fits its backends (see [`maglev::keep_table_size`]): a new size would move most
+    /// of its flows.
+    pub(crate) fn stabilise(&self, state: &mut DesiredState) {
+        for service in &mut state.services {
+            let Plan::L4(plan) = &mut service.plan else {
+                continue;
+            };
+            let Some(entry) = self.entries.get(&service.address) else {
+                continue;
+            };
+            let installed = entry.info.table_size;
+            if !plan.sized_by_default
+                || plan.table.is_empty()
+                || installed == 0
+                || installed as usize == plan.table.len()
+                || !maglev::keep_table_size(installed, plan.backends.len())
+            {
+                continue;
+            }
+            let keys: Vec<String> = plan
+                .backends
+                .iter()
+                .map(|b| b.address.to_string())
+                .collect();
+            let shares: Vec<f64> = plan.backends.iter().map(|b| b.share).collect();
+            plan.table = maglev::build_table(&keys, &shares, installed);
+        }
+    }
+
+    /// Makes `state` the rules in force, writing only what changed.
     pub(crate) fn apply(
         &mut self,
         ebpf: &mut Ebpf,
         state: &DesiredState,
     ) -> Result<ApplyReport, DataplaneError> {
         let started = Instant::now();
-        self.check_capacity(state)?;
-        let next_gen = 1 - self.active_generation;
+        // Whatever the previous apply switched away from is no longer read by any packet.
+        self.pool.end_quarantine();
+        self.service_ids.end_quarantine();
+        self.backend_ids.end_quarantine();
 
-        // Ids: keep the ones still in use, allocate the rest from slots neither generation uses.
-        let mut used_services: BTreeSet<u32> = self.retired_service_ids.clone();
-        used_services.extend(self.service_ids.values().copied());
-        let mut used_backends: BTreeSet<u32> = self.retired_backend_ids.clone();
-        used_backends.extend(self.backend_ids.values().copied());
-        let mut new_service_ids = HashMap::new();
-        let mut new_backend_ids = HashMap::new();
-        let mut fresh_services = Vec::new();
-        let mut fresh_backends = Vec::new();
+        // What changes, and whether it fits, before anything is written.
+        let mut changed: Vec<(&ServicePlan, u128)> = Vec::new();
+        let mut kept = Vec::new();
         for service in &state.services {
-            let id = match self.service_ids.get(&service.address) {
-                Some(id) => *id,
+            let digest = plan_digest(service);
+            match self.entries.get(&service.address) {
+                Some(entry) if entry.digest == digest => kept.push(service),
+                _ => changed.push((service, digest)),
+            }
+        }
+        let wanted: std::collections::HashSet<&ServiceAddress> =
+            state.services.iter().map(|s| &s.address).collect();
+        let removed: Vec<ServiceAddress> = self
+            .entries
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
+        self.check_capacity(state, &changed)?;
+
+        // Ids of the changed services: kept where the service or backend already has one.
+        let mut fresh_services = Vec::new();
+        let mut fresh_backends: Vec<(u32, SocketAddr)> = Vec::new();
+        let mut plans = Vec::with_capacity(changed.len());
+        for (service, digest) in &changed {
+            let old = self.entries.get(&service.address);
+            let service_id = match old {
+                Some(e) => e.info.service_id,
                 None => {
-                    let id = allocate(&mut used_services, MAX_SERVICES, "services")?;
+                    let id = self.service_ids.allocate().expect("checked capacity");
                     fresh_services.push(id);
                     id
                 }
             };
-            new_service_ids.insert(service.address, id);
+            let mut backend_ids = HashMap::new();
             for backend in kernel_backends(&service.plan) {
-                let key = (service.address, backend.address);
-                let id = match self.backend_ids.get(&key) {
+                let id = match old.and_then(|e| e.backend_ids.get(&backend.address)) {
                     Some(id) => *id,
                     None => {
-                        let id = allocate(&mut used_backends, MAX_BACKENDS, "backends")?;
+                        let id = self.backend_ids.allocate().expect("checked capacity");
                         fresh_backends.push((id, backend.address));
                         id
                     }
                 };
-                new_backend_ids.insert(key, id);
+                backend_ids.insert(backend.address, id);
             }
+            plans.push((*service, *digest, service_id, backend_ids));
         }
 
-        // Counters of fresh ids start from zero; their backend slots get addresses. Neither is
-        // visible to packets yet: only the inactive generation will reference them.
-        zero_counters(ebpf, map_names::SERVICE_STATS, &fresh_services)?;
+        // Fresh ids: counters from zero, backend slots with their addresses. No entry references
+        // them yet.
+        let cpus =
+            nr_cpus().map_err(|(_, e)| DataplaneError::Other(format!("counting CPUs: {e}")))?;
+        zero_counters(ebpf, map_names::SERVICE_STATS, &fresh_services, cpus)?;
         let fresh_backend_ids: Vec<u32> = fresh_backends.iter().map(|(id, _)| *id).collect();
-        zero_counters(ebpf, map_names::BACKEND_STATS, &fresh_backend_ids)?;
-        {
-            let mut backends: Array<&mut MapData, Backend> =
-                Array::try_from(map_mut(ebpf, map_names::BACKENDS)?)
-                    .map_err(map_err("opening BACKENDS"))?;
-            for (id, addr) in &fresh_backends {
-                backends
-                    .set(*id, backend_value(addr), 0)
-                    .map_err(map_err(format!("writing backend {addr}")))?;
-            }
-        }
-
-        // Maglev tables of the new generation, packed from the start of its half of the pool.
-        let mut infos = Vec::with_capacity(state.services.len());
-        let mut maglev_entries = 0usize;
-        {
-            let mut maglev: Array<&mut MapData, u32> =
-                Array::try_from(map_mut(ebpf, map_names::MAGLEV)?)
-                    .map_err(map_err("opening MAGLEV"))?;
-            let mut cursor = u32::from(next_gen) * self.pool_entries;
-            for service in &state.services {
-                let (table, hash_source_ip, l7) = match &service.plan {
-                    Plan::L4(plan) => (plan.table.as_slice(), plan.hash_source_ip, false),
-                    // The XDP program passes the service's packets to the stack (the proxy).
-                    Plan::L7(_) => (&[][..], false, true),
-                };
-                let ids: Vec<u32> = kernel_backends(&service.plan)
-                    .iter()
-                    .map(|b| new_backend_ids[&(service.address, b.address)])
-                    .collect();
-                for (i, slot) in table.iter().enumerate() {
-                    maglev
-                        .set(cursor + i as u32, ids[*slot as usize], 0)
-                        .map_err(map_err("writing MAGLEV"))?;
-                }
-                let mut flags = 0;
-                if hash_source_ip {
-                    flags |= SERVICE_FLAG_HASH_SOURCE_IP;
-                }
-                if l7 {
-                    flags |= SERVICE_FLAG_L7_PROXY;
-                }
-                infos.push((
-                    service_key(&service.address, next_gen),
-                    ServiceInfo {
-                        service_id: new_service_ids[&service.address],
-                        table_offset: cursor,
-                        table_size: table.len() as u32,
-                        flags,
-                    },
-                ));
-                cursor += table.len() as u32;
-                maglev_entries += table.len();
-            }
-        }
-
-        {
-            let mut services: BpfHashMap<&mut MapData, ServiceKey, ServiceInfo> =
-                BpfHashMap::try_from(map_mut(ebpf, map_names::SERVICES)?)
-                    .map_err(map_err("opening SERVICES"))?;
-            let wanted: std::collections::HashSet<ServiceKey> =
-                infos.iter().map(|(k, _)| *k).collect();
-            let stale: Vec<ServiceKey> = services
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| k.generation == next_gen && !wanted.contains(k))
+        zero_counters(ebpf, map_names::BACKEND_STATS, &fresh_backend_ids, cpus)?;
+        if !fresh_backends.is_empty() {
+            let values: Vec<Backend> = fresh_backends
+                .iter()
+                .map(|(_, a)| backend_value(a))
                 .collect();
-            for key in stale {
-                services
-                    .remove(&key)
-                    .map_err(map_err("removing a stale service"))?;
+            bpf_sys::update_batch(
+                fd(ebpf, map_names::BACKENDS)?,
+                &fresh_backend_ids,
+                as_bytes(&values),
+                std::mem::size_of::<Backend>(),
+            )
+            .map_err(sys_err("writing BACKENDS"))?;
+        }
+
+        // New slices into free space, then the entries switched in batches.
+        let services_fd = fd(ebpf, map_names::SERVICES)?;
+        let mut pending_keys: Vec<ServiceKey> = Vec::new();
+        let mut pending_infos: Vec<ServiceInfo> = Vec::new();
+        let mut maglev_entries = 0usize;
+        let total = plans.len();
+        let mut written = 0usize;
+        for (service, digest, service_id, backend_ids) in plans {
+            let (table, flags) = kernel_table(service);
+            let size = table.len() as u32;
+            let offset = match self.pool.allocate(size) {
+                Some(offset) => offset,
+                None => {
+                    // The free space is held by slices this apply already switched away
+                    // from: switch what is written, let packets move on, and reuse it.
+                    switch(services_fd, &mut pending_keys, &mut pending_infos)?;
+                    std::thread::sleep(Duration::from_millis(2));
+                    self.pool.end_quarantine();
+                    self.pool.allocate(size).ok_or_else(|| {
+                        DataplaneError::Capacity(format!(
+                            "the Maglev pool is too fragmented for a {size}-entry table; {written} \
+                             of {total} changed services were written; restart meshd with a larger \
+                             --maglev-pool-entries"
+                        ))
+                    })?
+                }
+            };
+            let ids: Vec<u32> = kernel_backends(&service.plan)
+                .iter()
+                .map(|b| backend_ids[&b.address])
+                .collect();
+            self.maglev.write(
+                offset as usize,
+                table.iter().map(|slot| ids[*slot as usize]),
+            );
+            maglev_entries += table.len();
+            let info = ServiceInfo {
+                service_id,
+                table_offset: if size == 0 { 0 } else { offset },
+                table_size: size,
+                flags,
+            };
+            pending_keys.push(service_key(&service.address));
+            pending_infos.push(info);
+            let old = self.entries.insert(
+                service.address,
+                Entry {
+                    info,
+                    digest,
+                    view: installed_view(service, service_id, &backend_ids),
+                    backend_ids,
+                },
+            );
+            if let Some(old) = old {
+                self.pool
+                    .release_later(old.info.table_offset, old.info.table_size);
+                let entry = &self.entries[&service.address];
+                for (addr, id) in old.backend_ids {
+                    if !entry.backend_ids.contains_key(&addr) {
+                        self.backend_ids.release_later(id);
+                    }
+                }
             }
-            for (key, info) in &infos {
-                services
-                    .insert(key, info, 0)
-                    .map_err(map_err("writing SERVICES"))?;
+            written += 1;
+            if written.is_multiple_of(PROGRESS_EVERY) {
+                info!(written, total, "writing service tables");
+            }
+        }
+        switch(services_fd, &mut pending_keys, &mut pending_infos)?;
+
+        // Services that left: entries first, then their space and ids (after the quarantine).
+        if !removed.is_empty() {
+            let keys: Vec<ServiceKey> = removed.iter().map(service_key).collect();
+            bpf_sys::delete_batch(services_fd, &keys).map_err(sys_err("removing services"))?;
+            for address in &removed {
+                let old = self.entries.remove(address).expect("listed from entries");
+                self.pool
+                    .release_later(old.info.table_offset, old.info.table_size);
+                self.service_ids.release_later(old.info.service_id);
+                for id in old.backend_ids.into_values() {
+                    self.backend_ids.release_later(id);
+                }
             }
         }
 
-        // The flip: one write makes the whole new generation visible.
-        {
-            let mut active: Array<&mut MapData, u32> =
-                Array::try_from(map_mut(ebpf, map_names::ACTIVE_GENERATION)?)
-                    .map_err(map_err("opening ACTIVE_GENERATION"))?;
-            active
-                .set(0, u32::from(next_gen), 0)
-                .map_err(map_err("switching ACTIVE_GENERATION"))?;
+        // Unchanged services: only what stats show (names, subsets, shares) may differ.
+        for service in kept {
+            let entry = self.entries.get_mut(&service.address).expect("kept");
+            let view = installed_view(service, entry.info.service_id, &entry.backend_ids);
+            if view != entry.view {
+                entry.view = view;
+            }
         }
-
-        self.retired_service_ids = self.service_ids.values().copied().collect();
-        self.retired_backend_ids = self.backend_ids.values().copied().collect();
-        self.service_ids = new_service_ids;
-        self.backend_ids = new_backend_ids;
-        self.active_generation = next_gen;
-        self.maglev_in_use = maglev_entries as u64;
-        self.installed = state
-            .services
-            .iter()
-            .map(|s| InstalledService {
-                address: s.address,
-                name: s.name.clone(),
-                service_id: self.service_ids[&s.address],
-                backends: kernel_backends(&s.plan)
-                    .iter()
-                    .map(|b| InstalledBackend {
-                        address: b.address,
-                        backend_id: self.backend_ids[&(s.address, b.address)],
-                        subset: b.subset.clone(),
-                        version: b.labels.get("version").cloned(),
-                        share: b.share,
-                    })
-                    .collect(),
-            })
-            .collect();
+        if total >= PROGRESS_EVERY {
+            info!(written, total, "service tables written");
+        }
         Ok(ApplyReport {
-            generation: next_gen,
-            services: state.services.len(),
-            backends: self.backend_ids.len(),
+            services: self.entries.len(),
+            backends: self.entries.values().map(|e| e.backend_ids.len()).sum(),
+            written,
+            removed: removed.len(),
             maglev_entries,
             duration: started.elapsed(),
         })
     }
 
-    fn check_capacity(&self, state: &DesiredState) -> Result<(), DataplaneError> {
-        let entries: usize = state
-            .services
-            .iter()
-            .map(|s| match &s.plan {
-                Plan::L4(plan) => plan.table.len(),
-                Plan::L7(_) => 0,
-            })
-            .sum();
-        if entries > self.pool_entries as usize {
-            return Err(DataplaneError::Capacity(format!(
-                "the rules need {entries} Maglev entries but each generation holds {}; raise \
-                 --maglev-pool-entries or use smaller consistentHash.maglev.tableSize values",
-                self.pool_entries
-            )));
-        }
+    fn check_capacity(
+        &self,
+        state: &DesiredState,
+        changed: &[(&ServicePlan, u128)],
+    ) -> Result<(), DataplaneError> {
         if state.services.len() > MAX_SERVICES as usize {
             return Err(DataplaneError::Capacity(format!(
                 "the rules define {} service addresses, at most {MAX_SERVICES} are supported",
                 state.services.len()
             )));
         }
+        // After the apply: the new slices of changed services plus the unchanged ones.
+        let live: u64 = state
+            .services
+            .iter()
+            .map(|s| kernel_table(s).0.len() as u64)
+            .sum();
+        if live > u64::from(self.pool.capacity()) {
+            return Err(DataplaneError::Capacity(format!(
+                "the rules need {live} Maglev entries but the pool holds {}; restart meshd with \
+                 a larger --maglev-pool-entries or use smaller consistentHash.maglev.tableSize \
+                 values",
+                self.pool.capacity()
+            )));
+        }
+        let new_services = changed
+            .iter()
+            .filter(|(s, _)| !self.entries.contains_key(&s.address))
+            .count();
+        if new_services > self.service_ids.available() {
+            return Err(DataplaneError::Capacity(format!(
+                "more than {MAX_SERVICES} service ids in use"
+            )));
+        }
+        let new_backends: usize = changed
+            .iter()
+            .map(|(s, _)| {
+                let old = self.entries.get(&s.address);
+                kernel_backends(&s.plan)
+                    .iter()
+                    .filter(|b| old.is_none_or(|e| !e.backend_ids.contains_key(&b.address)))
+                    .count()
+            })
+            .sum();
+        if new_backends > self.backend_ids.available() {
+            return Err(DataplaneError::Capacity(format!(
+                "more than {MAX_BACKENDS} backend ids in use"
+            )));
+        }
         Ok(())
+    }
+}
+
+/// Replaces the pending service entries with one batch update (each entry's switch is atomic).
+fn switch(
+    services: BorrowedFd<'_>,
+    keys: &mut Vec<ServiceKey>,
+    infos: &mut Vec<ServiceInfo>,
+) -> Result<(), DataplaneError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    // The slices were written through shared memory: make them visible before the entries.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    bpf_sys::update_batch(
+        services,
+        keys,
+        as_bytes(infos),
+        std::mem::size_of::<ServiceInfo>(),
+    )
+    .map_err(sys_err("writing SERVICES"))?;
+    keys.clear();
+    infos.clear();
+    Ok(())
+}
+
+/// The table and flags a service has in the kernel (an L7 service: no table, the proxy flag).
+fn kernel_table(service: &ServicePlan) -> (&[u32], u32) {
+    match &service.plan {
+        Plan::L4(plan) => {
+            let flags = if plan.hash_source_ip {
+                SERVICE_FLAG_HASH_SOURCE_IP
+            } else {
+                0
+            };
+            (plan.table.as_slice(), flags)
+        }
+        Plan::L7(_) => (&[][..], SERVICE_FLAG_L7_PROXY),
+    }
+}
+
+/// Digest of a service's kernel content from its plan; equal to [`content_digest`] of the same
+/// content read back from the maps.
+fn plan_digest(service: &ServicePlan) -> u128 {
+    let (table, flags) = kernel_table(service);
+    let backends = kernel_backends(&service.plan);
+    // Only the backends the table references, in address order, with the table re-indexed.
+    let mut used = vec![false; backends.len()];
+    for slot in table {
+        used[*slot as usize] = true;
+    }
+    let mut addresses: Vec<(SocketAddr, usize)> = backends
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| used[*i])
+        .map(|(i, b)| (b.address, i))
+        .collect();
+    addresses.sort();
+    let mut index = vec![u32::MAX; backends.len()];
+    for (position, (_, i)) in addresses.iter().enumerate() {
+        index[*i] = position as u32;
+    }
+    let local: Vec<u32> = table.iter().map(|slot| index[*slot as usize]).collect();
+    let addresses: Vec<SocketAddr> = addresses.into_iter().map(|(a, _)| a).collect();
+    content_digest(flags, &addresses, &local)
+}
+
+fn content_digest(flags: u32, addresses: &[SocketAddr], table: &[u32]) -> u128 {
+    let mut bytes = Vec::with_capacity(8 + addresses.len() * 18 + table.len() * 4);
+    bytes.extend_from_slice(&flags.to_le_bytes());
+    bytes.extend_from_slice(&(addresses.len() as u32).to_le_bytes());
+    for address in addresses {
+        bytes.extend_from_slice(&ip_bytes(&address.ip()));
+        bytes.extend_from_slice(&address.port().to_le_bytes());
+    }
+    for slot in table {
+        bytes.extend_from_slice(&slot.to_le_bytes());
+    }
+    xxhash_rust::xxh3::xxh3_128(&bytes)
+}
+
+fn installed_view(
+    service: &ServicePlan,
+    service_id: u32,
+    backend_ids: &HashMap<SocketAddr, u32>,
+) -> InstalledService {
+    InstalledService {
+        address: service.address,
+        name: service.name.clone(),
+        service_id,
+        backends: kernel_backends(&service.plan)
+            .iter()
+            .map(|b| InstalledBackend {
+                address: b.address,
+                backend_id: backend_ids[&b.address],
+                subset: b.subset.clone(),
+                version: b.labels.get("version").cloned(),
+                share: b.share,
+            })
+            .collect(),
     }
 }
 
@@ -373,53 +598,41 @@ fn kernel_backends(plan: &Plan) -> &[crate::compile::BackendPlan] {
     }
 }
 
-fn allocate(used: &mut BTreeSet<u32>, capacity: u32, what: &str) -> Result<u32, DataplaneError> {
-    // Lowest free id keeps the counter arrays dense.
-    let mut candidate = 0;
-    for id in used.iter() {
-        if *id != candidate {
-            break;
-        }
-        candidate += 1;
-    }
-    if candidate >= capacity {
-        return Err(DataplaneError::Capacity(format!(
-            "more than {capacity} {what}"
-        )));
-    }
-    used.insert(candidate);
-    Ok(candidate)
-}
-
-fn zero_counters(ebpf: &mut Ebpf, name: &str, ids: &[u32]) -> Result<(), DataplaneError> {
+fn zero_counters(ebpf: &Ebpf, name: &str, ids: &[u32], cpus: usize) -> Result<(), DataplaneError> {
     if ids.is_empty() {
         return Ok(());
     }
-    let mut counters: PerCpuArray<&mut MapData, TrafficCounters> =
-        PerCpuArray::try_from(map_mut(ebpf, name)?).map_err(map_err(format!("opening {name}")))?;
-    let cpus = nr_cpus().map_err(|(_, e)| DataplaneError::Other(format!("counting CPUs: {e}")))?;
-    for id in ids {
-        let zeros = PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])
-            .map_err(|e| DataplaneError::Other(format!("per-CPU values: {e}")))?;
-        counters
-            .set(*id, zeros, 0)
-            .map_err(map_err(format!("resetting {name}[{id}]")))?;
-    }
-    Ok(())
+    // Per-CPU values are laid out one per CPU, each rounded up to 8 bytes (48 already is).
+    let value_size = std::mem::size_of::<TrafficCounters>() * cpus;
+    let zeros = vec![0u8; value_size * ids.len()];
+    bpf_sys::update_batch(fd(ebpf, name)?, ids, &zeros, value_size)
+        .map_err(sys_err(format!("resetting {name}")))
 }
 
-pub(crate) fn map<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a aya::maps::Map, DataplaneError> {
+fn as_bytes<T: aya::Pod>(items: &[T]) -> &[u8] {
+    // SAFETY: Pod types are plain data with explicit padding.
+    unsafe { std::slice::from_raw_parts(items.as_ptr().cast(), std::mem::size_of_val(items)) }
+}
+
+fn sys_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataplaneError {
+    let context = context.into();
+    move |e| DataplaneError::Other(format!("{context}: {e}"))
+}
+
+pub(crate) fn map<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Map, DataplaneError> {
     ebpf.map(name)
         .ok_or_else(|| DataplaneError::Other(format!("map {name} missing from the object")))
 }
 
-fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map, DataplaneError> {
-    ebpf.map_mut(name)
-        .ok_or_else(|| DataplaneError::Other(format!("map {name} missing from the object")))
+/// The file descriptor of one of the program's maps.
+pub(crate) fn fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<BorrowedFd<'a>, DataplaneError> {
+    super::map_data(map(ebpf, name)?)
+        .map(|m| m.fd().as_fd())
+        .ok_or_else(|| DataplaneError::Other(format!("map {name} has an unexpected type")))
 }
 
-/// The map key of a service address in a generation.
-pub fn service_key(address: &ServiceAddress, generation: u8) -> ServiceKey {
+/// The map key of a service address.
+pub fn service_key(address: &ServiceAddress) -> ServiceKey {
     ServiceKey {
         addr: ip_bytes(&address.ip),
         port: port_to_wire(address.port),
@@ -427,7 +640,7 @@ pub fn service_key(address: &ServiceAddress, generation: u8) -> ServiceKey {
             L4Protocol::Tcp => PROTO_TCP,
             L4Protocol::Udp => PROTO_UDP,
         },
-        generation,
+        _pad: 0,
     }
 }
 

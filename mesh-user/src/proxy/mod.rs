@@ -10,7 +10,7 @@
 //!
 //! # Applying rules
 //!
-//! The controller calls [`Proxy::prepare`] before the dataplane's generation flip and
+//! The controller calls [`Proxy::prepare`] before the dataplane switches service entries and
 //! [`Proxy::commit`] after it (or with the previous state when the flip failed):
 //! - `prepare` opens listeners for new L7 addresses (route first, then bind) and installs a
 //!   table that serves both the new rules and addresses about to leave, so a connection that

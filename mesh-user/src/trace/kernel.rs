@@ -92,7 +92,7 @@ pub struct Names {
 
 impl Names {
     /// From the services installed in the kernel.
-    pub fn from_installed(installed: &[InstalledService]) -> Self {
+    pub fn from_installed<'a>(installed: impl IntoIterator<Item = &'a InstalledService>) -> Self {
         let mut names = Names::default();
         for s in installed {
             names.services.insert(s.service_id, s.name.clone());

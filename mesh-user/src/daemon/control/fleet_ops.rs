@@ -80,7 +80,7 @@ impl Controller {
                 dry_run,
                 services: self.current.services.len(),
                 backends: 0,
-                generation: 0,
+                written: 0,
                 duration_us: started.elapsed().as_micros() as u64,
                 warnings,
             });
@@ -119,7 +119,7 @@ impl Controller {
             dry_run,
             services: report.services,
             backends: report.backends,
-            generation: report.generation,
+            written: report.written,
             duration_us: started.elapsed().as_micros() as u64,
             warnings,
         })
