@@ -18,6 +18,7 @@ pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod fleet;
 pub mod metrics;
 pub mod proxy;
 pub mod shift;

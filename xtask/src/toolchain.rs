@@ -40,18 +40,35 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("chromium", "/usr/bin/chromium"),
 ];
 
+/// What the fleet needs (issue 14): `protoc` and protobuf's well-known types to build the etcd
+/// client crate, and etcd itself
+/// (server and etcdctl) for the fleet tests and `cargo xtask demo --fleet`.
+const FLEET_PACKAGES: &[(&str, &str)] = &[
+    ("protobuf-compiler", "/usr/bin/protoc"),
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
+    ("etcd-server", "/usr/bin/etcd"),
+    ("etcd-client", "/usr/bin/etcdctl"),
+];
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Makes sure every tool the build and tests need is installed.
 pub fn ensure() -> Result<()> {
     ensure_root_for_install()?;
-    ensure_apt_packages()?;
+    ensure_apt_packages(APT_PACKAGES)?;
+    ensure_apt_packages(FLEET_PACKAGES)?;
     ensure_bpf_linker()?;
     Ok(())
 }
 
 fn ensure_root_for_install() -> Result<()> {
-    let missing = APT_PACKAGES.iter().any(|(_, p)| !Path::new(p).exists());
+    let missing = APT_PACKAGES
+        .iter()
+        .chain(FLEET_PACKAGES)
+        .any(|(_, p)| !Path::new(p).exists());
     if missing && !is_root() {
         bail!("packages are missing and installing them needs root: run as root (sudo -E cargo xtask ...)");
     }
@@ -64,8 +81,8 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn ensure_apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+fn ensure_apt_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, proof)| !Path::new(proof).exists())
         .map(|(name, _)| *name)

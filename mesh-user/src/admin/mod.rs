@@ -9,6 +9,7 @@
 //! | POST   | `/v1/delete`    | [`DeleteRequest`] -> [`ApplyResponse`]            |
 //! | GET    | `/v1/stats`     | [`StatsSnapshot`](crate::dataplane::StatsSnapshot) |
 //! | GET    | `/metrics`      | Prometheus text (also on the metrics listener)    |
+//! | GET    | `/v1/fleet`     | [`FleetView`](crate::fleet::FleetView) (`meshd --etcd`) |
 //! | GET    | `/v1/trace`     | decisions as NDJSON until hang-up (`?service=&client=&backend=&verdict=`) |
 //! | GET    | `/v1/trace/stats` | [`TraceStats`](crate::trace::hub::TraceStats)   |
 //!
@@ -147,6 +148,9 @@ pub struct Status {
     pub state_file: Option<String>,
     /// Where maps are pinned.
     pub pin_dir: Option<String>,
+    /// This node's link to its fleet (`meshd --etcd`).
+    #[serde(default)]
+    pub fleet: Option<crate::fleet::LocalFleetState>,
     /// The kernel's features and what meshd chose from them (absent from older daemons).
     #[serde(default)]
     pub kernel: Option<crate::dataplane::features::KernelFeatures>,

@@ -147,6 +147,7 @@ async fn handle_unary(
             }
         }
         (&Method::GET, "/v1/status") => json_result(blocking(controller, |c| Ok(c.status())).await),
+        (&Method::GET, "/v1/fleet") => json_result(fleet_view(controller).await),
         (&Method::GET, "/v1/stats") => json_result(blocking(controller, |c| c.stats()).await),
         (&Method::GET, "/v1/resources") => {
             let params = parse_query(&query);
@@ -175,6 +176,42 @@ async fn handle_unary(
         ),
     };
     Ok(response)
+}
+
+/// Every node of the fleet as etcd knows it, plus this node's own view.
+async fn fleet_view(controller: Shared) -> Result<crate::fleet::FleetView, Rejection> {
+    let link = blocking(controller, |c| Ok(c.fleet_link())).await?;
+    let Some(link) = link else {
+        return Err(Rejection {
+            status: 404,
+            message: "this meshd is not part of a fleet (start it with --etcd URL)".into(),
+        });
+    };
+    let read = async {
+        let store = link.store().await?;
+        let revision = link.note(store.revision().await)?;
+        let nodes = link.note(store.nodes().await)?;
+        Ok::<_, crate::fleet::etcd::EtcdError>((revision, nodes))
+    }
+    .await;
+    let mut view = crate::fleet::FleetView::default();
+    match read {
+        Ok((revision, nodes)) => {
+            link.seen(revision);
+            view.revision = Some(revision);
+            view.nodes = nodes
+                .into_iter()
+                .map(|(name, record)| crate::fleet::NodeView {
+                    state: crate::fleet::node_state(record.as_ref(), revision).into(),
+                    name,
+                    record,
+                })
+                .collect();
+        }
+        Err(e) => view.error = Some(e.to_string()),
+    }
+    view.local = link.local().clone();
+    Ok(view)
 }
 
 /// Runs a controller operation off the async threads (map writes are syscalls).

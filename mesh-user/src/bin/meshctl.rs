@@ -1,5 +1,8 @@
 //! meshctl: the command line for mesh, shaped like kubectl/istioctl.
 
+#[path = "meshctl/fleet.rs"]
+mod fleet;
+
 use std::{
     io::Read,
     path::{Path, PathBuf},
@@ -90,9 +93,11 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         meshctl get vs\n  \
         meshctl get se reviews -o yaml\n  \
-        meshctl get all -o wide")]
+        meshctl get all -o wide\n  \
+        meshctl get nodes                               # the fleet (meshd --etcd)")]
     Get {
-        /// Kind (virtualservice|vs, destinationrule|dr, serviceentry|se, gateway|gw, all).
+        /// Kind (virtualservice|vs, destinationrule|dr, serviceentry|se, gateway|gw, all), or
+        /// nodes (the fleet's nodes, with meshd --etcd).
         kind: String,
         /// Name (all when omitted).
         name: Option<String>,
@@ -135,6 +140,10 @@ enum Command {
         /// Output format (table or json).
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
+        /// The split summed over every node of the fleet (meshd --etcd), from the counters each
+        /// node publishes in its etcd record (refreshed every --etcd-publish-interval).
+        #[arg(long, conflicts_with = "watch")]
+        fleet: bool,
     },
     /// Progressive delivery: move traffic from one subset to another step by step, watching the
     /// canary's health, and roll back automatically when it degrades.
@@ -150,15 +159,21 @@ enum Command {
     /// Live decisions for a filter: per packet on the kernel path, per request on the proxy.
     Trace(trace::TraceArgs),
     /// Daemon status: interfaces, programs, map fill levels, last apply.
+    #[command(after_help = "Examples:\n  \
+        meshctl status\n  \
+        meshctl status --fleet        # every node of the fleet: revision, ok/stale/failing/gone")]
     Status {
         /// Output format (table or json).
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
+        /// Every node of the fleet (meshd --etcd) as etcd knows it, like `meshctl get nodes`.
+        #[arg(long)]
+        fleet: bool,
     },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     Table,
     Wide,
     Yaml,
@@ -232,6 +247,9 @@ async fn run(cli: Cli) -> Result<()> {
             namespace,
             output,
         } => {
+            if matches!(kind.to_ascii_lowercase().as_str(), "nodes" | "node" | "no") {
+                return fleet::nodes(&client, output).await;
+            }
             let mut path = String::from("/v1/resources?");
             if kind != "all" {
                 path.push_str(&format!("kind={}&", canonical_kind(&kind)?));
@@ -254,10 +272,23 @@ async fn run(cli: Cli) -> Result<()> {
             interval,
             count,
             output,
+            fleet: false,
         } => stats(&client, watch, interval, count, output).await,
+        Command::Stats {
+            output,
+            fleet: true,
+            ..
+        } => fleet::stats(&client, output).await,
         Command::Shift(options) => shift(&client, &options).await,
         Command::Trace(args) => trace::run(&client, args).await,
-        Command::Status { output } => {
+        Command::Status {
+            output,
+            fleet: true,
+        } => fleet::nodes(&client, output).await,
+        Command::Status {
+            output,
+            fleet: false,
+        } => {
             let status: Status = client.get("/v1/status").await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -633,6 +664,23 @@ fn print_status(status: &Status) {
     }
     if let Some(p) = &status.pin_dir {
         println!("pinned under: {p}");
+    }
+    if let Some(f) = &status.fleet {
+        println!(
+            "fleet: node {} at revision {} of {} (etcd {}{}){}",
+            f.name,
+            f.applied_revision,
+            f.seen_revision,
+            f.endpoints.join(","),
+            if f.connected { "" } else { ", NOT ANSWERING" },
+            if f.stale() { ": STALE" } else { "" }
+        );
+        if let Some(e) = &f.etcd_error {
+            println!("  etcd: {e}");
+        }
+        if let Some(e) = &f.last_error {
+            println!("  last error: {e}");
+        }
     }
     match &status.socket_lb {
         Some(s) => {

@@ -22,7 +22,8 @@ use mesh_user::{
         forwards each new TCP/UDP connection to a service address to one backend chosen by \
         weight. It must run as root.\n\n\
         Rules come from --config (watched; SIGHUP forces a re-read) and from `meshctl apply` \
-        over the admin socket (persisted in --state-file). Every change is validated and compiled \
+        over the admin socket (persisted in --state-file, or with --etcd shared by a fleet of \
+        nodes through etcd, see docs/fleet.md). Every change is validated and compiled \
         first and applied all-or-nothing; on any error the old rules stay in force.\n\n\
         SIGTERM or SIGINT stop meshd. With pinning (the default) the XDP programs and maps stay \
         in the kernel and keep forwarding, so a restarted or upgraded meshd takes over without \
@@ -31,6 +32,7 @@ use mesh_user::{
         meshd --iface eth0 --iface eth1 --config /etc/mesh/rules/\n  \
         meshd --iface veth0 --config config/tcp-echo/ --attach tc\n  \
         meshd --iface eth0 --state-file /var/lib/mesh/state.yaml   # rules from meshctl only\n  \
+        meshd --iface eth0 --etcd http://198.18.1.1:2379,http://198.18.1.2:2379 --node-name n1\n  \
         meshd --cleanup            # detach pinned programs, remove pinned maps"
 )]
 struct Args {
@@ -119,6 +121,74 @@ struct Args {
     #[arg(long, value_enum, default_value = "text")]
     log_format: daemon::LogFormat,
 
+    /// Join a fleet: keep the meshctl layer of the rules in this etcd cluster (v3 API) instead
+    /// of --state-file, which then caches the last rules applied here. Comma-separated client
+    /// URLs, e.g. http://198.18.1.1:2379,http://198.18.1.2:2379.
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        env = "MESH_ETCD",
+        help_heading = "Fleet (etcd)"
+    )]
+    etcd: Vec<String>,
+
+    /// Key prefix of the fleet in etcd.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "/mesh",
+        help_heading = "Fleet (etcd)"
+    )]
+    etcd_prefix: String,
+
+    /// This node's name in the fleet (default: the host name). Must be unique in the fleet.
+    #[arg(long, value_name = "NAME", help_heading = "Fleet (etcd)")]
+    node_name: Option<String>,
+
+    /// CA bundle that signed the etcd servers' certificates (https:// endpoints).
+    #[arg(long, value_name = "FILE", help_heading = "Fleet (etcd)")]
+    etcd_cacert: Option<PathBuf>,
+
+    /// Client certificate for etcd (mutual TLS), with --etcd-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "etcd_key",
+        help_heading = "Fleet (etcd)"
+    )]
+    etcd_cert: Option<PathBuf>,
+
+    /// Client key for etcd (mutual TLS), with --etcd-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "etcd_cert",
+        help_heading = "Fleet (etcd)"
+    )]
+    etcd_key: Option<PathBuf>,
+
+    /// etcd user as NAME:PASSWORD (prefer the MESH_ETCD_USER environment variable).
+    #[arg(
+        long,
+        value_name = "NAME:PASSWORD",
+        env = "MESH_ETCD_USER",
+        hide_env_values = true,
+        help_heading = "Fleet (etcd)"
+    )]
+    etcd_user: Option<String>,
+
+    /// Lease of this node's record: a node silent this long shows as gone.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, help_heading = "Fleet (etcd)")]
+    etcd_lease_ttl: std::time::Duration,
+
+    /// How often this node renews its lease and republishes its record (revision, counters).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration, help_heading = "Fleet (etcd)")]
+    etcd_publish_interval: std::time::Duration,
+
+    /// Time limit of one etcd request: a partition or a lost quorum is noticed after this.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration, help_heading = "Fleet (etcd)")]
+    etcd_timeout: std::time::Duration,
     /// L7 proxy worker threads, each with its own listening socket per service (SO_REUSEPORT)
     /// and its own upstream connections. Default: the number of CPUs meshd may run on (its
     /// affinity mask, e.g. under `taskset`).
@@ -169,6 +239,18 @@ fn run(args: Args) -> Result<()> {
         );
         return Ok(());
     }
+    let fleet = (!args.etcd.is_empty()).then(|| mesh_user::fleet::FleetOptions {
+        endpoints: args.etcd.clone(),
+        prefix: args.etcd_prefix.clone(),
+        node_name: args.node_name.clone().unwrap_or_else(host_name),
+        cacert: args.etcd_cacert.clone(),
+        cert: args.etcd_cert.clone(),
+        key: args.etcd_key.clone(),
+        user: args.etcd_user.clone(),
+        lease_ttl_s: args.etcd_lease_ttl.as_secs().max(2) as i64,
+        publish_interval: args.etcd_publish_interval,
+        request_timeout: args.etcd_timeout,
+    });
     let proxy = proxy_options(&args);
     let options = DaemonOptions {
         interfaces: args.interfaces,
@@ -182,6 +264,7 @@ fn run(args: Args) -> Result<()> {
         pin_dir: (!args.no_pin).then_some(args.pin_dir),
         maglev_pool_entries: args.maglev_pool_entries,
         conntrack_entries: args.conntrack_entries,
+        fleet,
         proxy,
         socket_lb: (!args.no_socket_lb).then_some(SocketLbOptions {
             cgroup: args.cgroup,
@@ -195,6 +278,13 @@ fn run(args: Args) -> Result<()> {
         .build()
         .context("starting the async runtime")?
         .block_on(daemon::run(options))
+}
+
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "node".into())
 }
 
 fn proxy_options(args: &Args) -> ProxyOptions {

@@ -5,9 +5,15 @@
 //! dataplane (only the services that changed, each switched atomically), then commit it to the
 //! store (which persists the API layer). Any error before the first switch leaves the kernel
 //! byte-for-byte as it was.
+//!
+//! With `meshd --etcd`, the API layer is the fleet's: see `fleet_ops` for how a change is checked
+//! against the fleet's revision and written to etcd.
+
+mod fleet_ops;
 
 use std::{
     path::PathBuf,
+    sync::Arc,
     time::{Instant, SystemTime},
 };
 
@@ -19,6 +25,7 @@ use crate::{
     compile::{self, DesiredState, NodeContext},
     config::{self, ResourceSet},
     dataplane::{ApplyReport, Dataplane, StatsSnapshot},
+    fleet::{agent::FleetLink, etcd::RulesSnapshot},
     metrics::Metrics,
     store::{Layer, RuleStore},
     validate::Warning,
@@ -62,6 +69,8 @@ pub struct Controller {
     /// The L7 proxy (None: L7 services get their SERVICES entry but nobody serves them, as in
     /// tests of the controller alone).
     proxy: Option<crate::proxy::Proxy>,
+    /// The fleet's etcd, when the API layer lives there (`meshd --etcd`).
+    fleet: Option<Arc<FleetLink>>,
     /// The socket hooks for node-local clients, when attached.
     socket_lb: Option<crate::dataplane::SocketLbStatus>,
     /// Apply counters and durations for the metrics endpoint.
@@ -89,6 +98,7 @@ impl Controller {
             current: DesiredState::default(),
             started: Instant::now(),
             proxy: None,
+            fleet: None,
             socket_lb: None,
             metrics: Metrics::default(),
             refusals: None,
@@ -99,6 +109,12 @@ impl Controller {
     pub fn with_proxy(mut self, proxy: crate::proxy::Proxy) -> Self {
         self.proxy = Some(proxy);
         self.refusals = Some(super::refusals::Refusals::default());
+        self
+    }
+
+    /// Keeps the API layer in the fleet's etcd behind `link`.
+    pub fn with_fleet(mut self, link: Arc<FleetLink>) -> Self {
+        self.fleet = Some(link);
         self
     }
 
@@ -251,6 +267,7 @@ impl Controller {
                 return Err(Rejection::bad_request(message));
             }
         }
+        let base = self.fleet_sync()?;
         let existing = self.store.api().index_by_key();
         let changes: Vec<ResourceChange> = incoming
             .resources
@@ -282,6 +299,7 @@ impl Controller {
             request.dry_run,
             changes,
             started,
+            base,
         )?;
         // What the submission is warned about (not every warning of the rules in force).
         warnings.extend(response.warnings.drain(..).filter(|w| {
@@ -301,6 +319,7 @@ impl Controller {
             .iter()
             .map(|r| (r.kind.clone(), r.namespace.clone(), r.name.clone()))
             .collect();
+        let base = self.fleet_sync()?;
         let candidate = self.store.api_with_deleted(&keys).map_err(|e| Rejection {
             status: 404,
             message: e.to_string(),
@@ -321,9 +340,11 @@ impl Controller {
             request.dry_run,
             changes,
             started,
+            base,
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn install_and_commit(
         &mut self,
         files: &ResourceSet,
@@ -332,7 +353,11 @@ impl Controller {
         dry_run: bool,
         changes: Vec<ResourceChange>,
         started: Instant,
+        base: Option<RulesSnapshot>,
     ) -> Result<ApplyResponse, Rejection> {
+        if let Some(base) = base {
+            return self.fleet_commit(files, candidate, trigger, dry_run, changes, started, base);
+        }
         let previous = self.current.clone();
         let report = self.install(files, &candidate, trigger, dry_run)?;
         if !dry_run {
@@ -499,6 +524,7 @@ impl Controller {
             services: self.current.services.len(),
             last_apply: self.last_apply.clone(),
             state_file: self.state_file.as_ref().map(|p| p.display().to_string()),
+            fleet: self.fleet.as_ref().map(|f| f.local().clone()),
             pin_dir: self
                 .dataplane
                 .options()

@@ -76,6 +76,8 @@ pub struct DaemonOptions {
     pub conntrack_entries: u32,
     /// How often the --config files are checked for changes.
     pub watch_interval: Duration,
+    /// The fleet's etcd, when the API layer lives there (`--etcd`).
+    pub fleet: Option<crate::fleet::FleetOptions>,
     /// The L7 proxy's workers and client limits.
     pub proxy: crate::proxy::ProxyOptions,
     /// Socket-level balancing of node-local clients (None: off).
@@ -88,6 +90,13 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         node_addresses: node::interface_addresses(&options.interfaces)?,
     };
     let store = RuleStore::open(options.state_file.clone()).context("restoring applied rules")?;
+    let fleet = options.fleet.clone().map(|fleet| {
+        let link = crate::fleet::agent::FleetLink::new(fleet, options.state_file.as_deref());
+        // The state file caches the fleet's rules last applied here: they go in force now,
+        // whether etcd answers or not, and the agent catches up once it does.
+        link.restore_cached_revision();
+        Arc::new(link)
+    });
     let features = crate::dataplane::features::current();
     features.require()?;
     tracing::info!("{}", features.summary());
@@ -108,6 +117,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         tokio::runtime::Handle::current(),
         options.proxy,
     )?);
+    if let Some(link) = &fleet {
+        controller = controller.with_fleet(link.clone());
+    }
     // Rules before attaching: bad rules fail here, before any packet is touched.
     let report = controller
         .load_files("startup")
@@ -132,6 +144,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     server::serve_admin(options.socket.clone(), controller.clone()).await?;
     if let Some(addr) = options.metrics_addr {
         server::serve_metrics(addr, controller.clone()).await?;
+    }
+    if let Some(link) = fleet {
+        tokio::spawn(crate::fleet::agent::run(link, controller.clone()));
     }
     info!(interfaces = ?options.interfaces, socket = %options.socket.display(), "meshd ready");
 
