@@ -142,26 +142,38 @@ impl EtcdStore {
         &self.keys
     }
 
-    /// Runs `request` on the endpoint that answered last, then on the others in turn.
+    /// Runs `request` on the endpoint that answered last, then on the others in turn, and
+    /// again while the time budget (three request timeouts) lasts: a leader election after a
+    /// lost member answers "leader changed" or nothing for about a second, then works.
     async fn call<T, F, Fut>(&self, mut request: F) -> Result<T, EtcdError>
     where
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
         use std::sync::atomic::Ordering;
-        let first = self.current.load(Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.timeout * 3;
         let mut failures = Vec::new();
-        for k in 0..self.clients.len() {
-            let i = (first + k) % self.clients.len();
-            let (endpoint, client) = &self.clients[i];
-            match tokio::time::timeout(self.timeout, request(client.clone())).await {
-                Ok(Ok(value)) => {
-                    self.current.store(i, Ordering::Relaxed);
-                    return Ok(value);
+        loop {
+            failures.clear();
+            let first = self.current.load(Ordering::Relaxed);
+            for k in 0..self.clients.len() {
+                let i = (first + k) % self.clients.len();
+                let (endpoint, client) = &self.clients[i];
+                match tokio::time::timeout(self.timeout, request(client.clone())).await {
+                    Ok(Ok(value)) => {
+                        self.current.store(i, Ordering::Relaxed);
+                        return Ok(value);
+                    }
+                    Ok(Err(e)) => failures.push(format!("{endpoint}: {}", short(&e))),
+                    Err(_) => {
+                        failures.push(format!("{endpoint}: no answer within {:?}", self.timeout))
+                    }
                 }
-                Ok(Err(e)) => failures.push(format!("{endpoint}: {}", short(&e))),
-                Err(_) => failures.push(format!("{endpoint}: no answer within {:?}", self.timeout)),
             }
+            if tokio::time::Instant::now() + self.timeout / 2 > deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
         Err(self.unavailable(format!(
             "{} (partitioned from the cluster, or the cluster has no quorum)",
