@@ -196,7 +196,7 @@ impl Controller {
             .attachments()
             .map(|a| InterfaceMode {
                 name: a.interface.clone(),
-                mode: format!("{:?}", a.mode).to_lowercase(),
+                mode: a.hook.name().to_string(),
             })
             .collect();
         let mut counters = Vec::new();
