@@ -346,7 +346,6 @@ impl Fleet {
                     &node_lan_ip(n),
                 ])?;
             }
-            tune_endpoint(&ns, "eth0")?;
             backends.push(ns);
         }
         let mut nodes = Vec::new();
@@ -367,10 +366,6 @@ impl Fleet {
                 "lan",
                 &format!("{}/24", node_lan_ip(i)),
             )?;
-            // Frames the node's XDP program redirects into `lan` arrive at the bridge port:
-            // it needs NAPI (GRO) to take them.
-            lan.ns
-                .exec("ethtool", &["-K", &format!("n{i}"), "gro", "on"])?;
             let client = Netns::create(&format!("{prefix}-c{i}"))?;
             veth(&ns, "c0", &client, "eth0")?;
             ns.ip(&[
@@ -394,7 +389,6 @@ impl Fleet {
                 "via",
                 &format!("198.18.{}.1", 10 + i),
             ])?;
-            tune_endpoint(&client, "eth0")?;
             let dir = std::env::temp_dir().join(format!("{prefix}-n{i}"));
             std::fs::create_dir_all(&dir)?;
             nodes.push(FleetNode {
@@ -464,12 +458,6 @@ impl Fleet {
     pub fn partition(&self, i: usize, cut: bool) -> Result<()> {
         self.etcd.bridge.set_port(&format!("n{i}"), !cut)
     }
-}
-
-/// GRO on (NAPI for redirected frames) and TX checksum offload off (complete checksums).
-fn tune_endpoint(ns: &Netns, iface: &str) -> Result<()> {
-    ns.exec("ethtool", &["-K", iface, "gro", "on", "tx", "off"])?;
-    Ok(())
 }
 
 /// Polls `f` every 100 ms until it returns Some, or fails after `timeout` with `what`.
