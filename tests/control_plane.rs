@@ -241,10 +241,47 @@ fn bad_inputs_each_get_a_precise_error_and_change_nothing() -> Result<()> {
 
 #[test]
 fn restart_keeps_100_long_lived_connections_and_the_rules() -> Result<()> {
+    restart_keeps_connections(&[]).map(|_| ())
+}
+
+/// The same restart with TC attached as a cls_bpf filter on the clsact qdisc (what kernels
+/// before 6.6 get): the filter outlives meshd, a later meshd replaces its program in place, and
+/// `meshd --cleanup` in the node's namespace removes it.
+#[test]
+fn restart_with_cls_bpf_filters_keeps_connections_and_cleanup_removes_them() -> Result<()> {
+    let (topo, pins) = restart_keeps_connections(&["--tc-attach", "cls-bpf"])?;
+    let filters = |topo: &Topology| -> Result<String> {
+        let out = topo
+            .node
+            .exec("tc", &["filter", "show", "dev", "c0", "ingress"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    ensure!(
+        filters(&topo)?.contains("mesh_tc"),
+        "no mesh_tc filter on c0 after meshd stopped:\n{}",
+        filters(&topo)?
+    );
+    let out = topo.node.exec(
+        mesh_tests::meshd::bin("meshd")?.to_str().context("path")?,
+        &["--cleanup", "--pin-dir", &pins.0.display().to_string()],
+    )?;
+    ensure!(out.status.success(), "meshd --cleanup: {out:?}");
+    ensure!(
+        !filters(&topo)?.contains("mesh_tc"),
+        "meshd --cleanup left the filter on c0:\n{}",
+        filters(&topo)?
+    );
+    Ok(())
+}
+
+/// 100 long-lived connections and the applied rules survive meshd stopping and starting again
+/// with `extra` flags; returns the (still live) topology and pin directory, meshd stopped.
+fn restart_keeps_connections(extra: &[&str]) -> Result<(Topology, PinDir)> {
     let setup = EchoSetup::new(None)?;
     let (topo, rules) = (&setup.topo, &setup.rules);
     let pins = PinDir::new(topo);
-    let args = pinned_args(topo, rules, &pins);
+    let mut args = pinned_args(topo, rules, &pins);
+    args.extend(extra.iter().map(|a| a.to_string()));
     let meshd = Meshd::start(&topo.node, &args)?;
     let socket = rules.socket();
     apply(&socket, &echo_split([70, 20, 10]))?;
@@ -281,7 +318,11 @@ fn restart_keeps_100_long_lived_connections_and_the_rules() -> Result<()> {
         "the new meshd did not take over the pinned link:\n{}",
         meshd.log()
     );
-    Ok(())
+    let status = meshd.stop()?;
+    ensure!(status.success(), "meshd exited with {status}");
+    let EchoSetup { topo, rules, .. } = setup;
+    drop(rules);
+    Ok((topo, pins))
 }
 
 #[test]

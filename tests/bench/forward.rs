@@ -1,5 +1,6 @@
 //! Section 2: forwarding through the node namespace, generator -> node -> 2 backends (80/20),
-//! for mesh (meshd's XDP), nftables DNAT with numgen (kube-proxy's nftables mode), iptables DNAT
+//! for mesh on its TC path (what `--attach auto` picks on veths: the container-host path), mesh on
+//! native XDP (`--attach xdp`), nftables DNAT with numgen (kube-proxy's nftables mode), iptables DNAT
 //! with statistic (kube-proxy's iptables mode) and plain routing without NAT (the ceiling).
 //!
 //! ```text
@@ -13,11 +14,12 @@
 //!   hop limit 1 (not routable); trafgen (AF_PACKET) costs about as much per frame as the
 //!   forwarders do.
 //! - Everything runs on CPU 0: veth schedules the receiving NAPI on the transmitting CPU, so after
-//!   every generator batch (64 frames) the node's NAPI (XDP, or GRO + netfilter + routing) and the
-//!   backends' NAPI run in softirq on the same core. The measurement is therefore a closed loop:
-//!   CPU-0 time per delivered packet. The same topology with the node's ingress dropping every
-//!   frame (an XDP counter, the *baseline*) gives the generator's own share; the difference is
-//!   the node's forwarding cost per packet, whose inverse is the node's packets/s per core. An
+//!   every generator batch (64 frames) the node's receive path (NAPI for XDP, the backlog for TC
+//!   and netfilter on a default veth) and the backends' NAPI run in softirq on the same core. The
+//!   measurement is therefore a closed loop: CPU-0 time per delivered packet. The same topology
+//!   with the node's ingress dropping every frame (an XDP counter, the *baseline*) gives the
+//!   generator's own share; the difference is the node's forwarding cost per packet, whose
+//!   inverse is the node's packets/s per core. An
 //!   open-loop variant (node NAPI threaded and pinned to CPU 1) was tried first: its NAPI thread
 //!   stayed mostly idle while the veth ring overflowed, which measured the wake-ups, not the
 //!   forwarder.
@@ -48,7 +50,10 @@ use crate::{
 /// The systems compared, in report order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum System {
-    Mesh,
+    /// meshd with `--attach auto`, which runs the TC program on veths.
+    MeshTc,
+    /// meshd with `--attach xdp` (native XDP on the veths).
+    MeshXdp,
     Nftables,
     Iptables,
     Routing,
@@ -58,7 +63,8 @@ pub enum System {
 impl System {
     pub fn label(self) -> &'static str {
         match self {
-            System::Mesh => "mesh XDP (meshd)",
+            System::MeshTc => "mesh TC (meshd, --attach auto on veths)",
+            System::MeshXdp => "mesh XDP (meshd, --attach xdp)",
             System::Nftables => "nftables DNAT (numgen, kube-proxy nftables mode)",
             System::Iptables => "iptables DNAT (statistic, kube-proxy iptables mode)",
             System::Routing => "kernel routing, no NAT (ceiling)",
@@ -67,7 +73,8 @@ impl System {
     }
     pub fn short(self) -> &'static str {
         match self {
-            System::Mesh => "mesh",
+            System::MeshTc => "mesh-tc",
+            System::MeshXdp => "mesh-xdp",
             System::Nftables => "nftables",
             System::Iptables => "iptables",
             System::Routing => "routing",
@@ -202,8 +209,8 @@ impl Topo {
         ] {
             node.exec("sysctl", &["-qw", sysctl])?;
         }
-        // Node ingress: NAPI (GRO on) so frames the generator transmits are received in NAPI.
-        node.exec("ethtool", &["-K", &ing, "gro", "on"])?;
+        // Default veth settings everywhere (no GRO, TX checksum offload on), as container hosts
+        // run them: every system is measured on the same untuned links.
         // Counters (XDP gives the veths NAPI), then threaded NAPI on the backends.
         let mut counters = Vec::new();
         for (k, be) in backends.iter().enumerate() {
@@ -298,7 +305,8 @@ pub fn run(plan: &Plan, peers: &crate::peers::Peers) -> Result<Vec<FwdResult>> {
     let mut out = Vec::new();
     for system in [
         System::Null,
-        System::Mesh,
+        System::MeshTc,
+        System::MeshXdp,
         System::Nftables,
         System::Iptables,
         System::Routing,
@@ -306,7 +314,7 @@ pub fn run(plan: &Plan, peers: &crate::peers::Peers) -> Result<Vec<FwdResult>> {
         let skip = match system {
             System::Nftables => peers.nft.clone().err(),
             System::Iptables => peers.iptables.clone().err(),
-            System::Mesh => bin("meshd").err().map(|e| format!("{e:#}")),
+            System::MeshTc | System::MeshXdp => bin("meshd").err().map(|e| format!("{e:#}")),
             System::Routing | System::Null => None,
         };
         if let Some(why) = skip {
@@ -475,7 +483,7 @@ fn configure(system: System, topo: &Topo, peers: &crate::peers::Peers) -> Result
                 "{ipt}: PREROUTING -> KUBE-SERVICES -> KUBE-SVC (statistic 0.8) -> KUBE-SEP (DNAT)"
             )))
         }
-        System::Mesh => {
+        System::MeshTc | System::MeshXdp => {
             let dir = std::env::temp_dir().join(format!("mesh-bench-fwd-{}", topo.id));
             std::fs::create_dir_all(&dir)?;
             let guard = crate::DirGuard(dir.clone());
@@ -485,6 +493,12 @@ fn configure(system: System, topo: &Topo, peers: &crate::peers::Peers) -> Result
                 args.extend(["--iface".to_string(), i]);
             }
             args.extend(meshd_private_args(&dir));
+            let attach = if system == System::MeshXdp {
+                "xdp"
+            } else {
+                "auto"
+            };
+            args.extend(["--attach".into(), attach.into()]);
             args.extend([
                 "--config".into(),
                 dir.join("bench.yaml").display().to_string(),
@@ -626,7 +640,10 @@ fn measure(
 
 fn note_for(system: System, peers: &crate::peers::Peers) -> String {
     match system {
-        System::Mesh => "XDP native on the node's veths; Maglev 4093; VirtualService 80/20".into(),
+        System::MeshTc => {
+            "TC (tcx or cls_bpf) on the node's veths, as auto picks; VirtualService 80/20".into()
+        }
+        System::MeshXdp => "XDP native on the node's veths; VirtualService 80/20".into(),
         System::Nftables => "service vmap -> numgen random mod 100 vmap -> dnat chains".into(),
         System::Iptables => format!(
             "{}: KUBE-SERVICES -> KUBE-SVC (statistic 0.8) -> KUBE-SEP (DNAT)",

@@ -1,6 +1,7 @@
 //! Section 3, data plane for new connections: the new-connection rate and the first packet's
 //! latency (`connect()`, SYN -> SYN-ACK through the node) with N services configured, for mesh
-//! (meshd's XDP, N ServiceEntries applied through meshctl), nftables (kube-proxy nftables mode:
+//! (meshd with its default `--attach auto`, i.e. the TC program on the topology's default veths;
+//! N ServiceEntries applied through meshctl), nftables (kube-proxy nftables mode:
 //! one service map with N entries -> numgen -> dnat chains) and iptables (kube-proxy iptables
 //! mode: N KUBE-SVC chains in KUBE-SERVICES, loaded with one `iptables-restore`, the measured
 //! service LAST so iptables' linear walk shows).

@@ -62,10 +62,14 @@ struct Headline {
     est_hot_ns: Option<f64>,
     est_single_net_ns: Option<f64>,
     new_flow_net_ns: Option<f64>,
+    /// mesh's native XDP path against the peers (delivered pps, and per node core).
     mesh_vs_nft: Option<f64>,
     mesh_vs_ipt: Option<f64>,
     mesh_vs_nft_core: Option<f64>,
     mesh_vs_ipt_core: Option<f64>,
+    /// mesh's TC path (the container-host default) against the peers, per node core.
+    tc_vs_nft_core: Option<f64>,
+    tc_vs_ipt_core: Option<f64>,
     scale_ratio: Option<f64>,
     scale_max_n: Option<usize>,
     weight_error: Option<f64>,
@@ -115,10 +119,12 @@ fn headline(r: &Results) -> Headline {
         est_hot_ns: est.as_ref().and_then(|c| finite(c.hot_ns)),
         est_single_net_ns: est.as_ref().and_then(|c| finite(c.single_net_ns)),
         new_flow_net_ns: new.as_ref().and_then(|c| finite(c.single_net_ns)),
-        mesh_vs_nft: ratio(System::Mesh, System::Nftables, false),
-        mesh_vs_ipt: ratio(System::Mesh, System::Iptables, false),
-        mesh_vs_nft_core: ratio(System::Mesh, System::Nftables, true),
-        mesh_vs_ipt_core: ratio(System::Mesh, System::Iptables, true),
+        mesh_vs_nft: ratio(System::MeshXdp, System::Nftables, false),
+        mesh_vs_ipt: ratio(System::MeshXdp, System::Iptables, false),
+        mesh_vs_nft_core: ratio(System::MeshXdp, System::Nftables, true),
+        mesh_vs_ipt_core: ratio(System::MeshXdp, System::Iptables, true),
+        tc_vs_nft_core: ratio(System::MeshTc, System::Nftables, true),
+        tc_vs_ipt_core: ratio(System::MeshTc, System::Iptables, true),
         scale_ratio,
         scale_max_n,
         weight_error: r.split.as_ref().ok().and_then(|s| {
@@ -182,17 +188,24 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
     );
     let _ = writeln!(
         w,
-        "| forwarding >= 3x nftables DNAT | {}x per node core ({}x delivered pps) | {} |",
+        "| XDP forwarding >= 3x nftables DNAT | {}x per node core ({}x delivered pps) | {} |",
         opt(h.mesh_vs_nft_core, 2),
         opt(h.mesh_vs_nft, 2),
         yes(h.mesh_vs_nft_core.map(|v| v >= 3.0))
     );
     let _ = writeln!(
         w,
-        "| forwarding >= 3x iptables DNAT | {}x per node core ({}x delivered pps) | {} |",
+        "| XDP forwarding >= 3x iptables DNAT | {}x per node core ({}x delivered pps) | {} |",
         opt(h.mesh_vs_ipt_core, 2),
         opt(h.mesh_vs_ipt, 2),
         yes(h.mesh_vs_ipt_core.map(|v| v >= 3.0))
+    );
+    let _ = writeln!(
+        w,
+        "| TC forwarding (default veths) >= 1.5x nftables DNAT per node core | {}x (iptables: {}x) | {} |",
+        opt(h.tc_vs_nft_core, 2),
+        opt(h.tc_vs_ipt_core, 2),
+        yes(h.tc_vs_nft_core.map(|v| v >= 1.5))
     );
     let _ = writeln!(
         w,
@@ -333,12 +346,15 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
             }
             let _ = writeln!(
                 w,
-                "\nRatios: mesh/nftables = {}x per node core, {}x delivered; mesh/iptables = {}x \
-                 per node core, {}x delivered.\n",
+                "\nRatios: mesh XDP/nftables = {}x per node core, {}x delivered; mesh XDP/iptables \
+                 = {}x per node core, {}x delivered; mesh TC/nftables = {}x per node core; mesh \
+                 TC/iptables = {}x per node core.\n",
                 opt(h.mesh_vs_nft_core, 2),
                 opt(h.mesh_vs_nft, 2),
                 opt(h.mesh_vs_ipt_core, 2),
-                opt(h.mesh_vs_ipt, 2)
+                opt(h.mesh_vs_ipt, 2),
+                opt(h.tc_vs_nft_core, 2),
+                opt(h.tc_vs_ipt_core, 2)
             );
             let cats: Vec<String> = rs.iter().map(|x| x.system.short().to_string()).collect();
             let path = out.join("pps_per_system.png");
@@ -504,7 +520,8 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
         w,
         "\nNew connections, through the node: from the client namespace, sequential TCP \
          connections (connect, read the backend's identity, close) to the last of N services \
-         (2 backends each), for mesh (meshd, N ServiceEntries), mesh-node (the same, the client \
+         (2 backends each), for mesh (meshd, N ServiceEntries; the client is a pod behind a \
+         default veth, served by the TC program `--attach auto` puts there), mesh-node (the same, the client \
          on the node itself: meshd's socket hooks choose at connect(), no per-packet work after), \
          nftables (service map of N -> numgen -> dnat) and iptables (N rules in KUBE-SERVICES, the target last). Rate: median \
          of 3 rounds; connect latency: SYN to SYN-ACK through the node, over all rounds. Client and \
@@ -682,6 +699,8 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
         "mesh_vs_iptables_per_core": h.mesh_vs_ipt_core,
         "mesh_vs_nftables_delivered": h.mesh_vs_nft,
         "mesh_vs_iptables_delivered": h.mesh_vs_ipt,
+        "mesh_tc_vs_nftables_per_core": h.tc_vs_nft_core,
+        "mesh_tc_vs_iptables_per_core": h.tc_vs_ipt_core,
         "scale_cost_ratio_largest_vs_1": h.scale_ratio,
         "weight_error_points": h.weight_error,
         "disruption_max_excess_points": h.disruption_excess,

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use mesh_user::{
     daemon::{self, DaemonOptions},
-    dataplane::{AttachRequest, SocketLbOptions, XdpAttachMode},
+    dataplane::{features::TcAttachRequest, AttachRequest, SocketLbOptions, XdpAttachMode},
     proxy::{ClientLimits, ProxyOptions, WorkerOptions},
 };
 
@@ -80,6 +80,12 @@ struct Args {
     /// device; it is slower than both native XDP and TC.
     #[arg(long, value_enum, default_value = "native")]
     xdp_mode: XdpAttachMode,
+
+    /// How TC programs are attached. `auto`: tcx links where the kernel has them (6.6+), a
+    /// cls_bpf filter on the clsact qdisc otherwise. `cls-bpf` forces the filter also where tcx
+    /// exists; `tcx` refuses to start on a kernel without it. `meshctl status` shows the choice.
+    #[arg(long, value_enum, default_value = "auto")]
+    tc_attach: TcAttachRequest,
 
     /// Where maps are pinned under bpffs (so connections survive a restart).
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/mesh")]
@@ -252,6 +258,7 @@ fn run(args: Args) -> Result<()> {
         request_timeout: args.etcd_timeout,
     });
     let proxy = proxy_options(&args);
+    mesh_user::dataplane::features::request_tc_attach(args.tc_attach);
     let options = DaemonOptions {
         interfaces: args.interfaces,
         config: args.config,

@@ -277,20 +277,26 @@ const CLS_BPF_PRIORITY: u16 = 0x4d53;
 const CLS_BPF_HANDLE: u16 = 1;
 
 /// Where an interface's pinned link lives: `<pin_dir>/links/<iface>` for XDP, `tc-<iface>` for
-/// tcx, and `tc-<iface>.cls_bpf` (a marker naming the interface) for a cls_bpf filter.
+/// tcx, and `cls_bpf-<iface>` for a cls_bpf filter (the TC program pinned as a marker naming the
+/// interface). bpffs refuses names holding a `.`, which interface names may have (VLANs such as
+/// `eth0.100`): it is written as `:`, which no interface name holds.
 pub fn link_pin(pin_dir: &Path, interface: &str, hook: HookKind) -> PathBuf {
     let links = pin_dir.join("links");
+    let name = interface.replace('.', ":");
     match hook {
-        HookKind::XdpNative | HookKind::XdpGeneric => links.join(interface),
-        HookKind::Tcx => links.join(format!("tc-{interface}")),
-        HookKind::TcClsBpf => links.join(format!("tc-{interface}.cls_bpf")),
+        HookKind::XdpNative | HookKind::XdpGeneric => links.join(name),
+        HookKind::Tcx => links.join(format!("tc-{name}")),
+        HookKind::TcClsBpf => links.join(format!("{CLS_BPF_PIN_PREFIX}{name}")),
     }
 }
 
-/// Whether this kernel has tcx (aya uses it from 6.6 on, like the kernel's own libbpf).
+/// The start of a cls_bpf marker's name in `links/`.
+const CLS_BPF_PIN_PREFIX: &str = "cls_bpf-";
+
+/// Whether TC programs go through tcx links here: the choice the kernel probe made at load time
+/// (`features::current`), which `meshctl status` reports.
 pub fn kernel_has_tcx() -> bool {
-    use aya::util::KernelVersion;
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+    super::features::current().tc_attach == super::features::TcAttach::Tcx
 }
 
 /// Attaches the XDP program; with `pin_dir`, through a pinned bpf_link a later meshd swaps its
@@ -456,15 +462,24 @@ pub fn attach_tc(
     };
     if let Some(dir) = pin_dir {
         // The filter must outlive this process: take it out of the program's care (dropping
-        // it would detach it) and leave a marker so `meshd --cleanup` finds it.
+        // it would detach it) and leave a marker so `meshd --cleanup` finds it. bpffs holds
+        // only BPF objects (a plain file there is EPERM), so the marker is the program itself
+        // pinned under the interface's name; an earlier run's marker is replaced.
         let link = program
             .take_link(link_id)
             .map_err(|e| err("cls_bpf", e.to_string()))?;
         std::mem::forget(link);
         let marker = link_pin(dir, interface, HookKind::TcClsBpf);
         create_parent(&marker)?;
-        fs::write(&marker, interface)
-            .map_err(|e| DataplaneError::Other(format!("writing {}: {e}", marker.display())))?;
+        match fs::remove_file(&marker) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(err("cls_bpf marker", format!("{}: {e}", marker.display())));
+            }
+            _ => {}
+        }
+        program
+            .pin(&marker)
+            .map_err(|e| err("cls_bpf marker", format!("{}: {e}", marker.display())))?;
     }
     Ok(Attached {
         hook: HookKind::TcClsBpf,
@@ -478,11 +493,11 @@ pub fn remove_link_pin(path: &Path) -> std::io::Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
     if let Some(interface) = name
         .as_deref()
-        .and_then(|n| n.strip_prefix("tc-"))
-        .and_then(|n| n.strip_suffix(".cls_bpf"))
+        .and_then(|n| n.strip_prefix(CLS_BPF_PIN_PREFIX))
+        .map(|n| n.replace(':', "."))
     {
         if let Ok(link) = SchedClassifierLink::attached(
-            interface,
+            &interface,
             TcAttachType::Ingress,
             CLS_BPF_PRIORITY,
             TcHandle::new(0, CLS_BPF_HANDLE),
@@ -510,6 +525,21 @@ fn create_parent(path: &Path) -> Result<(), DataplaneError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pin_names_hold_no_dot_which_bpffs_refuses() {
+        let dir = Path::new("/sys/fs/bpf/mesh");
+        for hook in [HookKind::XdpNative, HookKind::Tcx, HookKind::TcClsBpf] {
+            let pin = link_pin(dir, "eth0.100", hook);
+            let name = pin.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(!name.contains('.'), "{name}");
+            assert!(name.ends_with("eth0:100"), "{name}");
+        }
+        assert_eq!(
+            link_pin(dir, "veth1", HookKind::TcClsBpf),
+            dir.join("links/cls_bpf-veth1")
+        );
+    }
 
     fn info(driver: &str, has_device: bool) -> InterfaceInfo {
         InterfaceInfo {

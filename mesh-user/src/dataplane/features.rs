@@ -29,6 +29,27 @@ pub enum TcAttach {
     ClsBpf,
 }
 
+/// How the user asked TC programs to be attached (`meshd --tc-attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttachRequest {
+    /// tcx where the kernel has it (6.6+), cls_bpf otherwise.
+    #[default]
+    Auto,
+    /// tcx links; refused on a kernel without tcx.
+    Tcx,
+    /// A cls_bpf filter on the clsact qdisc, also where tcx exists (for hosts whose other tools
+    /// manage TC through qdiscs and filters).
+    ClsBpf,
+}
+
+/// Set once by meshd before the first probe.
+static TC_REQUEST: OnceLock<TcAttachRequest> = OnceLock::new();
+
+/// Records `--tc-attach` before the kernel is probed; a later call changes nothing.
+pub fn request_tc_attach(request: TcAttachRequest) {
+    let _ = TC_REQUEST.set(request);
+}
+
 /// One probed feature.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Feature {
@@ -111,12 +132,22 @@ impl KernelFeatures {
             false,
         ));
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        probed.push(feature("tcx links (6.6+)", tcx, false));
+        let request = TC_REQUEST.get().copied().unwrap_or_default();
+        // Asked for explicitly, tcx is a must-have (require() then names it).
+        probed.push(feature(
+            "tcx links (6.6+)",
+            tcx,
+            request == TcAttachRequest::Tcx,
+        ));
         let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
         probed.push(feature("kernel BTF", btf, false));
         Self {
             kernel,
-            tc_attach: if tcx { TcAttach::Tcx } else { TcAttach::ClsBpf },
+            tc_attach: match request {
+                TcAttachRequest::ClsBpf => TcAttach::ClsBpf,
+                _ if tcx => TcAttach::Tcx,
+                _ => TcAttach::ClsBpf,
+            },
             redirect_peer,
             btf,
             probed,
