@@ -43,6 +43,8 @@ pub struct Contents<'a> {
     pub args: &'a [String],
     /// Per test binary, in seconds (the guest kills a binary that takes longer).
     pub timeout_secs: u64,
+    /// Guest uptime after which binaries not started yet are skipped (0: none).
+    pub budget_secs: u64,
 }
 
 /// Stages the contents under `dir/rootfs` and writes `dir/disk.ext4`; returns the image path.
@@ -140,6 +142,7 @@ pub fn build(dir: &Path, contents: &Contents) -> Result<PathBuf> {
         stage.join("mesh/timeout"),
         contents.timeout_secs.to_string(),
     )?;
+    fs::write(stage.join("mesh/budget"), contents.budget_secs.to_string())?;
     fs::write(
         stage.join("mesh/cwd"),
         contents.repo.join("tests").to_string_lossy().as_bytes(),

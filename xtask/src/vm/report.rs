@@ -50,7 +50,11 @@ pub fn outcome(results: &str, name: &str, timeout_secs: u64, killed: Option<&str
     let begin = format!("MESH-VM: BEGIN {name}");
     let end_prefix = format!("MESH-VM: END {name} rc=");
     let lines: Vec<&str> = results.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let skip = format!("MESH-VM: SKIP {name} ");
     let Some(start) = lines.iter().position(|l| *l == begin) else {
+        if let Some(why) = lines.iter().find_map(|l| l.strip_prefix(skip.as_str())) {
+            return Outcome::Skipped(why.to_string());
+        }
         if let Some(fatal) = lines.iter().find_map(|l| l.strip_prefix("MESH-VM: FATAL ")) {
             return Outcome::Failed(format!("guest set-up failed: {fatal}"));
         }
@@ -180,7 +184,8 @@ mod tests {
         MESH-VM: END shift rc=0\r\n\
         MESH-VM: BEGIN control_plane\r\n\
         MESH-VM: END control_plane rc=0\r\n\
-        MESH-VM: BEGIN l7_proxy\r\n";
+        MESH-VM: BEGIN l7_proxy\r\n\
+        MESH-VM: SKIP vm_nic the run's time budget of 60 s was spent after 61 s\r\n";
 
     #[test]
     fn passed_needs_the_runners_summary() {
@@ -217,6 +222,14 @@ mod tests {
         );
         assert!(
             matches!(outcome(RUN, "sandbox", 60, None), Outcome::Failed(w) if w.contains("never started"))
+        );
+    }
+
+    #[test]
+    fn a_binary_past_the_budget_is_skipped_with_the_reason() {
+        assert_eq!(
+            outcome(RUN, "vm_nic", 60, None),
+            Outcome::Skipped("the run's time budget of 60 s was spent after 61 s".into())
         );
     }
 }

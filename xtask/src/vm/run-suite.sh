@@ -3,6 +3,7 @@
 # (`NAME PATH` lines) as root with the arguments in /mesh/args (one per line), one test thread,
 # and reports on the second serial port (ttyS1) between markers that `cargo xtask vm-test` parses:
 #   MESH-VM: BEGIN NAME / the test runner's own output / MESH-VM: END NAME rc=N / MESH-VM: DONE
+# and `MESH-VM: SKIP NAME reason` for a binary not started because the time budget was spent.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/mesh/bb
 # Backtraces for panics only: capturing one for every anyhow error is very slow under TCG.
 export HOME=/root RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=0 MESH_VM=1
@@ -23,10 +24,16 @@ for dev in /sys/class/net/*; do
 done
 say "BOOTED kernel=$(uname -r) cpus=$(nproc) nics=${MESH_VM_NIC_CLIENT:-none},${MESH_VM_NIC_NODE:-none}"
 TIMEOUT=$(cat /mesh/timeout)
+BUDGET=$(cat /mesh/budget)
 set --
 while IFS= read -r a; do set -- "$@" "$a"; done < /mesh/args
 cd "$(cat /mesh/cwd)"
 while read -r name path; do
+    up=$(cut -d. -f1 /proc/uptime)
+    if [ "$BUDGET" -gt 0 ] && [ "$up" -ge "$BUDGET" ]; then
+        say "SKIP $name the run's time budget of $BUDGET s was spent after ${up} s"
+        continue
+    fi
     say "BEGIN $name"
     timeout -s KILL "$TIMEOUT" "$path" --test-threads=1 "$@" > $R 2>&1
     rc=$?
