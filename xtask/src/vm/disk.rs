@@ -45,6 +45,8 @@ pub struct Contents<'a> {
     pub timeout_secs: u64,
     /// Guest uptime after which binaries not started yet are skipped (0: none).
     pub budget_secs: u64,
+    /// With a budget: how much longer a binary started within it may run.
+    pub grace_secs: u64,
 }
 
 /// Stages the contents under `dir/rootfs` and writes `dir/disk.ext4`; returns the image path.
@@ -143,6 +145,7 @@ pub fn build(dir: &Path, contents: &Contents) -> Result<PathBuf> {
         contents.timeout_secs.to_string(),
     )?;
     fs::write(stage.join("mesh/budget"), contents.budget_secs.to_string())?;
+    fs::write(stage.join("mesh/grace"), contents.grace_secs.to_string())?;
     fs::write(
         stage.join("mesh/cwd"),
         contents.repo.join("tests").to_string_lossy().as_bytes(),

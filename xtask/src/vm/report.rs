@@ -89,9 +89,22 @@ pub fn outcome(results: &str, name: &str, timeout_secs: u64, killed: Option<&str
         })
         .collect();
     if rc == 137 {
-        return Outcome::Failed(format!(
-            "killed after the in-guest timeout ({timeout_secs} s)"
-        ));
+        let cut = format!("MESH-VM: CUT {name} ");
+        let cut = lines.iter().find_map(|l| l.strip_prefix(cut.as_str()));
+        return match cut {
+            Some(why) if failed_tests.is_empty() => {
+                let passed = body.iter().filter(|l| l.ends_with(" ... ok")).count();
+                Outcome::Skipped(format!("{why}; {passed} tests had passed"))
+            }
+            _ if !failed_tests.is_empty() => Outcome::Failed(format!(
+                "{} failed ({}), then killed",
+                failed_tests.len(),
+                failed_tests.join(", ")
+            )),
+            _ => Outcome::Failed(format!(
+                "killed after the in-guest timeout ({timeout_secs} s)"
+            )),
+        };
     }
     match summary {
         Some(s) if rc == 0 && s.starts_with("ok.") => {
@@ -185,7 +198,12 @@ mod tests {
         MESH-VM: BEGIN control_plane\r\n\
         MESH-VM: END control_plane rc=0\r\n\
         MESH-VM: BEGIN l7_proxy\r\n\
-        MESH-VM: SKIP vm_nic the run's time budget of 60 s was spent after 61 s\r\n";
+        MESH-VM: SKIP vm_nic the run's time budget of 60 s was spent after 61 s\r\n\
+        MESH-VM: BEGIN container_host\r\n\
+        test p ... ok\r\n\
+        test q ... \r\n\
+        MESH-VM: CUT container_host stopped after 9 s, at the end of the run's time budget\r\n\
+        MESH-VM: END container_host rc=137\r\n";
 
     #[test]
     fn passed_needs_the_runners_summary() {
@@ -230,6 +248,12 @@ mod tests {
         assert_eq!(
             outcome(RUN, "vm_nic", 60, None),
             Outcome::Skipped("the run's time budget of 60 s was spent after 61 s".into())
+        );
+        assert_eq!(
+            outcome(RUN, "container_host", 60, None),
+            Outcome::Skipped(
+                "stopped after 9 s, at the end of the run's time budget; 1 tests had passed".into()
+            )
         );
     }
 }
