@@ -31,7 +31,8 @@ enum Cmd {
     Setup,
     /// Build meshd and meshctl (release) with the embedded kernel programs.
     Build,
-    /// Run the whole test suite: format, lints, unit tests, golden packets, namespace tests, demo.
+    /// Run the whole test suite: format, lints, unit tests, golden packets, namespace tests, demo,
+    /// then the VM step (the kernel-path tests in a qemu VM on Debian 12's 6.1 kernel).
     Test {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
