@@ -109,10 +109,24 @@ fn fleet_demo_runs_unattended() {
 
 #[test]
 fn sigint_leaves_nothing_behind() {
+    interrupt_when(&["--requests", "100"], "stays up until Ctrl-C", true);
+}
+
+/// The fleet demo interrupted in the middle of its steps (the failure path: it exits non-zero
+/// saying it was interrupted) leaves nothing behind either: no namespace, no etcd, no meshd.
+#[test]
+fn fleet_sigint_mid_step_leaves_nothing_behind() {
+    interrupt_when(&["--fleet", "--requests", "60"], "Step 2/5", false);
+}
+
+/// Runs the sandbox with `args`, sends SIGINT once a stdout line contains `marker`, and checks
+/// its exit (`clean`: success, else a failure that says it was interrupted) and that nothing of
+/// it is left.
+fn interrupt_when(args: &[&str], marker: &str, clean: bool) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-sandbox"))
-        .args(["--requests", "100"])
+        .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("running mesh-sandbox");
     let pid = child.id();
@@ -121,7 +135,7 @@ fn sigint_leaves_nothing_behind() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut up = false;
     for line in lines.by_ref() {
-        if line.expect("line").contains("stays up until Ctrl-C") {
+        if line.expect("line").contains(marker) {
             up = true;
             break;
         }
@@ -143,10 +157,19 @@ fn sigint_leaves_nothing_behind() {
         std::thread::sleep(Duration::from_millis(50));
     };
     for _ in lines {}
-    assert!(
-        status.success(),
-        "sandbox exited with {status} after SIGINT"
-    );
+    let mut stderr = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr);
+    if clean {
+        assert!(
+            status.success(),
+            "sandbox exited with {status} after SIGINT"
+        );
+    } else {
+        assert!(
+            !status.success() && stderr.contains("interrupted"),
+            "sandbox exited with {status} after SIGINT mid-step: {stderr}"
+        );
+    }
     assert!(
         namespaces_of(pid).is_empty(),
         "namespaces left: {:?}",
