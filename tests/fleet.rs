@@ -345,7 +345,8 @@ fn fleet_shares_rules_through_etcd_and_survives_failures() -> Result<()> {
     measured.push(format!(
         "quorum lost: apply refused with `{}`, every node still forwarding; quorum back: an \
          apply accepted and in force on every node {} ms after the cluster was healthy",
-        err.lines().next().unwrap_or("").trim(),
+        err.find("changes are blocked")
+            .map_or(err.trim(), |at| err[at..].trim()),
         regained.elapsed().as_millis()
     ));
     println!(

@@ -63,7 +63,8 @@ enum Cmd {
     Lint,
     /// Run the sandbox: namespaces, meshd, backends, and the traffic split live.
     Demo {
-        /// Three nodes sharing the rules through a three-member etcd cluster (issue 14's fleet).
+        /// Three nodes sharing the rules through a three-member etcd cluster: each step applied on
+        /// one node, then every node's revision and observed split.
         #[arg(long)]
         fleet: bool,
         /// Arguments for the sandbox (see `cargo xtask demo -- --help`).
