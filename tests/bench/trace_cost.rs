@@ -19,7 +19,7 @@ use mesh_common::{
     XDP_PROGRAM_NAME,
 };
 use mesh_tests::{
-    maps::{addr_bytes, Lb, Service},
+    maps::{addr_bytes, Lb, Service, LOG_LEVEL_GLOBAL},
     packet::Frame,
     EBPF_OBJECT,
 };
@@ -43,6 +43,8 @@ pub struct TraceCost {
 fn load(trace_available: u8) -> Result<Lb> {
     let mut ebpf = EbpfLoader::new()
         .override_global(TRACE_AVAILABLE_GLOBAL, &trace_available, true)
+        // Kernel logging off, as meshd loads it by default.
+        .override_global(LOG_LEVEL_GLOBAL, &0u8, true)
         .map_max_entries(map_names::MAGLEV, 2 * 1024)
         .map_max_entries(map_names::CONNTRACK, 1024)
         .load(EBPF_OBJECT)
