@@ -111,7 +111,7 @@ impl Lb {
         let mut loader = EbpfLoader::new();
         loader.override_global(LOG_LEVEL_GLOBAL, &LOG_OFF, true);
         for (name, value) in globals {
-            loader.override_global(*name, value, true);
+            loader.override_global(name, value, true);
         }
         let mut ebpf = loader
             .map_max_entries(map_names::MAGLEV, TEST_MAGLEV_POOL_ENTRIES)
