@@ -38,7 +38,7 @@ pub struct TraceArgs {
     #[arg(long)]
     count: Option<u64>,
     /// Stop after this long (e.g. 30s, 5m).
-    #[arg(long, value_parser = super::parse_duration)]
+    #[arg(long, value_parser = crate::parse_duration)]
     duration: Option<Duration>,
     /// Output: text lines or NDJSON.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
