@@ -71,16 +71,26 @@ pub fn run<C: Ctx>(ctx: &C) -> Result<u32, ()> {
             let Some(svc) = select::service(&pkt.key) else {
                 return Ok(verdict(reason::PASS_NOT_SERVICE, C::PASS));
             };
-            // A packet to this service that is not balanced: counted and traced with its reason.
-            let unbalanced = |why, action| {
-                trace::untranslated(ctx, &pkt.key, tcp_flags, svc.service_id, why, action)
-            };
+            // A packet to this service that is not balanced: counted, traced with its reason.
+            macro_rules! unbalanced {
+                ($why:expr, $action:expr) => {{
+                    let why = $why;
+                    return Ok(trace::untranslated(
+                        ctx,
+                        &pkt.key,
+                        tcp_flags,
+                        svc.service_id,
+                        why,
+                        $action,
+                    ));
+                }};
+            }
             if svc.flags & SERVICE_FLAG_L7_PROXY != 0 {
                 // Traced once per connection (its SYN): the proxy traces each request.
                 if !opening {
                     return Ok(verdict(reason::PASS_L7_PROXY, C::PASS));
                 }
-                return Ok(unbalanced(reason::PASS_L7_PROXY, C::PASS));
+                unbalanced!(reason::PASS_L7_PROXY, C::PASS);
             }
             // A connection the proxy still holds from before this service moved to the kernel
             // path: balancing it as a new flow would reset it.
@@ -92,15 +102,15 @@ pub fn run<C: Ctx>(ctx: &C) -> Result<u32, ()> {
             }
             if svc.table_size == 0 {
                 klog::refused(&pkt.key, svc.service_id);
-                return Ok(unbalanced(reason::REFUSED_NO_BACKEND, C::PASS));
+                unbalanced!(reason::REFUSED_NO_BACKEND, C::PASS);
             }
             // Checked before any state is created, like on the tracked paths below.
             if pkt.ttl <= 1 {
-                return Ok(unbalanced(reason::PASS_TTL_EXPIRED, C::PASS));
+                unbalanced!(reason::PASS_TTL_EXPIRED, C::PASS);
             }
             let Some((backend_id, backend)) = select::backend(&pkt.key, &svc) else {
                 klog::inconsistent(&pkt.key, svc.service_id);
-                return Ok(unbalanced(reason::DROP_INTERNAL, C::DROP));
+                unbalanced!(reason::DROP_INTERNAL, C::DROP);
             };
             conntrack::track(&pkt.key, &backend, svc.service_id, backend_id, now);
             (
