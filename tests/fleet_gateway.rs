@@ -1,18 +1,22 @@
 //! The fleet's gateway tier: three meshd nodes sharing rules through a real etcd cluster, behind a
-//! router namespace that spreads connections to the service address over them by ECMP (5-tuple
-//! hash, `fib_multipath_hash_policy=1`). Long-lived connections are open through every node when
+//! router namespace that spreads connections to the service addresses over them by ECMP (a
+//! 5-tuple hash). Long-lived connections are open through every node when
 //! one node's namespace disappears (meshd, links and all); then every connection is asked for an
 //! echo on the same socket.
 //!
 //! The backends route replies through the tier by a connection mark set from the forwarding
-//! node's MAC (see `support/gateway_tier.rs`), in two ways side by side, one per port:
-//! - port 8080: replies go to the node that forwarded the *latest* packet;
+//! node's MAC (see `support/gateway_tier.rs`), in two ways side by side, chosen per port:
+//! - ports 8080 and 8082: replies go to the node that forwarded the *latest* packet;
 //! - port 8081: replies go to the node that forwarded the *first* packet.
 //!
+//! Ports 8080 and 8081 are one service behind the router's plain (hash-threshold) nexthop group;
+//! port 8082 is a second service address behind a resilient group over the same nodes.
+//!
 //! What is asserted: every connection that went through a surviving node keeps echoing on its
-//! backend (also those the router's rehash moved to the other surviving node), and with replies
-//! following the latest node so do the lost node's connections (another node picks the same
-//! backend from the same rules and rebuilds the flow's state from its packets). What the lost
+//! backend (also those the router's rehash moved to the other surviving node; behind the
+//! resilient group none moves), and with replies following the latest node so do the lost
+//! node's connections (another node picks the same backend from the same rules and rebuilds the
+//! flow's state from its packets). What the lost
 //! node's connections do when replies stick to the first node is measured and reported. The
 //! figures go to `target/figures/fleet-gateway.md` (and docs/fleet.md with `MESH_UPDATE_DOCS=1`).
 
@@ -42,6 +46,10 @@ const VIP: &str = "198.18.100.1";
 const FOLLOW: u16 = 8080;
 /// Replies through the node that forwarded the first packet.
 const STICKY: u16 = 8081;
+/// The service behind the router's resilient nexthop group (replies follow the latest node).
+const VIP_RESILIENT: &str = "198.18.100.2";
+/// Its port.
+const RESILIENT: u16 = 8082;
 /// Connections opened per port before the failure.
 const PER_PORT: usize = 120;
 /// Connections opened after the failure.
@@ -81,7 +89,19 @@ fn rules() -> String {
         ],
         &backend_endpoints(),
     );
-    format!("{se}---\n{ECHO_SUBSETS}---\n{}", echo_split(WEIGHTS))
+    let resilient = service_entry(
+        "v1",
+        "echo-resilient",
+        VIP_RESILIENT,
+        &[&format!(
+            "{{number: {RESILIENT}, name: tcp-resilient, protocol: TCP}}"
+        )],
+        &backend_endpoints(),
+    );
+    format!(
+        "{se}---\n{resilient}---\n{ECHO_SUBSETS}---\n{}",
+        echo_split(WEIGHTS)
+    )
 }
 
 fn applied(fleet: &Fleet, i: usize) -> Result<Option<i64>> {
@@ -102,9 +122,18 @@ fn seen_by_backends(fleet: &Fleet) -> Result<BTreeMap<(u16, u16), (String, usize
     Ok(seen)
 }
 
-/// Opens `count` connections to the VIP at `port` from the client behind the router.
+/// The service address of `port`: the resilient group's own, or the plain group's.
+fn vip_of(port: u16) -> &'static str {
+    if port == RESILIENT {
+        VIP_RESILIENT
+    } else {
+        VIP
+    }
+}
+
+/// Opens `count` connections to `port` of its service from the client behind the router.
 fn open(tier: &GatewayTier, port: u16, count: usize) -> Result<Vec<(TcpStream, String)>> {
-    let target: SocketAddr = format!("{VIP}:{port}").parse()?;
+    let target: SocketAddr = format!("{}:{port}", vip_of(port)).parse()?;
     tier.client
         .run(move || (0..count).map(|_| tcp_connect(target)).collect())?
 }
@@ -151,11 +180,13 @@ fn gateway_tier_keeps_connections_when_a_node_disappears() -> Result<()> {
         &[
             (FOLLOW, ReturnPath::LastNode),
             (STICKY, ReturnPath::FirstNode),
+            (RESILIENT, ReturnPath::LastNode),
         ],
     )?;
+    tier.route_resilient(VIP_RESILIENT, SIZE)?;
     let mut servers: Vec<Server> = Vec::new();
     for (index, ns) in fleet.backends.iter().enumerate() {
-        for port in [FOLLOW, STICKY] {
+        for port in [FOLLOW, STICKY, RESILIENT] {
             let addr: SocketAddr = format!("{}:{port}", backend_ip(index + 1)).parse()?;
             servers.push(tcp_server(ns, addr, &format!("v{}", index + 1))?);
         }
@@ -181,9 +212,15 @@ fn gateway_tier_keeps_connections_when_a_node_disappears() -> Result<()> {
 
     // --- Long-lived connections through every node; who carries each, seen by the backends.
     let mut opened = Vec::new();
-    for port in [FOLLOW, STICKY] {
+    for port in [FOLLOW, STICKY, RESILIENT] {
         let conns = open(&tier, port, PER_PORT)?;
-        assert_weights(&shares(conns.iter().map(|(_, id)| id.clone())), &WEIGHTS)
+        // The resilient service has no VirtualService: every endpoint weighs the same.
+        let weights: &[u32] = if port == RESILIENT {
+            &[1, 1, 1]
+        } else {
+            &WEIGHTS
+        };
+        assert_weights(&shares(conns.iter().map(|(_, id)| id.clone())), weights)
             .with_context(|| format!("backends of port {port}"))?;
         for (mut stream, backend) in conns {
             tcp_echo(&mut stream, b"before the failure\n")?;
@@ -202,7 +239,7 @@ fn gateway_tier_keeps_connections_when_a_node_disappears() -> Result<()> {
             tracked_by == backend && node != 0,
             "client port {sport}: answered by {backend}, tracked by {tracked_by} through node {node}"
         );
-        let routed = tier.node_for(VIP, sport, dport)?;
+        let routed = tier.node_for(vip_of(dport), sport, dport)?;
         ensure!(
             routed == node,
             "client port {sport}: the router's lookup says n{routed}, the packets came via n{node}"
@@ -231,7 +268,13 @@ fn gateway_tier_keeps_connections_when_a_node_disappears() -> Result<()> {
         || Ok((tier.nodes_in_group()? == [1, 2]).then_some(())),
     )?;
     for conn in &mut conns {
-        conn.node_after = tier.node_for(VIP, conn.sport, conn.dport)?;
+        conn.node_after = tier.node_for(vip_of(conn.dport), conn.sport, conn.dport)?;
+        ensure!(
+            conn.node_after != LOST,
+            "port {}: the router still sends client port {} to the lost node",
+            conn.dport,
+            conn.sport
+        );
     }
     echo_all(&mut conns, 0, Duration::from_secs(8));
     // Until then the backends still address the lost node's MAC; the bridge, no longer knowing
@@ -246,7 +289,7 @@ fn gateway_tier_keeps_connections_when_a_node_disappears() -> Result<()> {
     let seen = seen_by_backends(&fleet)?;
     for conn in conns
         .iter()
-        .filter(|c| c.dport == FOLLOW && c.survived.iter().all(|ok| *ok))
+        .filter(|c| c.dport != STICKY && c.survived.iter().all(|ok| *ok))
     {
         let now = seen.get(&(conn.sport, conn.dport)).map(|(_, n)| *n);
         ensure!(
@@ -293,12 +336,20 @@ fn gateway_tier_keeps_connections_when_a_node_disappears() -> Result<()> {
             conn.backend
         );
         ensure!(
-            conn.dport != FOLLOW || survived,
-            "port {FOLLOW}: client port {} of the lost node (now n{}, backend {}) stopped \
+            conn.dport == STICKY || survived,
+            "port {}: client port {} of the lost node (now n{}, backend {}) stopped \
              echoing although replies follow the latest node",
+            conn.dport,
             conn.sport,
             conn.node_after,
             conn.backend
+        );
+        ensure!(
+            conn.dport != RESILIENT || !through_survivor || conn.node_after == conn.node_before,
+            "resilient group: client port {} moved from surviving n{} to n{}",
+            conn.sport,
+            conn.node_before,
+            conn.node_after
         );
     }
     drop(servers);
@@ -312,10 +363,11 @@ fn report(
     fresh: &BTreeMap<String, usize>,
 ) -> String {
     let mut out = format!(
-        "Measured by `tests/fleet_gateway.rs` (three nodes, hash-threshold ECMP group hashing the 5-tuple; \
+        "Measured by `tests/fleet_gateway.rs` (three nodes behind a router hashing the 5-tuple over a \
+         plain (hash-threshold) or resilient nexthop group; \
          {} long-lived connections, node n{LOST} removed with its namespace):\n\n\
          ECMP spread before the failure: {}.\n\n\
-         | backends send replies to | asked | via surviving nodes: echoing | of them moved by the router's rehash: echoing | via the lost node: echoing |\n\
+         | router's nexthop group; backends send replies to | asked | via surviving nodes: echoing | of them moved by the router's rehash: echoing | via the lost node: echoing |\n\
          |---|---|---|---|---|\n",
         conns.len(),
         per_node
@@ -325,8 +377,18 @@ fn report(
             .join(", ")
     );
     for (port, what) in [
-        (FOLLOW, "the node of the latest packet"),
-        (STICKY, "the node of the first packet"),
+        (
+            FOLLOW,
+            "plain group; replies to the node of the latest packet",
+        ),
+        (
+            STICKY,
+            "plain group; replies to the node of the first packet",
+        ),
+        (
+            RESILIENT,
+            "resilient group; replies to the node of the latest packet",
+        ),
     ] {
         let mine: Vec<&Conn> = conns.iter().filter(|c| c.dport == port).collect();
         for (round, when) in ROUNDS.iter().enumerate() {

@@ -27,8 +27,13 @@ use crate::{
 pub const CLIENT: &str = "198.18.160.2";
 /// The client network, routed back through the router by every node.
 const CLIENT_NET: &str = "198.18.160.0/24";
-/// Id of the router's nexthop group (members are the node numbers).
+/// Id of the router's plain (hash-threshold) nexthop group; members are the node numbers.
 const GROUP: &str = "100";
+/// Id of the router's resilient nexthop group, see [`GatewayTier::route_resilient`].
+const RESILIENT_GROUP: &str = "101";
+/// Buckets of the resilient group: a multiple of the node count, so each node gets an equal
+/// share.
+const RESILIENT_BUCKETS: &str = "96";
 
 /// Router address on its link to node `i`.
 fn router_ip(i: usize) -> String {
@@ -109,7 +114,33 @@ impl GatewayTier {
         Ok(GatewayTier { client, router })
     }
 
-    /// The nodes in the router's nexthop group now.
+    /// Routes `vip` through a resilient nexthop group over the same nodes: a node's removal
+    /// reassigns only its own hash buckets, so connections through the others stay put.
+    pub fn route_resilient(&self, vip: &str, nodes: usize) -> Result<()> {
+        let members: Vec<String> = (1..=nodes).map(|i| i.to_string()).collect();
+        self.router.ip(&[
+            "nexthop",
+            "add",
+            "id",
+            RESILIENT_GROUP,
+            "group",
+            &members.join("/"),
+            "type",
+            "resilient",
+            "buckets",
+            RESILIENT_BUCKETS,
+        ])?;
+        self.router.ip(&[
+            "route",
+            "add",
+            &format!("{vip}/32"),
+            "nhid",
+            RESILIENT_GROUP,
+        ])?;
+        Ok(())
+    }
+
+    /// The nodes in the router's plain nexthop group now.
     pub fn nodes_in_group(&self) -> Result<Vec<usize>> {
         let out = self.router.ip(&["nexthop", "show", "id", GROUP])?;
         let text = String::from_utf8_lossy(&out.stdout);
