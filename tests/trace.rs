@@ -19,7 +19,8 @@ use anyhow::{bail, ensure, Context, Result};
 use aya::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use mesh_common::{
     ct_event, map_names, port_to_wire, reason, FlowKey, FlowState, TraceEvent, TraceFilter,
-    FAMILY_IPV4, NO_BACKEND, PROTO_TCP, TRACE_MATCH_CLIENT_ADDR, TRACE_UNTRANSLATED,
+    FAMILY_IPV4, NO_BACKEND, PROTO_TCP, SERVICE_FLAG_L7_PROXY, TRACE_MATCH_CLIENT_ADDR,
+    TRACE_UNTRANSLATED,
 };
 use mesh_tests::{
     maps::{addr_bytes, Hook, Lb, Service, HOOKS, LOG_LEVEL_GLOBAL, XDP_DROP, XDP_PASS},
@@ -481,7 +482,8 @@ const LOG_OFF: u8 = 0;
 const LOG_TRACE: u8 = 5;
 
 /// One load of `hook` at `log_level` in a fresh network namespace of its own thread: a service
-/// whose Maglev table names no backend drops new flows, one without backends refuses them.
+/// whose Maglev table names no backend drops new flows, one without backends refuses them, one
+/// on the L7 proxy passes them.
 fn drop_case(hook: Hook, log_level: u8) -> Result<()> {
     let mut lb = Lb::load_hook_with(hook, &[(LOG_LEVEL_GLOBAL, log_level)])?;
     println!(
@@ -528,6 +530,22 @@ fn drop_case(hook: Hook, log_level: u8) -> Result<()> {
     lb.install(&empty)?;
     let (verdict, _) = lb.run(&Frame::tcp(client, empty.addr).build()?)?;
     ensure!(verdict == XDP_PASS, "verdict {verdict}");
+    // A service on the L7 proxy: its connection's SYN is traced as passed, the rest is not
+    // (the proxy traces each request).
+    let proxied = Service {
+        id: 17,
+        addr: "198.18.0.12:80".parse()?,
+        flags: SERVICE_FLAG_L7_PROXY,
+        table_offset: 1700,
+        ..empty.clone()
+    };
+    lb.install(&proxied)?;
+    let mut ack = Frame::tcp(client, proxied.addr);
+    ack.l4 = L4::Tcp { syn: false };
+    for frame in [Frame::tcp(client, proxied.addr), ack] {
+        let (verdict, _) = lb.run(&frame.build()?)?;
+        ensure!(verdict == XDP_PASS, "verdict {verdict}");
+    }
 
     let events: Vec<TraceEvent> = drain(&mut lb, map_names::TRACE_EVENTS)?
         .iter()
@@ -544,7 +562,8 @@ fn drop_case(hook: Hook, log_level: u8) -> Result<()> {
     ensure!(
         got == [
             (TRACE_UNTRANSLATED, reason::DROP_INTERNAL, 15),
-            (TRACE_UNTRANSLATED, reason::REFUSED_NO_BACKEND, 16)
+            (TRACE_UNTRANSLATED, reason::REFUSED_NO_BACKEND, 16),
+            (TRACE_UNTRANSLATED, reason::PASS_L7_PROXY, 17)
         ],
         "trace events (kind, reason, service): {got:?}"
     );
