@@ -1,7 +1,11 @@
 //! `meshctl get`: the resources in force (table, wide, YAML or JSON), and the fleet's nodes.
 
 use anyhow::{bail, Result};
-use mesh_user::admin::{client::AdminClient, ResourceEntry};
+use mesh_user::admin::{
+    client::AdminClient,
+    services::{self, ServiceView},
+    ResourceEntry,
+};
 
 use crate::{fleet, Output};
 
@@ -11,10 +15,12 @@ use crate::{fleet, Output};
     meshctl get vs\n  \
     meshctl get se reviews -o yaml\n  \
     meshctl get all -o wide\n  \
+    meshctl get services -o wide                    # address, port, kernel/proxy and why, endpoints\n  \
     meshctl get nodes                               # the fleet (meshd --etcd)")]
 pub struct Args {
     /// Kind (virtualservice|vs, destinationrule|dr, serviceentry|se, gateway|gw, all), or
-    /// nodes (the fleet's nodes, with meshd --etcd).
+    /// services|svc (every service address: kernel path or proxy and why, subsets and endpoints
+    /// with -o wide), or nodes (the fleet's nodes, with meshd --etcd).
     kind: String,
     /// Name (all when omitted).
     name: Option<String>,
@@ -34,8 +40,10 @@ pub async fn run(client: &AdminClient, args: Args) -> Result<()> {
         namespace,
         output,
     } = args;
-    if matches!(kind.to_ascii_lowercase().as_str(), "nodes" | "node" | "no") {
-        return fleet::nodes(client, output).await;
+    match kind.to_ascii_lowercase().as_str() {
+        "nodes" | "node" | "no" => return fleet::nodes(client, output).await,
+        "services" | "service" | "svc" => return services(client, name.as_deref(), output).await,
+        _ => {}
     }
     let mut path = String::from("/v1/resources?");
     if kind != "all" {
@@ -52,6 +60,27 @@ pub async fn run(client: &AdminClient, args: Args) -> Result<()> {
         bail!("{kind} {} not found", name.unwrap_or_default());
     }
     print_resources(&entries, output)
+}
+
+/// `meshctl get services [NAME]`: every service address in force (or those of one host).
+async fn services(client: &AdminClient, name: Option<&str>, output: Output) -> Result<()> {
+    let mut views: Vec<ServiceView> = client.get("/v1/services").await?;
+    if let Some(name) = name {
+        let short = |h: &str| h.split('.').next().unwrap_or(h).to_string();
+        views.retain(|v| v.name == name || short(&v.name) == short(name));
+        if views.is_empty() {
+            bail!("service {name} not found (`meshctl get services` lists them)");
+        }
+    }
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&views)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(&views)?),
+        Output::Table | Output::Wide if views.is_empty() => eprintln!("no services in force"),
+        Output::Table | Output::Wide => {
+            print!("{}", services::render(&views, output == Output::Wide))
+        }
+    }
+    Ok(())
 }
 
 /// The resource kind a short or plural name stands for.

@@ -2,8 +2,8 @@
 
 use anyhow::{bail, Result};
 use mesh_user::{
-    compile::{self, NodeContext},
     config,
+    resolve::{self, NodeContext},
 };
 
 use crate::inputs::Files;
@@ -41,17 +41,15 @@ fn validate(files: &Files) -> Result<()> {
     let mut warnings = Vec::new();
     if errors.is_empty() {
         // Offline there is no node: Gateways are checked but bound to no address.
-        match compile::compile(
+        match resolve::resolve(
             &set,
             &NodeContext {
                 node_addresses: vec![],
             },
         ) {
-            Ok(state) => warnings = state.warnings,
+            Ok(model) => warnings = model.warnings,
             Err(e) => {
-                if let compile::CompileError::Invalid(found) = &e {
-                    warnings = found.warnings.clone();
-                }
+                warnings = e.warnings().to_vec();
                 errors.push(e.to_string());
             }
         }
