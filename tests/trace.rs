@@ -5,8 +5,8 @@
 //!
 //! Kernel debug logging (`meshd --kernel-log`): with `debug`, each refused connection shows as
 //! one line in meshd's log; off (the default), none. Through BPF_PROG_TEST_RUN: a packet dropped
-//! for an inconsistent table is traced with its reason and logged, and nothing is logged when
-//! the object is loaded with logging off.
+//! for an inconsistent table is traced with its reason and logged, nothing is logged when the
+//! object is loaded with logging off, and a rebuilt connection-table direction is logged.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,16 +16,17 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use aya::maps::{Array, RingBuf};
+use aya::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use mesh_common::{
-    map_names, reason, TraceEvent, TraceFilter, NO_BACKEND, PROTO_TCP, TRACE_MATCH_CLIENT_ADDR,
+    ct_event, map_names, port_to_wire, reason, FlowKey, FlowState, TraceEvent, TraceFilter,
+    FAMILY_IPV4, NO_BACKEND, PROTO_TCP, SERVICE_FLAG_L7_PROXY, TRACE_MATCH_CLIENT_ADDR,
     TRACE_UNTRANSLATED,
 };
 use mesh_tests::{
     maps::{addr_bytes, Hook, Lb, Service, HOOKS, LOG_LEVEL_GLOBAL, XDP_DROP, XDP_PASS},
     meshd::Meshd,
     observe::{trace_stats, wait_until, TraceRun},
-    packet::Frame,
+    packet::{Frame, L4},
     rules::{meshd_args, service_entry},
     servers::tcp_connect,
     topology::{backend_v4, Topology, CLIENT_V4},
@@ -370,18 +371,109 @@ fn drain(lb: &mut Lb, map: &str) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// Runs `case` on a thread of its own moved into a fresh network namespace.
+fn in_fresh_netns(case: impl FnOnce() -> Result<()> + Send) -> Result<()> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: plain syscall; affects only this thread, created for this case.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+            }
+            case()
+        })
+        .join()
+        .expect("case thread")
+    })
+}
+
 #[test]
 fn a_drop_is_traced_with_its_reason_and_logged_in_the_kernel() -> Result<()> {
     for hook in HOOKS {
         for log_level in [LOG_TRACE, LOG_OFF] {
-            std::thread::scope(|s| {
-                s.spawn(|| drop_case(hook, log_level))
-                    .join()
-                    .expect("case thread")
-            })
-            .with_context(|| format!("{hook:?} hook, log level {log_level}"))?;
+            in_fresh_netns(|| drop_case(hook, log_level))
+                .with_context(|| format!("{hook:?} hook, log level {log_level}"))?;
         }
     }
+    Ok(())
+}
+
+#[test]
+fn a_rebuilt_conntrack_direction_is_logged_in_the_kernel() -> Result<()> {
+    for hook in HOOKS {
+        in_fresh_netns(|| rebuild_case(hook)).with_context(|| format!("{hook:?} hook"))?;
+    }
+    Ok(())
+}
+
+/// An established flow loses its reply-direction entry (as an LRU eviction would); its next
+/// request packet after the refresh interval puts it back, counts it and logs it.
+fn rebuild_case(hook: Hook) -> Result<()> {
+    let mut lb = Lb::load_hook_with(hook, &[(LOG_LEVEL_GLOBAL, LOG_TRACE)])?;
+    let (vip, backend): (SocketAddr, SocketAddr) =
+        ("198.18.0.10:80".parse()?, "198.19.0.2:8080".parse()?);
+    lb.install(&Service {
+        id: 3,
+        addr: vip,
+        proto: PROTO_TCP,
+        flags: 0,
+        table_offset: 300,
+        table_size: 13,
+        backends: vec![(30, backend)],
+    })?;
+    let client: SocketAddr = "198.18.1.1:40000".parse()?;
+    let mut ack = Frame::tcp(client, vip);
+    ack.l4 = L4::Tcp { syn: false };
+    // Handshake: SYN, the backend's answer, the client's ACK confirms the flow.
+    for frame in [
+        Frame::tcp(client, vip),
+        Frame::tcp(backend, client),
+        ack.clone(),
+    ] {
+        lb.run(&frame.build()?)?;
+    }
+    let reply_key = FlowKey {
+        src_addr: addr_bytes(backend.ip()),
+        dst_addr: addr_bytes(client.ip()),
+        src_port: port_to_wire(backend.port()),
+        dst_port: port_to_wire(client.port()),
+        proto: PROTO_TCP,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    {
+        let mut ct: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(lb.ebpf.map_mut(map_names::CONNTRACK).context("CONNTRACK")?)?;
+        ct.get(&reply_key, 0)
+            .context("the confirmed flow's reply entry")?;
+        ct.remove(&reply_key)?;
+    }
+    ensure!(
+        drain(&mut lb, "AYA_LOGS")?.is_empty(),
+        "records before the rebuild"
+    );
+    // The other direction is checked when the entry's timestamp is refreshed (once a second).
+    std::thread::sleep(Duration::from_millis(1100));
+    lb.run(&ack.build()?)?;
+    let rebuilt: u64 =
+        PerCpuArray::<_, u64>::try_from(lb.ebpf.map(map_names::CT_STATS).context("CT_STATS")?)?
+            .get(&ct_event::REBUILT, 0)?
+            .iter()
+            .sum();
+    ensure!(rebuilt == 1, "rebuilt counted {rebuilt}");
+    let logs: Vec<String> = drain(&mut lb, "AYA_LOGS")?
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    ensure!(
+        logs.len() == 1 && logs[0].contains("rebuilt the missing direction"),
+        "kernel log records: {logs:?}"
+    );
+    // And the reply is translated again.
+    let (_, out) = lb.run(&Frame::tcp(backend, client).build()?)?;
+    ensure!(
+        out == Frame::tcp(vip, client).build()?,
+        "the reply after the rebuild was not given the service address"
+    );
     Ok(())
 }
 
@@ -390,12 +482,9 @@ const LOG_OFF: u8 = 0;
 const LOG_TRACE: u8 = 5;
 
 /// One load of `hook` at `log_level` in a fresh network namespace of its own thread: a service
-/// whose Maglev table names no backend drops new flows, one without backends refuses them.
+/// whose Maglev table names no backend drops new flows, one without backends refuses them, one
+/// on the L7 proxy passes them.
 fn drop_case(hook: Hook, log_level: u8) -> Result<()> {
-    // SAFETY: plain syscall; affects only this thread, created for this case.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-    }
     let mut lb = Lb::load_hook_with(hook, &[(LOG_LEVEL_GLOBAL, log_level)])?;
     println!(
         "{hook:?}, log level {log_level}: {} instructions processed by the verifier",
@@ -441,6 +530,22 @@ fn drop_case(hook: Hook, log_level: u8) -> Result<()> {
     lb.install(&empty)?;
     let (verdict, _) = lb.run(&Frame::tcp(client, empty.addr).build()?)?;
     ensure!(verdict == XDP_PASS, "verdict {verdict}");
+    // A service on the L7 proxy: its connection's SYN is traced as passed, the rest is not
+    // (the proxy traces each request).
+    let proxied = Service {
+        id: 17,
+        addr: "198.18.0.12:80".parse()?,
+        flags: SERVICE_FLAG_L7_PROXY,
+        table_offset: 1700,
+        ..empty.clone()
+    };
+    lb.install(&proxied)?;
+    let mut ack = Frame::tcp(client, proxied.addr);
+    ack.l4 = L4::Tcp { syn: false };
+    for frame in [Frame::tcp(client, proxied.addr), ack] {
+        let (verdict, _) = lb.run(&frame.build()?)?;
+        ensure!(verdict == XDP_PASS, "verdict {verdict}");
+    }
 
     let events: Vec<TraceEvent> = drain(&mut lb, map_names::TRACE_EVENTS)?
         .iter()
@@ -457,7 +562,8 @@ fn drop_case(hook: Hook, log_level: u8) -> Result<()> {
     ensure!(
         got == [
             (TRACE_UNTRANSLATED, reason::DROP_INTERNAL, 15),
-            (TRACE_UNTRANSLATED, reason::REFUSED_NO_BACKEND, 16)
+            (TRACE_UNTRANSLATED, reason::REFUSED_NO_BACKEND, 16),
+            (TRACE_UNTRANSLATED, reason::PASS_L7_PROXY, 17)
         ],
         "trace events (kind, reason, service): {got:?}"
     );
