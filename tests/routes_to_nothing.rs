@@ -12,9 +12,9 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use mesh_tests::{
-    http::{get_once, http_server},
-    meshd::{meshctl, meshctl_stdin, Meshd},
-    rules::{meshd_args, RulesDir},
+    http::get_once,
+    meshd::{meshctl, meshctl_stdin},
+    rules::OneBackendNode,
     topology::{backend_v4, Topology},
 };
 
@@ -105,15 +105,8 @@ fn proxy_5xx(socket: &str, subset: &str) -> Result<u64> {
 
 #[test]
 fn routes_to_nothing_are_refused_on_the_kernel_path_and_answer_503_on_the_proxy() -> Result<()> {
-    let topo = Topology::build(1)?;
-    let _server = http_server(
-        &topo.backends[0],
-        SocketAddr::new(backend_v4(1), 8080),
-        "v1",
-    )?;
-    let rules = RulesDir::new(&topo)?;
-    rules.write("web.yaml", &service())?;
-    let _meshd = Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+    let mut node = OneBackendNode::start("web.yaml", &service())?;
+    let (topo, rules) = (&node.topo, &node.rules);
     let socket = rules.socket();
 
     // Kernel path: every connection to the canary that is not there yet is refused at once.
@@ -122,7 +115,7 @@ fn routes_to_nothing_are_refused_on_the_kernel_path_and_answer_503_on_the_proxy(
     ensure!(ok, "apply: {stderr}");
     let before = reason(&socket, "refused_no_backend")?;
     for n in 0..20 {
-        match connect(&topo)? {
+        match connect(topo)? {
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
             other => anyhow::bail!("connection {n} to a route to nothing: {other:?}"),
         }
@@ -167,7 +160,7 @@ fn routes_to_nothing_are_refused_on_the_kernel_path_and_answer_503_on_the_proxy(
         stderr.contains("warning: <stdin>: document 1 (VirtualService default/web): spec.http[0].route[0].destination.subset: subset `v3` is not defined (yet)"),
         "{stderr}"
     );
-    match connect(&topo)? {
+    match connect(topo)? {
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
         other => anyhow::bail!("route to an undefined subset: {other:?}"),
     }
@@ -178,8 +171,7 @@ fn routes_to_nothing_are_refused_on_the_kernel_path_and_answer_503_on_the_proxy(
             "  - {name: v2, labels: {version: v2}}\n  - {name: v3, labels: {version: v1}}\n",
         ),
     )?;
-    let mut meshd = _meshd;
-    ensure!(meshd.reload()?.contains("rules reloaded"));
+    ensure!(node.meshd.reload()?.contains("rules reloaded"));
     let reply = topo.client.run(|| get_once(vip(), "/", HOST, &[]))??;
     ensure!(
         reply.status == 200 && reply.identity() == "v1",

@@ -34,6 +34,9 @@ const GATEWAY: &str = "198.18.1.1:8080";
 /// Share of mirrored copies that may still be in flight when the mirror step counts them.
 const MIRROR_IN_FLIGHT: f64 = 0.05;
 
+#[path = "sandbox_fleet.rs"]
+mod fleet;
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_interrupt(_: libc::c_int) {
@@ -41,7 +44,7 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 }
 
 /// What a step expects to see.
-enum Expect {
+pub(crate) enum Expect {
     /// Requests (as `user`, if any) see reviews versions in these shares.
     Split {
         user: Option<&'static str>,
@@ -51,14 +54,14 @@ enum Expect {
     Mirrored,
 }
 
-struct Step {
-    title: &'static str,
-    files: &'static [&'static str],
-    expect: &'static [Expect],
-    note: &'static str,
+pub(crate) struct Step {
+    pub(crate) title: &'static str,
+    pub(crate) files: &'static [&'static str],
+    pub(crate) expect: &'static [Expect],
+    pub(crate) note: &'static str,
 }
 
-const STEPS: &[Step] = &[
+pub(crate) const STEPS: &[Step] = &[
     Step {
         title: "Route all traffic to v1 (and open the ingress gateway)",
         files: &["bookinfo-gateway.yaml", "virtual-service-all-v1.yaml"],
@@ -94,20 +97,23 @@ const STEPS: &[Step] = &[
     },
 ];
 
-struct Options {
-    wait: bool,
-    requests: usize,
+pub(crate) struct Options {
+    pub(crate) wait: bool,
+    pub(crate) requests: usize,
+    pub(crate) fleet: bool,
 }
 
 fn parse_args() -> Result<Option<Options>> {
     let mut options = Options {
         wait: true,
-        requests: 1000,
+        requests: 0,
+        fleet: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--no-wait" => options.wait = false,
+            "--fleet" => options.fleet = true,
             "--requests" => {
                 options.requests = args
                     .next()
@@ -121,7 +127,11 @@ fn parse_args() -> Result<Option<Options>> {
                      Usage: cargo xtask demo [-- OPTIONS]\n\n\
                      Options:\n  \
                      --no-wait       run the steps, check them, tear down and exit (for tests and CI)\n  \
-                     --requests N    requests for the split steps (default 1000; others use N/5)\n  \
+                     --requests N    requests for the split steps (default 1000, per node 300 with\n                  \
+                     --fleet; others use N/5)\n  \
+                     --fleet         three nodes sharing the rules through a three-member etcd\n                  \
+                     cluster: each step applied on one node, the revision each node runs and\n                  \
+                     the split each node's client sees printed per node\n  \
                      -h, --help      this help\n\n\
                      Each step applies Istio YAML from config/bookinfo/ with meshctl, sends real\n\
                      requests to productpage through the ingress gateway and prints the reviews\n\
@@ -133,6 +143,9 @@ fn parse_args() -> Result<Option<Options>> {
             }
             other => bail!("unknown argument {other:?} (try --help)"),
         }
+    }
+    if options.requests == 0 {
+        options.requests = if options.fleet { 300 } else { 1000 };
     }
     Ok(Some(options))
 }
@@ -150,6 +163,7 @@ fn main() -> ExitCode {
         );
     }
     match parse_args().and_then(|o| match o {
+        Some(options) if options.fleet => fleet::run(&options),
         Some(options) => run(&options),
         None => Ok(()),
     }) {
@@ -161,14 +175,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_interrupt() -> Result<()> {
+pub(crate) fn check_interrupt() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted; everything was torn down");
     }
     Ok(())
 }
 
-fn config_dir() -> PathBuf {
+pub(crate) fn config_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/bookinfo")
 }
 
@@ -189,6 +203,80 @@ fn run(options: &Options) -> Result<()> {
     check_interrupt()?;
 
     progress("starting the Bookinfo services");
+    let mut workloads = start_workloads(&topo)?;
+    let (rules_dir, _rules_guard) = node_rules_dir(&topo.prefix)?;
+    progress("starting meshd on the node (XDP on every node interface; services and subsets from config/bookinfo/0*.yaml)");
+    let socket = rules_dir.join("meshd.sock").display().to_string();
+    let mut args = node_args(&topo, &rules_dir);
+    args.extend(
+        ["--no-pin", "--no-state", "--socket", &socket]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let meshd = Meshd::start(&topo.node, &args)?;
+    for w in &mut workloads {
+        w.check_alive()?;
+    }
+    progress(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
+    // meshd's split page listens on the node's loopback; a host loopback port reaches it.
+    let page = forward_into(&topo.node, "127.0.0.1:9464".parse()?)?;
+    println!(
+        "\nLive split page: http://{}/  (meshd's metrics listener in the node namespace, \
+         forwarded to this host's loopback; open it now to watch the steps)\n",
+        page.addr
+    );
+
+    let mut failures = Vec::new();
+    for (n, step) in STEPS.iter().enumerate() {
+        check_interrupt()?;
+        print_step(n, step);
+        apply_step(&socket, step)?;
+        check_step(&topo, n + 1, step, options, "", &mut failures)?;
+    }
+    if !failures.is_empty() {
+        bail!(
+            "steps did not match their rules:\n  {}",
+            failures.join("\n  ")
+        );
+    }
+    println!("\nEvery step's observed traffic matched its rules (within what chance allows).");
+
+    if options.wait {
+        let client = topo.client.name();
+        println!(
+            "\nThe sandbox stays up until Ctrl-C. From another shell, as root:\n  \
+             nsenter --net=/var/run/netns/{client} curl -s http://{GATEWAY}/productpage\n  \
+             nsenter --net=/var/run/netns/{client} curl -s -H 'cookie: session=jason' http://{GATEWAY}/productpage\n  \
+             target/release/meshctl --socket {socket} apply -f config/bookinfo/virtual-service-reviews-50-v3.yaml\n  \
+             target/release/meshctl --socket {socket} stats --watch\n  \
+             target/release/meshctl --socket {socket} trace reviews               # its decisions, live\n  \
+             target/release/meshctl --socket {socket} trace --client {CLIENT_V4}     # the client's connections\n  \
+             target/release/meshctl --socket {socket} get vs\n\
+             Live split page: http://{}/",
+            page.addr
+        );
+        wait_for_interrupt();
+    }
+    let status = meshd.stop()?;
+    if !status.success() {
+        bail!("meshd exited with {status}");
+    }
+    drop(workloads);
+    drop(topo);
+    progress("sandbox removed");
+    Ok(())
+}
+
+/// Blocks until Ctrl-C (or SIGTERM).
+pub(crate) fn wait_for_interrupt() {
+    while !INTERRUPTED.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("\ntearing down the sandbox");
+}
+
+/// Starts the Bookinfo workloads, one per backend namespace of `topo`.
+pub(crate) fn start_workloads(topo: &Topology) -> Result<Vec<NsProcess>> {
     let mut workloads = Vec::new();
     for (i, service, version) in WORKLOADS {
         let listen = format!("198.18.{}.1:9080", 1 + i);
@@ -216,140 +304,107 @@ fn run(options: &Options) -> Result<()> {
             &format!("{service} {version}"),
         )?);
     }
+    Ok(workloads)
+}
 
-    let rules_dir = std::env::temp_dir().join(format!("{}-sandbox-rules", topo.prefix));
-    let _rules_guard = DirGuard(rules_dir.clone());
+/// A node's rules directory (`<prefix>-sandbox-rules`, removed with the guard) holding the
+/// `--config` layer: Bookinfo's services and subsets.
+pub(crate) fn node_rules_dir(prefix: &str) -> Result<(PathBuf, DirGuard)> {
+    let rules_dir = std::env::temp_dir().join(format!("{prefix}-sandbox-rules"));
+    let guard = DirGuard(rules_dir.clone());
     std::fs::create_dir_all(&rules_dir)?;
     for file in ["00-services.yaml", "01-destination-rules.yaml"] {
         std::fs::copy(config_dir().join(file), rules_dir.join(file))
             .with_context(|| format!("copying {file}"))?;
     }
-    progress("starting meshd on the node (XDP on every node interface; services and subsets from config/bookinfo/0*.yaml)");
-    let socket = rules_dir.join("meshd.sock").display().to_string();
+    Ok((rules_dir, guard))
+}
+
+/// meshd's interfaces on the node of `topo` and its `--config` directory.
+pub(crate) fn node_args(topo: &Topology, rules_dir: &std::path::Path) -> Vec<String> {
     let mut args = Vec::new();
     for interface in topo.node_interfaces() {
         args.extend(["--iface".to_string(), interface]);
     }
-    args.extend(
-        [
-            "--config",
-            &rules_dir.display().to_string(),
-            "--no-pin",
-            "--no-state",
-            "--socket",
-            &socket,
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
-    let meshd = Meshd::start(&topo.node, &args)?;
-    for w in &mut workloads {
-        w.check_alive()?;
-    }
-    progress(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
-    // meshd's split page listens on the node's loopback; a host loopback port reaches it.
-    let page = forward_into(&topo.node, "127.0.0.1:9464".parse()?)?;
+    args.extend(["--config".to_string(), rules_dir.display().to_string()]);
+    args
+}
+
+pub(crate) fn print_step(n: usize, step: &Step) {
     println!(
-        "\nLive split page: http://{}/  (meshd's metrics listener in the node namespace, \
-         forwarded to this host's loopback; open it now to watch the steps)\n",
-        page.addr
+        "\n\x1b[1mStep {}/{}: {}\x1b[0m",
+        n + 1,
+        STEPS.len(),
+        step.title
     );
+}
 
+/// Applies a step's files with meshctl through `socket`, printing the command and its answer.
+pub(crate) fn apply_step(socket: &str, step: &Step) -> Result<()> {
+    for file in step.files {
+        let path = config_dir().join(file);
+        let (ok, stdout, stderr) = meshctl(socket, &["apply", "-f", &path.display().to_string()])?;
+        if !ok {
+            bail!("meshctl apply -f config/bookinfo/{file} failed:\n{stderr}");
+        }
+        println!("  $ meshctl apply -f config/bookinfo/{file}");
+        for line in stdout.lines() {
+            println!("    {line}");
+        }
+    }
+    if !step.note.is_empty() {
+        println!("  ({})", step.note);
+    }
+    Ok(())
+}
+
+/// Sends a step's requests through the gateway of `topo` and records what does not match its
+/// rules in `failures` (`label` names the node in a fleet).
+pub(crate) fn check_step(
+    topo: &Topology,
+    step_no: usize,
+    step: &Step,
+    options: &Options,
+    label: &str,
+    failures: &mut Vec<String>,
+) -> Result<()> {
     let gateway: SocketAddr = GATEWAY.parse()?;
-    let mut failures = Vec::new();
-    for (n, step) in STEPS.iter().enumerate() {
+    let mut step_failures = Vec::new();
+    for expect in step.expect {
         check_interrupt()?;
-        println!(
-            "\n\x1b[1mStep {}/{}: {}\x1b[0m",
-            n + 1,
-            STEPS.len(),
-            step.title
-        );
-        for file in step.files {
-            let path = config_dir().join(file);
-            let (ok, stdout, stderr) =
-                meshctl(&socket, &["apply", "-f", &path.display().to_string()])?;
-            if !ok {
-                bail!("meshctl apply -f config/bookinfo/{file} failed:\n{stderr}");
+        match expect {
+            Expect::Split { user, shares } => {
+                let count = if shares.len() > 1 {
+                    options.requests
+                } else {
+                    (options.requests / 5).max(20)
+                };
+                let seen = requests(topo, gateway, *user, count)?;
+                report_split(step_no, *user, shares, &seen, &mut step_failures);
             }
-            println!("  $ meshctl apply -f config/bookinfo/{file}");
-            for line in stdout.lines() {
-                println!("    {line}");
-            }
-        }
-        if !step.note.is_empty() {
-            println!("  ({})", step.note);
-        }
-        for expect in step.expect {
-            check_interrupt()?;
-            match expect {
-                Expect::Split { user, shares } => {
-                    let count = if shares.len() > 1 {
-                        options.requests
-                    } else {
-                        (options.requests / 5).max(20)
-                    };
-                    let seen = requests(&topo, gateway, *user, count)?;
-                    report_split(n + 1, *user, shares, &seen, &mut failures);
+            Expect::Mirrored => {
+                let count = (options.requests / 5).max(20);
+                let before = shadow_requests(topo)?;
+                let seen = requests(topo, gateway, None, count)?;
+                report_split(step_no, None, &[("v1", 1.0)], &seen, &mut step_failures);
+                // Copies are asynchronous: give the last ones a moment to land.
+                let deadline = Instant::now() + Duration::from_secs(3);
+                let mut mirrored = shadow_requests(topo)? - before;
+                while mirrored < count as u64 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                    mirrored = shadow_requests(topo)? - before;
                 }
-                Expect::Mirrored => {
-                    let count = (options.requests / 5).max(20);
-                    let before = shadow_requests(&topo)?;
-                    let seen = requests(&topo, gateway, None, count)?;
-                    report_split(n + 1, None, &[("v1", 1.0)], &seen, &mut failures);
-                    // Copies are asynchronous: give the last ones a moment to land.
-                    let deadline = Instant::now() + Duration::from_secs(3);
-                    let mut mirrored = shadow_requests(&topo)? - before;
-                    while mirrored < count as u64 && Instant::now() < deadline {
-                        std::thread::sleep(Duration::from_millis(100));
-                        mirrored = shadow_requests(&topo)? - before;
-                    }
-                    println!("  reviews v2 received {mirrored} mirrored copies (Host reviews-shadow) for {count} requests");
-                    // Every request is copied; only copies still in flight may be missing.
-                    if (mirrored as f64) < count as f64 * (1.0 - MIRROR_IN_FLIGHT) {
-                        failures.push(format!(
-                            "step {}: only {mirrored} of {count} requests mirrored to v2",
-                            n + 1
-                        ));
-                    }
+                println!("  reviews v2 received {mirrored} mirrored copies (Host reviews-shadow) for {count} requests");
+                // Every request is copied; only copies still in flight may be missing.
+                if (mirrored as f64) < count as f64 * (1.0 - MIRROR_IN_FLIGHT) {
+                    step_failures.push(format!(
+                        "step {step_no}: only {mirrored} of {count} requests mirrored to v2"
+                    ));
                 }
             }
         }
     }
-    if !failures.is_empty() {
-        bail!(
-            "steps did not match their rules:\n  {}",
-            failures.join("\n  ")
-        );
-    }
-    println!("\nEvery step's observed traffic matched its rules (within what chance allows).");
-
-    if options.wait {
-        let client = topo.client.name();
-        println!(
-            "\nThe sandbox stays up until Ctrl-C. From another shell, as root:\n  \
-             nsenter --net=/var/run/netns/{client} curl -s http://{GATEWAY}/productpage\n  \
-             nsenter --net=/var/run/netns/{client} curl -s -H 'cookie: session=jason' http://{GATEWAY}/productpage\n  \
-             target/release/meshctl --socket {socket} apply -f config/bookinfo/virtual-service-reviews-50-v3.yaml\n  \
-             target/release/meshctl --socket {socket} stats --watch\n  \
-             target/release/meshctl --socket {socket} trace reviews               # its decisions, live\n  \
-             target/release/meshctl --socket {socket} trace --client {CLIENT_V4}     # the client's connections\n  \
-             target/release/meshctl --socket {socket} get vs\n\
-             Live split page: http://{}/",
-            page.addr
-        );
-        while !INTERRUPTED.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        println!("\ntearing down the sandbox");
-    }
-    let status = meshd.stop()?;
-    if !status.success() {
-        bail!("meshd exited with {status}");
-    }
-    drop(workloads);
-    drop(topo);
-    progress("sandbox removed");
+    failures.extend(step_failures.into_iter().map(|f| format!("{label}{f}")));
     Ok(())
 }
 
@@ -441,11 +496,11 @@ fn bar(share: f64, width: usize) -> String {
     format!("{}{}", "█".repeat(cells), "·".repeat(width - cells))
 }
 
-fn progress(what: &str) {
+pub(crate) fn progress(what: &str) {
     eprintln!("==> {what}");
 }
 
-struct DirGuard(PathBuf);
+pub(crate) struct DirGuard(PathBuf);
 
 impl Drop for DirGuard {
     fn drop(&mut self) {

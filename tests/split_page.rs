@@ -1,14 +1,16 @@
 //! The live split page in a real browser: headless Chromium (inside the node's namespace, where
 //! meshd's metrics listener is) loads the page, traffic shifts from all-v1 to 50/50 v1/v3 through
 //! `meshctl apply`, the page follows over server-sent events, and the shares it shows match what
-//! the clients saw. A screenshot goes to target/split-page/.
+//! the clients saw. A screenshot goes to target/split-page/. Afterwards `meshctl stats -o json`,
+//! the page's `/api/stats` and Prometheus' `/metrics` give the same per-subset connection counts,
+//! equal to the clients'.
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use mesh_tests::{
     browser::Browser,
-    meshd::{meshctl_stdin, Meshd},
+    meshd::{meshctl, meshctl_stdin, metric_value, scrape_metrics, Meshd},
     observe::wait_until,
     rules::{echo_split, meshd_args},
     split,
@@ -143,5 +145,41 @@ fn the_page_shows_the_split_clients_see_while_it_shifts() -> Result<()> {
         );
     }
     ensure!(!after.contains_key("v2"), "v2 got connections: {after:?}");
+
+    // One snapshot behind all three views: meshctl, the page's JSON and Prometheus agree with
+    // each other and with the clients (connection counters no longer move: traffic is over).
+    let (ok, cli, err) = meshctl(&socket, &["stats", "-o", "json"])?;
+    ensure!(ok, "meshctl stats: {err}");
+    let cli: Value = serde_json::from_str(&cli)?;
+    let out = topo
+        .node
+        .exec("curl", &["-sf", "http://127.0.0.1:9464/api/stats"])
+        .context("GET /api/stats")?;
+    let api: Value = serde_json::from_slice(&out.stdout).context("/api/stats as JSON")?;
+    let metrics = scrape_metrics(&topo.node)?;
+    for subset in ["v1", "v3"] {
+        let clients = *seen.get(subset).unwrap_or(&0) as u64;
+        let cli = backend_connections(&cli, 8080, subset);
+        let api = backend_connections(&api, 8080, subset);
+        let needle = format!("address=\"{endpoint}\",protocol=\"tcp\",subset=\"{subset}\"");
+        let prom = metric_value(&metrics, "mesh_backend_connections_total{", &needle);
+        ensure!(
+            cli == Some(clients) && api == Some(clients) && prom == Some(clients),
+            "{subset}: meshctl {cli:?}, /api/stats {api:?}, /metrics {prom:?}, clients {clients}"
+        );
+    }
     Ok(())
+}
+
+/// Connections of `subset`'s backend of the service on `port`, from a stats snapshot.
+fn backend_connections(stats: &Value, port: u16, subset: &str) -> Option<u64> {
+    let service = stats["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["address"]["port"] == port)?;
+    service["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["subset"] == subset)?["counters"]["connections"]
+        .as_u64()
 }

@@ -438,6 +438,11 @@ pub const TRACE_NEW_FLOW: u8 = 1;
 pub const TRACE_ESTABLISHED: u8 = 2;
 /// [`TraceEvent::kind`]: a reply from a backend, service address restored.
 pub const TRACE_REPLY: u8 = 3;
+/// [`TraceEvent::kind`]: a packet to a service address that was not balanced (refused for want
+/// of a backend, passed to the L7 proxy or the stack, dropped); [`TraceEvent::reason`] says why.
+pub const TRACE_UNTRANSLATED: u8 = 4;
+/// [`TraceEvent::reason`] of translated packets (their action says where they went).
+pub const TRACE_REASON_TRANSLATED: u8 = u8::MAX;
 
 /// Value of [`map_names::TRACE_FILTER`]: which packets the kernel reports.
 ///
@@ -479,12 +484,14 @@ pub struct TraceEvent {
     pub target_port: u16,
     /// [`TRACE_HOOK_XDP`] or [`TRACE_HOOK_TC`].
     pub hook: u8,
-    /// `TRACE_NEW_FLOW`, `TRACE_ESTABLISHED` or `TRACE_REPLY`.
+    /// `TRACE_NEW_FLOW`, `TRACE_ESTABLISHED`, `TRACE_REPLY` or `TRACE_UNTRANSLATED`.
     pub kind: u8,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// The [`reason`] code of an untranslated packet, [`TRACE_REASON_TRANSLATED`] otherwise.
+    pub reason: u8,
     /// Explicit padding, always zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
     /// Service id.
     pub service_id: u32,
     /// Backend id.

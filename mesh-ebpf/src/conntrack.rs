@@ -133,6 +133,7 @@ fn ensure_partner(key: &FlowKey, entry: *const FlowState) {
     if CONNTRACK.get_ptr_mut(&s.other_key).is_none() {
         let _ = CONNTRACK.insert(&s.other_key, &s.other, 0);
         count(ct_event::REBUILT);
+        crate::klog::rebuilt(s.other.service_id, s.other.backend_id);
     }
 }
 

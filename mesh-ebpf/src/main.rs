@@ -19,6 +19,7 @@ mod conntrack;
 mod csum;
 mod ctx;
 mod forward;
+mod klog;
 mod local;
 mod maps;
 mod nat;

@@ -6,12 +6,12 @@
 //! packet leaves, verdict codes) is behind that trait, so no stage exists twice.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use mesh_common::{reason, FLOW_REPLY, SERVICE_FLAG_L7_PROXY};
+use mesh_common::{reason, FlowKey, FLOW_REPLY, SERVICE_FLAG_L7_PROXY};
 
 use crate::{
     conntrack,
-    ctx::{Hook, Packet as Ctx},
-    forward, local,
+    ctx::Packet as Ctx,
+    forward, klog, local,
     nat::{self, Side},
     parse::{self, Frame},
     select,
@@ -71,8 +71,26 @@ pub fn run<C: Ctx>(ctx: &C) -> Result<u32, ()> {
             let Some(svc) = select::service(&pkt.key) else {
                 return Ok(verdict(reason::PASS_NOT_SERVICE, C::PASS));
             };
+            // A packet to this service that is not balanced: counted, traced with its reason.
+            macro_rules! unbalanced {
+                ($why:expr, $action:expr) => {{
+                    let why = $why;
+                    return Ok(trace::untranslated(
+                        ctx,
+                        &pkt.key,
+                        tcp_flags,
+                        svc.service_id,
+                        why,
+                        $action,
+                    ));
+                }};
+            }
             if svc.flags & SERVICE_FLAG_L7_PROXY != 0 {
-                return Ok(verdict(reason::PASS_L7_PROXY, C::PASS));
+                // Traced once per connection (its SYN): the proxy traces each request.
+                if !opening {
+                    return Ok(verdict(reason::PASS_L7_PROXY, C::PASS));
+                }
+                unbalanced!(reason::PASS_L7_PROXY, C::PASS);
             }
             // A connection the proxy still holds from before this service moved to the kernel
             // path: balancing it as a new flow would reset it.
@@ -83,14 +101,16 @@ pub fn run<C: Ctx>(ctx: &C) -> Result<u32, ()> {
                 return Ok(verdict(reason::PASS_L7_PROXY, C::PASS));
             }
             if svc.table_size == 0 {
-                return Ok(verdict(reason::REFUSED_NO_BACKEND, C::PASS));
+                klog::refused(&pkt.key, svc.service_id);
+                unbalanced!(reason::REFUSED_NO_BACKEND, C::PASS);
             }
             // Checked before any state is created, like on the tracked paths below.
             if pkt.ttl <= 1 {
-                return Ok(ttl_expired::<C>());
+                unbalanced!(reason::PASS_TTL_EXPIRED, C::PASS);
             }
             let Some((backend_id, backend)) = select::backend(&pkt.key, &svc) else {
-                return Ok(verdict(reason::DROP_INTERNAL, C::DROP));
+                klog::inconsistent(&pkt.key, svc.service_id);
+                unbalanced!(reason::DROP_INTERNAL, C::DROP);
             };
             conntrack::track(&pkt.key, &backend, svc.service_id, backend_id, now);
             (
@@ -106,18 +126,16 @@ pub fn run<C: Ctx>(ctx: &C) -> Result<u32, ()> {
     // Decided before the packet changes, so the stack sees the original packet and sends the
     // ICMP time exceeded itself.
     if pkt.ttl <= 1 {
-        return Ok(ttl_expired::<C>());
+        return Ok(ttl_expired(ctx, &pkt.key, tcp_flags, service_id));
     }
 
     nat::rewrite(ctx, &pkt, side, &addr, port)?;
     stats::traffic(service_id, backend_id, frame_len, dir);
     let action = forward::forward(ctx, &pkt)?;
     trace::emit(trace::Decision {
-        hook: match C::HOOK {
-            Hook::Xdp => mesh_common::TRACE_HOOK_XDP,
-            Hook::Tc => mesh_common::TRACE_HOOK_TC,
-        },
-        dir,
+        hook: trace::hook::<C>(),
+        kind: trace::kind(dir),
+        reason: mesh_common::TRACE_REASON_TRANSLATED,
         key: &pkt.key,
         tcp_flags,
         target: (&addr, port),
@@ -128,7 +146,9 @@ pub fn run<C: Ctx>(ctx: &C) -> Result<u32, ()> {
     Ok(action)
 }
 
+/// The stack answers an expiring TTL (ICMP time exceeded); traced like any untranslated packet.
 #[inline(always)]
-fn ttl_expired<C: Ctx>() -> u32 {
-    verdict(reason::PASS_TTL_EXPIRED, C::PASS)
+fn ttl_expired<C: Ctx>(ctx: &C, key: &FlowKey, tcp_flags: u8, service_id: u32) -> u32 {
+    let why = reason::PASS_TTL_EXPIRED;
+    trace::untranslated(ctx, key, tcp_flags, service_id, why, C::PASS)
 }

@@ -1,5 +1,7 @@
-//! The decision trace: one [`TraceEvent`] per translated packet into a ring buffer, only while
-//! userspace (`meshctl trace`) has switched it on for a filter the packet matches.
+//! The decision trace: one [`TraceEvent`] per packet of a service flow into a ring buffer (every
+//! translated packet, and packets to a service address that were refused, passed or dropped,
+//! with their reason), only while userspace (`meshctl trace`) has switched it on for a filter the
+//! packet matches.
 //!
 //! Off, the cost is one read of the one-entry `TRACE_FILTER` array (the verifier inlines the
 //! lookup into a load). Loaded with the `.rodata` global `TRACE_AVAILABLE` = 0, the verifier
@@ -12,12 +14,17 @@ use aya_ebpf::{
     maps::{Array, RingBuf},
 };
 use mesh_common::{
-    FlowKey, TraceEvent, TraceFilter, TRACE_ESTABLISHED, TRACE_MATCH_BACKEND,
-    TRACE_MATCH_CLIENT_ADDR, TRACE_MATCH_CLIENT_PORT, TRACE_MATCH_SERVICE_ADDR,
-    TRACE_MATCH_SERVICE_PORT, TRACE_NEW_FLOW, TRACE_REPLY, TRACE_RING_BYTES,
+    FlowKey, TraceEvent, TraceFilter, TRACE_ESTABLISHED, TRACE_HOOK_TC, TRACE_HOOK_XDP,
+    TRACE_MATCH_BACKEND, TRACE_MATCH_CLIENT_ADDR, TRACE_MATCH_CLIENT_PORT,
+    TRACE_MATCH_SERVICE_ADDR, TRACE_MATCH_SERVICE_PORT, TRACE_NEW_FLOW, TRACE_REPLY,
+    TRACE_RING_BYTES, TRACE_UNTRANSLATED,
 };
 
-use crate::{select, stats::Direction};
+use crate::{
+    ctx::{Hook, Packet as Ctx},
+    select,
+    stats::{self, Direction},
+};
 
 /// 1: the trace check is compiled in. meshd may load the object with 0 (then the verifier drops
 /// the check as dead code); the benchmark does, to measure what the check costs.
@@ -32,12 +39,14 @@ pub static TRACE_FILTER: Array<TraceFilter> = Array::with_max_entries(1, 0);
 #[map]
 pub static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
 
-/// What the pipeline decided for one translated packet.
+/// What the pipeline decided for one packet.
 pub struct Decision<'a> {
     /// `TRACE_HOOK_*`.
     pub hook: u8,
-    /// Which way the packet went.
-    pub dir: Direction,
+    /// `TRACE_NEW_FLOW`, ... (see [`kind`]).
+    pub kind: u8,
+    /// Reason code of an untranslated packet, `TRACE_REASON_TRANSLATED` otherwise.
+    pub reason: u8,
     /// The packet's tuple as it arrived.
     pub key: &'a FlowKey,
     /// TCP flags byte.
@@ -52,6 +61,50 @@ pub struct Decision<'a> {
     pub ifindex: u32,
 }
 
+/// The event kind of a translated packet going `dir`.
+#[inline(always)]
+pub fn kind(dir: Direction) -> u8 {
+    match dir {
+        Direction::Request { new_flow: true } => TRACE_NEW_FLOW,
+        Direction::Request { new_flow: false } => TRACE_ESTABLISHED,
+        Direction::Reply { .. } => TRACE_REPLY,
+    }
+}
+
+/// `TRACE_HOOK_*` of the context type.
+#[inline(always)]
+pub fn hook<C: Ctx>() -> u8 {
+    match C::HOOK {
+        Hook::Xdp => TRACE_HOOK_XDP,
+        Hook::Tc => TRACE_HOOK_TC,
+    }
+}
+
+/// Counts a packet to service `service_id` that is not translated (`reason`: refused, passed to
+/// the proxy or the stack, dropped), reports it when tracing matches, and returns `action`.
+#[inline(always)]
+pub fn untranslated<C: Ctx>(
+    ctx: &C,
+    key: &FlowKey,
+    tcp_flags: u8,
+    service_id: u32,
+    reason: u32,
+    action: u32,
+) -> u32 {
+    emit(Decision {
+        hook: hook::<C>(),
+        kind: TRACE_UNTRANSLATED,
+        reason: reason as u8,
+        key,
+        tcp_flags,
+        target: (&key.dst_addr, key.dst_port),
+        ids: (service_id, u32::MAX),
+        action,
+        ifindex: ctx.ifindex(),
+    });
+    stats::verdict(reason, action)
+}
+
 /// Reports `d` when tracing is on and its filter matches.
 #[inline(always)]
 pub fn emit(d: Decision) {
@@ -62,11 +115,7 @@ pub fn emit(d: Decision) {
     let Some(filter) = TRACE_FILTER.get(0) else {
         return;
     };
-    let kind = match d.dir {
-        Direction::Request { new_flow: true } => TRACE_NEW_FLOW,
-        Direction::Request { new_flow: false } => TRACE_ESTABLISHED,
-        Direction::Reply { .. } => TRACE_REPLY,
-    };
+    let kind = d.kind;
     if filter.enabled == 0 || !matches(filter, &d, kind) {
         return;
     }
@@ -92,7 +141,8 @@ pub fn emit(d: Decision) {
         hook: d.hook,
         kind,
         tcp_flags: d.tcp_flags,
-        _pad: [0; 3],
+        reason: d.reason,
+        _pad: [0; 2],
         service_id: d.ids.0,
         backend_id: d.ids.1,
         slot,

@@ -3,7 +3,10 @@
 //! The pipeline, one module per stage:
 //! - [`config`]: typed Istio resources read from YAML, with positions for errors;
 //! - [`validate`]: per-resource and cross-resource checks;
-//! - [`compile`]: a pure function from resources to a [`compile::DesiredState`];
+//! - [`resolve`]: one typed, resolved model of the rules (references looked up, kernel or
+//!   proxy decided with its reason, destinations resolved to endpoints);
+//! - [`compile`]: a pure function, that cannot fail, from the model to a
+//!   [`compile::DesiredState`];
 //! - [`dataplane`]: loads and attaches the kernel programs and applies a desired state to the
 //!   BPF maps atomically;
 //! - [`proxy`]: the L7 proxy serving the services whose routes need HTTP;
@@ -21,6 +24,7 @@ pub mod dataplane;
 pub mod fleet;
 pub mod metrics;
 pub mod proxy;
+pub mod resolve;
 pub mod shift;
 pub mod store;
 pub mod trace;

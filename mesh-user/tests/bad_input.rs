@@ -13,7 +13,7 @@ use std::{
 };
 
 use mesh_user::{
-    compile::{compile, NodeContext},
+    compile::{compile_rules as compile, NodeContext},
     config::{load_path, MAX_INPUT_BYTES},
 };
 

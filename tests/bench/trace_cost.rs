@@ -1,7 +1,9 @@
 //! Section 1, trace check: what `meshctl trace`'s kernel hook costs an established-flow packet
 //! while no trace runs, against the same object loaded with the check compiled out (the
 //! `.rodata` switch `TRACE_AVAILABLE` = 0, which the verifier turns into dead code), and while a
-//! trace runs for another client (the filter is read and compared, nothing is emitted).
+//! trace runs for another client (the filter is read and compared, nothing is emitted). And
+//! kernel debug logging (`meshd --kernel-log debug`) against off: its log points are off the
+//! established-flow path, and off the verifier removes them (the translated size shows it).
 //!
 //! Hot loop through BPF_PROG_TEST_RUN on a self-mapped service (the frame stays byte-identical,
 //! see `micro.rs`), rounds interleaved across the three loads so drift hits them alike.
@@ -19,7 +21,7 @@ use mesh_common::{
     XDP_PROGRAM_NAME,
 };
 use mesh_tests::{
-    maps::{addr_bytes, Lb, Service},
+    maps::{addr_bytes, Lb, Service, LOG_LEVEL_GLOBAL},
     packet::Frame,
     EBPF_OBJECT,
 };
@@ -38,11 +40,20 @@ pub struct TraceCost {
     pub off_ns: f64,
     /// A trace running for another client.
     pub other_client_ns: f64,
+    /// Default object, no trace, kernel log at debug level.
+    pub kernel_log_ns: f64,
+    /// Bytes of the program after the verifier: kernel log off, and at debug level.
+    pub translated_bytes: (u32, u32),
 }
 
-fn load(trace_available: u8) -> Result<Lb> {
+/// aya-log levels: off (meshd's default) and debug (`--kernel-log debug`).
+const LOG_OFF: u8 = 0;
+const LOG_DEBUG: u8 = 4;
+
+fn load(trace_available: u8, log_level: u8) -> Result<Lb> {
     let mut ebpf = EbpfLoader::new()
         .override_global(TRACE_AVAILABLE_GLOBAL, &trace_available, true)
+        .override_global(LOG_LEVEL_GLOBAL, &log_level, true)
         .map_max_entries(map_names::MAGLEV, 2 * 1024)
         .map_max_entries(map_names::CONNTRACK, 1024)
         .load(EBPF_OBJECT)
@@ -77,7 +88,12 @@ pub fn run(plan: &Plan) -> Result<TraceCost> {
 
 fn measure(plan: &Plan) -> Result<TraceCost> {
     let frame = Frame::udp(CLIENT.parse()?, SELF_VIP.parse()?).build()?;
-    let mut variants = [load(0)?, load(1)?, load(1)?];
+    let mut variants = [
+        load(0, LOG_OFF)?,
+        load(1, LOG_OFF)?,
+        load(1, LOG_OFF)?,
+        load(1, LOG_DEBUG)?,
+    ];
     // The third runs a trace for a client that is not this one.
     let mut filter: Array<_, TraceFilter> = Array::try_from(
         variants[2]
@@ -99,7 +115,7 @@ fn measure(plan: &Plan) -> Result<TraceCost> {
         "trace check: {} rounds x {} repeats per variant",
         plan.hot_rounds, plan.hot_repeat
     ));
-    let mut ns: [Vec<f64>; 3] = Default::default();
+    let mut ns: [Vec<f64>; 4] = Default::default();
     for _ in 0..plan.hot_rounds {
         for (k, lb) in variants.iter().enumerate() {
             let prog: &Xdp = lb
@@ -120,10 +136,20 @@ fn measure(plan: &Plan) -> Result<TraceCost> {
             ns[k].push(r.duration.as_nanos() as f64);
         }
     }
+    let translated = |lb: &Lb| -> Result<u32> {
+        let prog: &Xdp = lb
+            .ebpf
+            .program(XDP_PROGRAM_NAME)
+            .context("mesh_xdp")?
+            .try_into()?;
+        Ok(prog.info()?.size_translated().unwrap_or(0))
+    };
     Ok(TraceCost {
         without_check_ns: median(&ns[0]),
         off_ns: median(&ns[1]),
         other_client_ns: median(&ns[2]),
+        kernel_log_ns: median(&ns[3]),
+        translated_bytes: (translated(&variants[1])?, translated(&variants[3])?),
     })
 }
 
@@ -137,14 +163,22 @@ pub fn markdown(r: &Result<TraceCost, String>) -> String {
              | object | ns/packet | vs. without the check |\n|---|---|---|\n\
              | check compiled out (`TRACE_AVAILABLE` = 0) | {:.1} | 1.000 |\n\
              | default, no trace running | {:.1} | {:.3} |\n\
-             | default, a trace running for another client | {:.1} | {:.3} |\n\n\
+             | default, a trace running for another client | {:.1} | {:.3} |\n\
+             | default, kernel log at debug (`--kernel-log debug`), no trace | {:.1} | {:.3} |\n\n\
              With no trace running the hook is one read of the one-entry `TRACE_FILTER` array \
-             (inlined by the verifier) and a compare.\n",
+             (inlined by the verifier) and a compare. The kernel log points (refusals, table \
+             inconsistencies, connection-table repairs) are off this path; with logging off \
+             (meshd's default) the verifier removes them: `mesh_xdp` is {} bytes after \
+             verification with logging off, {} at debug level.\n",
             c.without_check_ns,
             c.off_ns,
             c.off_ns / c.without_check_ns,
             c.other_client_ns,
             c.other_client_ns / c.without_check_ns,
+            c.kernel_log_ns,
+            c.kernel_log_ns / c.without_check_ns,
+            c.translated_bytes.0,
+            c.translated_bytes.1,
         ),
     }
 }

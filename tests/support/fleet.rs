@@ -47,6 +47,14 @@ pub fn backend_ip(i: usize) -> String {
     format!("198.18.150.{i}")
 }
 
+/// Every backend as a ServiceEntry endpoint: (number, address), labelled `version: v<number>`
+/// by [`crate::rules::service_entry`].
+pub fn backend_endpoints() -> Vec<(usize, std::net::IpAddr)> {
+    (1..=SIZE)
+        .map(|i| (i, backend_ip(i).parse().expect("valid address")))
+        .collect()
+}
+
 /// Address of node `i`'s client.
 pub fn client_ip(i: usize) -> String {
     format!("198.18.{}.2", 10 + i)
@@ -269,6 +277,8 @@ pub struct FleetNode {
     pub client: Netns,
     /// Directory for its socket and state file.
     pub dir: PathBuf,
+    /// Interfaces meshd attaches to (`c0` and `lan`, plus `gw` behind a gateway tier).
+    pub ifaces: Vec<String>,
 }
 
 impl FleetNode {
@@ -397,6 +407,7 @@ impl Fleet {
                 ns,
                 client,
                 dir,
+                ifaces: vec!["c0".into(), "lan".into()],
             });
         }
         Ok(Fleet {
@@ -408,37 +419,22 @@ impl Fleet {
         })
     }
 
-    /// meshd arguments for node `i` (1-based): its two data interfaces, the fleet's etcd, short
+    /// meshd arguments for node `i` (1-based): its data interfaces, the fleet's etcd, short
     /// lease and publish interval so tests see state changes quickly.
     pub fn meshd_args(&self, i: usize) -> Vec<String> {
         let node = &self.nodes[i - 1];
-        [
-            "--iface",
-            "c0",
-            "--iface",
-            "lan",
-            "--no-pin",
-            "--no-metrics",
-            "--socket",
-            &node.socket(),
-            "--state-file",
-            &node.dir.join("state.yaml").display().to_string(),
-            "--etcd",
-            &self.etcd.endpoints(),
-            "--etcd-prefix",
-            &format!("/{}", self.prefix),
-            "--node-name",
+        let mut args: Vec<String> = node
+            .ifaces
+            .iter()
+            .flat_map(|iface| ["--iface".to_string(), iface.clone()])
+            .collect();
+        args.extend(etcd_node_args(
+            &self.etcd,
+            &self.prefix,
             &node.name(),
-            "--etcd-lease-ttl",
-            "3s",
-            "--etcd-publish-interval",
-            "500ms",
-            "--etcd-timeout",
-            "1500ms",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+            &node.dir,
+        ));
+        args
     }
 
     /// Starts meshd on node `i`.
@@ -479,4 +475,38 @@ pub fn wait_for<T>(
         }
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The fleet part of a node's meshd arguments: no pins, its socket and state file in `dir`, the
+/// cluster's endpoints under prefix `/<prefix>`, node name `name`, a short lease and publish
+/// interval so state changes show quickly.
+pub fn etcd_node_args(
+    etcd: &EtcdCluster,
+    prefix: &str,
+    name: &str,
+    dir: &std::path::Path,
+) -> Vec<String> {
+    [
+        "--no-pin",
+        "--no-metrics",
+        "--socket",
+        &dir.join("meshd.sock").display().to_string(),
+        "--state-file",
+        &dir.join("state.yaml").display().to_string(),
+        "--etcd",
+        &etcd.endpoints(),
+        "--etcd-prefix",
+        &format!("/{prefix}"),
+        "--node-name",
+        name,
+        "--etcd-lease-ttl",
+        "3s",
+        "--etcd-publish-interval",
+        "500ms",
+        "--etcd-timeout",
+        "1500ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }

@@ -35,6 +35,10 @@ pub enum Hook {
     Tc,
 }
 
+/// aya-log's level in the kernel object (`meshd --kernel-log`): 0 off, 1 error .. 5 trace.
+pub const LOG_LEVEL_GLOBAL: &str = "AYA_LOG_LEVEL";
+const LOG_OFF: u8 = 0;
+
 /// Both hooks, for tests that must hold for each.
 pub const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
 
@@ -95,9 +99,21 @@ impl Lb {
         Self::load_hook(Hook::Xdp)
     }
 
-    /// Loads the object with test-sized maps and loads (verifies) the program of `hook`.
+    /// Loads the object with test-sized maps and loads (verifies) the program of `hook`, with
+    /// kernel logging off as meshd loads it by default.
     pub fn load_hook(hook: Hook) -> Result<Lb> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_hook_with(hook, &[])
+    }
+
+    /// [`Lb::load_hook`] with `.rodata` globals overridden (e.g. [`LOG_LEVEL_GLOBAL`] at 5 to
+    /// verify and run every kernel log point).
+    pub fn load_hook_with(hook: Hook, globals: &[(&str, u8)]) -> Result<Lb> {
+        let mut loader = EbpfLoader::new();
+        loader.override_global(LOG_LEVEL_GLOBAL, &LOG_OFF, true);
+        for (name, value) in globals {
+            loader.override_global(name, value, true);
+        }
+        let mut ebpf = loader
             .map_max_entries(map_names::MAGLEV, TEST_MAGLEV_POOL_ENTRIES)
             .map_max_entries(map_names::CONNTRACK, TEST_CONNTRACK_ENTRIES)
             .load(EBPF_OBJECT)
@@ -119,6 +135,29 @@ impl Lb {
             }
         }
         Ok(Lb { ebpf, hook })
+    }
+
+    /// Instructions the verifier processed for the loaded program.
+    pub fn verified_instructions(&self) -> Result<u32> {
+        let info = match self.hook {
+            Hook::Xdp => {
+                let prog: &Xdp = self
+                    .ebpf
+                    .program(XDP_PROGRAM_NAME)
+                    .context("mesh_xdp")?
+                    .try_into()?;
+                prog.info()?
+            }
+            Hook::Tc => {
+                let prog: &SchedClassifier = self
+                    .ebpf
+                    .program(TC_PROGRAM_NAME)
+                    .context("mesh_tc")?
+                    .try_into()?;
+                prog.info()?
+            }
+        };
+        Ok(info.verified_instruction_count().unwrap_or(0))
     }
 
     /// Runs the hook's program once on `frame`; returns the verdict (TC's translated to the

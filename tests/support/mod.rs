@@ -6,7 +6,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJE
 
 pub mod browser;
 pub mod container_host;
+pub mod figures;
 pub mod fleet;
+pub mod gateway_tier;
 pub mod http;
 pub mod l7;
 pub mod maps;

@@ -219,3 +219,37 @@ spec:
     }
     out
 }
+
+/// A node with one backend host (backend 1 serving HTTP on :8080 as `v1`) and meshd running
+/// with one rules file. Fields drop in order: meshd, rules, server, then the namespaces.
+pub struct OneBackendNode {
+    /// meshd on the node.
+    pub meshd: crate::meshd::Meshd,
+    /// Its rules directory (`rules.socket()` is its admin socket).
+    pub rules: RulesDir,
+    /// The backend's HTTP server.
+    pub server: crate::http::HttpServer,
+    /// The namespaces.
+    pub topo: Topology,
+}
+
+impl OneBackendNode {
+    /// Builds the node with `yaml` as the rules file `file`.
+    pub fn start(file: &str, yaml: &str) -> Result<Self> {
+        let topo = Topology::build(1)?;
+        let server = crate::http::http_server(
+            &topo.backends[0],
+            std::net::SocketAddr::new(backend_v4(1), 8080),
+            "v1",
+        )?;
+        let rules = RulesDir::new(&topo)?;
+        rules.write(file, yaml)?;
+        let meshd = crate::meshd::Meshd::start(&topo.node, &meshd_args(&topo, &rules))?;
+        Ok(Self {
+            meshd,
+            rules,
+            server,
+            topo,
+        })
+    }
+}

@@ -103,6 +103,19 @@ pub fn assert_shares(seen: &BTreeMap<String, usize>, expected: &[(&str, f64)]) -
     Ok(())
 }
 
+/// [`assert_shares`] for backends named `v1`, `v2`, ... with these weights (shares are
+/// `weight / sum`, as Istio's).
+pub fn assert_weights(seen: &BTreeMap<String, usize>, weights: &[u32]) -> Result<()> {
+    let sum: u32 = weights.iter().sum();
+    let names: Vec<String> = (1..=weights.len()).map(|i| format!("v{i}")).collect();
+    let expected: Vec<(&str, f64)> = names
+        .iter()
+        .zip(weights)
+        .map(|(name, w)| (name.as_str(), f64::from(*w) / f64::from(sum.max(1))))
+        .collect();
+    assert_shares(seen, &expected)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

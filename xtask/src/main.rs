@@ -64,6 +64,10 @@ enum Cmd {
     Lint,
     /// Run the sandbox: namespaces, meshd, backends, and the traffic split live.
     Demo {
+        /// Three nodes sharing the rules through a three-member etcd cluster: each step applied on
+        /// one node, then every node's revision and observed split.
+        #[arg(long)]
+        fleet: bool,
         /// Arguments for the sandbox (see `cargo xtask demo -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -124,7 +128,7 @@ fn main() -> Result<()> {
             eprintln!("==> all tests passed");
             Ok(())
         }
-        Cmd::Demo { args } => {
+        Cmd::Demo { fleet, args } => {
             toolchain::ensure()?;
             require_root("the sandbox creates network namespaces and attaches XDP programs")?;
             step("building meshd, meshctl, the sandbox and the Bookinfo services (release)");
@@ -140,7 +144,8 @@ fn main() -> Result<()> {
                 "mesh-bookinfo",
             ])?;
             let mut cmd = Command::new("target/release/mesh-sandbox");
-            cmd.args(&args).env("MESH_BIN_DIR", "target/release");
+            cmd.args(fleet.then_some("--fleet")).args(&args);
+            cmd.env("MESH_BIN_DIR", "target/release");
             run(&mut cmd)
         }
         Cmd::Bench { quick, only, args } => {

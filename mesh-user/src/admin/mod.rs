@@ -5,6 +5,7 @@
 //! |--------|-----------------|--------------------------------------------------|
 //! | GET    | `/v1/status`    | [`Status`]                                        |
 //! | GET    | `/v1/resources` | `[ResourceEntry]` (`?kind=&name=&namespace=`)     |
+//! | GET    | `/v1/services`  | [`[ServiceView]`](services::ServiceView): path and reason |
 //! | POST   | `/v1/apply`     | [`ApplyRequest`] -> [`ApplyResponse`]             |
 //! | POST   | `/v1/delete`    | [`DeleteRequest`] -> [`ApplyResponse`]            |
 //! | GET    | `/v1/stats`     | [`StatsSnapshot`](crate::dataplane::StatsSnapshot) |
@@ -19,6 +20,7 @@
 
 pub mod client;
 pub mod server;
+pub mod services;
 pub mod stream;
 
 use serde::{Deserialize, Serialize};

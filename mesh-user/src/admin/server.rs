@@ -149,6 +149,9 @@ async fn handle_unary(
         (&Method::GET, "/v1/status") => json_result(blocking(controller, |c| Ok(c.status())).await),
         (&Method::GET, "/v1/fleet") => json_result(fleet_view(controller).await),
         (&Method::GET, "/v1/stats") => json_result(blocking(controller, |c| c.stats()).await),
+        (&Method::GET, "/v1/services") => {
+            json_result(blocking(controller, |c| Ok(c.services())).await)
+        }
         (&Method::GET, "/v1/resources") => {
             let params = parse_query(&query);
             json_result(

@@ -7,7 +7,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use mesh_user::{
     daemon::{self, DaemonOptions},
-    dataplane::{features::TcAttachRequest, AttachRequest, SocketLbOptions, XdpAttachMode},
+    dataplane::{
+        features::TcAttachRequest, AttachRequest, KernelLogLevel, SocketLbOptions, XdpAttachMode,
+    },
     proxy::{ClientLimits, ProxyOptions, WorkerOptions},
 };
 
@@ -126,6 +128,13 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: daemon::LogFormat,
+
+    /// Kernel debug logging, for developers: the programs log refused and dropped packets and
+    /// connection-table repairs through aya-log, and meshd writes the records to its own log
+    /// (target `kernel`). Off, the verifier removes the log points: no cost per packet.
+    /// Example: `meshd --iface eth0 --kernel-log debug`.
+    #[arg(long, value_enum, value_name = "LEVEL", default_value = "off")]
+    kernel_log: KernelLogLevel,
 
     /// Join a fleet: keep the meshctl layer of the rules in this etcd cluster (v3 API) instead
     /// of --state-file, which then caches the last rules applied here. Comma-separated client
@@ -271,6 +280,7 @@ fn run(args: Args) -> Result<()> {
         pin_dir: (!args.no_pin).then_some(args.pin_dir),
         maglev_pool_entries: args.maglev_pool_entries,
         conntrack_entries: args.conntrack_entries,
+        kernel_log: args.kernel_log,
         fleet,
         proxy,
         socket_lb: (!args.no_socket_lb).then_some(SocketLbOptions {

@@ -1,7 +1,7 @@
 //! The compiler's output: what the node must enforce, with no I/O attached.
 //!
 //! A [`DesiredState`] is the single input of the dataplane and the L7 proxy. It is built by
-//! [`super::compile`] from validated resources and applied all-or-nothing.
+//! [`super::compile`] from a resolved model and applied all-or-nothing.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -48,6 +48,8 @@ pub struct ServicePlan {
     pub name: String,
     /// Resources this plan was compiled from (`kind/namespace/name`), for `meshctl` and errors.
     pub sources: Vec<String>,
+    /// Kernel path or proxy, and why (decided by [`crate::resolve::path::decide`]).
+    pub path: crate::resolve::Path,
     /// The kernel path or the L7 proxy.
     pub plan: Plan,
 }

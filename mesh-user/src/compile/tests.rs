@@ -2,8 +2,9 @@
 
 use std::{net::IpAddr, path::Path};
 
-use super::*;
+use super::{compile_rules as compile, *};
 use crate::config::{load_path, parse_str, ResourceSet};
+use crate::resolve::ResolveError as CompileError;
 
 fn node() -> NodeContext {
     NodeContext {
@@ -59,7 +60,8 @@ fn shares(plan: &L4Plan) -> Vec<(String, f64)> {
         .collect()
 }
 
-const ECHO_SE: &str = "\
+/// Host `echo` (HTTP port 80, VIP 198.18.100.1, endpoints v1 and v2) with its subsets.
+pub(crate) const ECHO_SE: &str = "\
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: echo, namespace: shop}

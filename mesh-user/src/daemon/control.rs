@@ -400,7 +400,7 @@ impl Controller {
         let result = RuleStore::combine(files, api)
             .map_err(|e| Rejection::bad_request(e.to_string()))
             .and_then(|combined| {
-                compile::compile(&combined, &self.node)
+                compile::compile_rules(&combined, &self.node)
                     .map_err(|e| Rejection::bad_request(e.to_string()))
             });
         let mut state = match result {
@@ -472,6 +472,11 @@ impl Controller {
                 resource: serde_json::to_value(r).unwrap_or_default(),
             })
             .collect()
+    }
+
+    /// Every service address in force: path, reason, subsets, endpoints (`meshctl get services`).
+    pub fn services(&self) -> Vec<crate::admin::services::ServiceView> {
+        crate::admin::services::services(&self.current)
     }
 
     /// Kernel counters, plus the L7 proxy's per route and destination.

@@ -37,10 +37,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// Sets up `tracing` on stderr; `RUST_LOG` overrides the default `info` level.
+/// Sets up `tracing` on stderr; `RUST_LOG` overrides the default `info` level. Kernel records
+/// (`--kernel-log`, target `kernel`) always pass: the kernel filtered them by level already.
 pub fn init_logging(format: LogFormat) {
+    let kernel = format!("{}=trace", crate::dataplane::kernel_log::TARGET);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive(kernel.parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -74,6 +77,8 @@ pub struct DaemonOptions {
     pub maglev_pool_entries: u32,
     /// Conntrack capacity.
     pub conntrack_entries: u32,
+    /// Kernel debug logging (`--kernel-log`).
+    pub kernel_log: crate::dataplane::KernelLogLevel,
     /// How often the --config files are checked for changes.
     pub watch_interval: Duration,
     /// The fleet's etcd, when the API layer lives there (`--etcd`).
@@ -104,6 +109,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         pin_dir: options.pin_dir.clone(),
         maglev_pool_entries: options.maglev_pool_entries,
         conntrack_entries: options.conntrack_entries,
+        kernel_log: options.kernel_log,
     })
     .context("loading the kernel programs")?;
     let mut controller = Controller::new(

@@ -33,6 +33,8 @@ pub struct DataplaneOptions {
     pub maglev_pool_entries: u32,
     /// Connection-tracking capacity in flows (the map holds two entries per flow).
     pub conntrack_entries: u32,
+    /// Kernel debug logging (off by default).
+    pub kernel_log: super::KernelLogLevel,
 }
 
 impl DataplaneOptions {
@@ -49,6 +51,7 @@ impl Default for DataplaneOptions {
             pin_dir: None,
             maglev_pool_entries: mesh_common::DEFAULT_MAGLEV_POOL_ENTRIES,
             conntrack_entries: mesh_common::DEFAULT_CONNTRACK_FLOWS,
+            kernel_log: super::KernelLogLevel::Off,
         }
     }
 }
@@ -102,8 +105,10 @@ impl Dataplane {
             Some(dir) => PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
         };
+        let log_level = options.kernel_log.global();
         let mut loader = EbpfLoader::new();
         loader
+            .override_global(super::kernel_log::LEVEL_GLOBAL, &log_level, true)
             .map_max_entries(map_names::MAGLEV, options.maglev_pool_entries)
             // Two entries per flow, one per direction.
             .map_max_entries(
@@ -127,6 +132,7 @@ impl Dataplane {
         tc_program(&mut ebpf)?
             .load()
             .map_err(verifying(TC_PROGRAM_NAME))?;
+        super::kernel_log::start(&mut ebpf, options.kernel_log);
         let tables = Tables::recover(&mut ebpf)?;
         let census = super::census::CensusTaker::start(
             super::tables::fd(&ebpf, map_names::CONNTRACK)?

@@ -4,6 +4,7 @@
 //!
 //! - [`attach`]: per interface, XDP or TC (the one place that decides), and attaching;
 //! - [`features`]: what the running kernel supports, and the choices made from it;
+//! - [`kernel_log`]: the programs' debug log level and its reader (`--kernel-log`);
 //! - [`loader`]: object loading, map sizing and pinning;
 //! - [`tables`]: per-service Maglev slices, ids and incremental applies, over [`pool`]
 //!   (free space) and [`bpf_sys`] (batch map calls, the shared Maglev pool);
@@ -15,6 +16,7 @@ pub mod attach;
 pub mod bpf_sys;
 pub mod census;
 pub mod features;
+pub mod kernel_log;
 pub mod loader;
 pub mod pool;
 pub mod sockets;
@@ -22,6 +24,7 @@ pub mod stats;
 pub mod tables;
 
 pub use attach::{AttachRequest, HookKind, XdpAttachMode};
+pub use kernel_log::KernelLogLevel;
 pub use loader::{Dataplane, DataplaneOptions};
 pub use sockets::{SocketLbOptions, SocketLbStatus};
 pub use stats::{BackendStats, ServiceStats, StatsSnapshot};

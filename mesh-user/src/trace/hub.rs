@@ -214,6 +214,7 @@ impl ProxyDecision<'_> {
             version: None,
             slot: None,
             action: format!("HTTP {}", self.status),
+            reason: None,
             interface: None,
             request: Some(self.request),
             route: Some(self.route.to_string()),

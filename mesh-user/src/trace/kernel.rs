@@ -19,7 +19,7 @@ use aya::{
 use mesh_common::{
     map_names, port_from_wire, port_to_wire, FlowKey, FAMILY_IPV4, TRACE_HOOK_TC,
     TRACE_MATCH_CLIENT_ADDR, TRACE_MATCH_CLIENT_PORT, TRACE_MATCH_SERVICE_ADDR,
-    TRACE_MATCH_SERVICE_PORT, TRACE_NEW_FLOW, TRACE_REPLY,
+    TRACE_MATCH_SERVICE_PORT, TRACE_NEW_FLOW, TRACE_REPLY, TRACE_UNTRANSLATED,
 };
 use tracing::{debug, warn};
 
@@ -178,7 +178,8 @@ fn read_loop(mut ring: RingBuf<MapData>, resolver: Resolver) {
             drop(item);
             if !refreshed
                 && (!names.services.contains_key(&raw.service_id)
-                    || !names.backends.contains_key(&raw.backend_id))
+                    || (raw.kind != TRACE_UNTRANSLATED
+                        && !names.backends.contains_key(&raw.backend_id)))
             {
                 names = resolver();
                 refreshed = true;
@@ -218,10 +219,15 @@ pub fn decode(raw: &mesh_common::TraceEvent, names: &Names, interface: String) -
         port_from_wire(raw.target_port),
     );
     let (kind, client, service_addr, backend) = match raw.kind {
-        TRACE_REPLY => (Kind::Reply, dst, target, src),
-        TRACE_NEW_FLOW => (Kind::New, src, dst, target),
-        _ => (Kind::Established, src, dst, target),
+        TRACE_REPLY => (Kind::Reply, dst, target, Some(src)),
+        TRACE_NEW_FLOW => (Kind::New, src, dst, Some(target)),
+        TRACE_UNTRANSLATED => (untranslated_kind(raw.reason), src, dst, None),
+        _ => (Kind::Established, src, dst, Some(target)),
     };
+    let reason = (raw.kind == TRACE_UNTRANSLATED)
+        .then(|| mesh_common::reason::NAMES.get(usize::from(raw.reason)))
+        .flatten()
+        .map(|name| name.to_string());
     let (subset, version) = names
         .backends
         .get(&raw.backend_id)
@@ -248,15 +254,25 @@ pub fn decode(raw: &mesh_common::TraceEvent, names: &Names, interface: String) -
             .cloned()
             .unwrap_or_else(|| format!("service#{}", raw.service_id)),
         service_addr,
-        backend: Some(backend),
+        backend,
         subset,
         version,
         slot: (raw.slot != u32::MAX).then_some(raw.slot),
         action: action_name(raw.hook, raw.action),
+        reason,
         interface: Some(interface),
         request: None,
         route: None,
         status: None,
+    }
+}
+
+/// The kind of an untranslated packet, from its reason code.
+fn untranslated_kind(reason: u8) -> Kind {
+    match u32::from(reason) {
+        mesh_common::reason::REFUSED_NO_BACKEND => Kind::Refused,
+        mesh_common::reason::DROP_INTERNAL => Kind::Dropped,
+        _ => Kind::Passed,
     }
 }
 
@@ -387,5 +403,19 @@ mod tests {
         assert_eq!(e.service_addr, "198.18.100.10:9080".parse().unwrap());
         assert_eq!(e.backend, Some("198.18.13.2:9080".parse().unwrap()));
         assert_eq!(e.flags, "SYN|ACK");
+        // A SYN to a service without backends: refused, passed to the stack.
+        raw.kind = TRACE_UNTRANSLATED;
+        raw.reason = mesh_common::reason::REFUSED_NO_BACKEND as u8;
+        raw.key = key;
+        raw.target_addr = key.dst_addr;
+        raw.tcp_flags = 0x02;
+        raw.action = 2;
+        let e = decode(&raw, &names, "eth1".into());
+        assert_eq!(
+            e.to_string(),
+            "SYN 198.18.1.2:40112 -> reviews 198.18.100.10:9080: refused (refused_no_backend), \
+             XDP_PASS (in eth1)"
+        );
+        assert_eq!(e.backend, None);
     }
 }

@@ -30,8 +30,9 @@ pub struct TraceFilter {
     /// Backend address, address:port, subset or version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
-    /// Decision kind (`new`, `established`, `reply`, `request`) or verdict (`redirect`, `tx`,
-    /// `pass`, `XDP_REDIRECT`, an HTTP status like `503` or class like `5xx`).
+    /// Decision kind (`new`, `established`, `reply`, `refused`, `passed`, `dropped`,
+    /// `request`), reason (`refused_no_backend`, `pass_l7_proxy`, ...) or verdict (`redirect`,
+    /// `tx`, `pass`, `XDP_REDIRECT`, an HTTP status like `503` or class like `5xx`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<String>,
 }
@@ -43,7 +44,7 @@ pub enum FilterError {
     #[error("client {0:?}: expected an IP address or address:port (e.g. 198.18.1.2 or 198.18.1.2:40112)")]
     Client(String),
     /// `--verdict` names nothing mesh reports.
-    #[error("verdict {0:?}: expected new, established, reply, request, redirect, tx, pass, drop, an HTTP status (503) or class (5xx)")]
+    #[error("verdict {0:?}: expected new, established, reply, refused, passed, dropped, request, a reason (refused_no_backend, pass_l7_proxy, pass_ttl_expired, drop_internal), redirect, tx, pass, drop, an HTTP status (503) or class (5xx)")]
     Verdict(String),
 }
 
@@ -51,6 +52,9 @@ const VERDICT_WORDS: &[&str] = &[
     "new",
     "established",
     "reply",
+    "refused",
+    "passed",
+    "dropped",
     "request",
     "redirect",
     "tx",
@@ -73,7 +77,8 @@ impl TraceFilter {
             let status = lower.len() == 3
                 && (lower.parse::<u16>().is_ok()
                     || (lower.ends_with("xx") && lower.as_bytes()[0].is_ascii_digit()));
-            if !VERDICT_WORDS.contains(&word) && !status {
+            let reason = mesh_common::reason::NAMES.contains(&lower.as_str());
+            if !VERDICT_WORDS.contains(&word) && !reason && !status {
                 return Err(FilterError::Verdict(v.clone()));
             }
         }
@@ -115,6 +120,7 @@ impl TraceFilter {
             let v = v.to_ascii_lowercase();
             let action = event.action.to_ascii_lowercase();
             let hit = event.kind.as_str() == v
+                || event.reason.as_deref() == Some(v.as_str())
                 || action == v
                 || action.rsplit('_').next() == Some(v.as_str())
                 || event.status.is_some_and(|s| {
@@ -149,6 +155,13 @@ pub enum Kind {
     Established,
     /// A reply from a backend, service address restored.
     Reply,
+    /// A packet to a service address refused: the service has no backend.
+    Refused,
+    /// A packet to a service address passed on untranslated (to the L7 proxy, or to the stack
+    /// for an expiring TTL).
+    Passed,
+    /// A packet to a service address dropped.
+    Dropped,
     /// An HTTP request routed by the proxy.
     Request,
 }
@@ -160,6 +173,9 @@ impl Kind {
             Kind::New => "new",
             Kind::Established => "established",
             Kind::Reply => "reply",
+            Kind::Refused => "refused",
+            Kind::Passed => "passed",
+            Kind::Dropped => "dropped",
             Kind::Request => "request",
         }
     }
@@ -196,6 +212,10 @@ pub struct TraceEvent {
     pub slot: Option<u32>,
     /// The verdict: `XDP_REDIRECT`, `XDP_TX`, `XDP_PASS`, `TC_ACT_REDIRECT`, ..., or `HTTP 200`.
     pub action: String,
+    /// Why a packet was refused, passed or dropped (`refused_no_backend`, `pass_l7_proxy`,
+    /// `pass_ttl_expired`, `drop_internal`: the reason counters' names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Interface the packet arrived on.
     #[serde(default)]
     pub interface: Option<String>,
@@ -252,6 +272,18 @@ impl fmt::Display for TraceEvent {
                 self.action,
                 via
             ),
+            Kind::Refused | Kind::Passed | Kind::Dropped => write!(
+                f,
+                "{} {} -> {} {}: {} ({}), {}{}",
+                flags_or(&self.flags),
+                self.client,
+                self.service,
+                self.service_addr,
+                self.kind.as_str(),
+                self.reason.as_deref().unwrap_or("-"),
+                self.action,
+                via
+            ),
             Kind::New | Kind::Established => {
                 let what = match (self.kind, self.slot) {
                     (Kind::New, Some(slot)) => format!("new flow, Maglev slot {slot}"),
@@ -299,6 +331,7 @@ mod tests {
             version: Some("v3".into()),
             slot: Some(2113),
             action: "XDP_REDIRECT".into(),
+            reason: None,
             interface: Some("eth2".into()),
             request: None,
             route: None,
@@ -349,6 +382,14 @@ mod tests {
         assert!(f(None, None, None, Some("5xx")).matches(&r));
         assert!(f(None, None, None, Some("503")).matches(&r));
         assert!(!f(None, None, None, Some("2xx")).matches(&r));
+        let mut refused = e.clone();
+        refused.kind = Kind::Refused;
+        refused.reason = Some("refused_no_backend".into());
+        refused.backend = None;
+        assert!(f(None, None, None, Some("refused")).matches(&refused));
+        assert!(f(None, None, None, Some("refused_no_backend")).matches(&refused));
+        assert!(!f(None, None, None, Some("new")).matches(&refused));
+        assert!(!f(None, None, None, Some("refused")).matches(&e));
     }
 
     #[test]
@@ -372,5 +413,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(good.validate(), Ok(()));
+        for verdict in [
+            "refused",
+            "dropped",
+            "passed",
+            "refused_no_backend",
+            "pass_l7_proxy",
+        ] {
+            let f = TraceFilter {
+                verdict: Some(verdict.into()),
+                ..Default::default()
+            };
+            assert_eq!(f.validate(), Ok(()), "{verdict}");
+        }
     }
 }

@@ -9,11 +9,14 @@ use std::{
     net::IpAddr,
 };
 
-use super::{
-    index::{self, dangling_host, fqdn, same_host, Index},
-    values, ValidationErrors,
+use super::{values, ValidationErrors};
+use crate::{
+    config::{Resource, ResourceSet, ServiceEntry},
+    resolve::{
+        backends::port_list,
+        index::{self, dangling_host, fqdn, same_host, Index},
+    },
 };
-use crate::config::{Resource, ResourceSet, ServiceEntry};
 
 pub(super) fn check(set: &ResourceSet, errors: &mut ValidationErrors) {
     duplicates(set, errors);
@@ -322,15 +325,6 @@ fn virtual_services(index: &Index, errors: &mut ValidationErrors) {
             }
         }
     }
-}
-
-fn port_list(entry: &ServiceEntry) -> String {
-    entry
-        .ports
-        .iter()
-        .map(|p| p.number.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Gateways are served on every node address. Like Istio, servers of several Gateways on one

@@ -14,7 +14,6 @@
 //! connection on the kernel path).
 
 mod cross;
-pub(crate) mod index;
 mod resource;
 pub(crate) mod values;
 

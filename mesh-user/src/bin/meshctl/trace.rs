@@ -15,9 +15,13 @@ use mesh_user::{
     meshctl trace reviews                              # every decision for the reviews service\n  \
     meshctl trace --client 198.18.1.2                  # one client's connections and requests\n  \
     meshctl trace reviews --verdict new --count 20     # the next 20 new flows, then stop\n  \
-    meshctl trace --backend v3 -o json                 # what went to subset v3, as NDJSON\n\n\
+    meshctl trace --backend v3 -o json                 # what went to subset v3, as NDJSON\n  \
+    meshctl trace --client 198.18.1.2 --verdict refused   # connections refused (no backend)\n\n\
     Kernel path: one line per packet mesh translated (new flow with its Maglev slot, established \
-    packet, reply), with the hook (XDP or TC), the verdict and the interface it came in on. \
+    packet, reply), with the hook (XDP or TC), the verdict and the interface it came in on; and \
+    one per packet to a service address that was not balanced, with the reason: refused \
+    (refused_no_backend), passed (pass_l7_proxy for a proxied connection's SYN, \
+    pass_ttl_expired) or dropped (drop_internal). \
     Proxy: one line per HTTP request with the route, subset, backend and status.\n\
     Tracing costs nothing while no trace runs; while one runs, the kernel reports only packets \
     matching the client and service addresses given, the rest is filtered in meshd.")]
@@ -30,15 +34,16 @@ pub struct TraceArgs {
     /// Backend address[:port], subset or version.
     #[arg(long, value_name = "ADDR|SUBSET")]
     backend: Option<String>,
-    /// Only this decision or verdict: new, established, reply, request, redirect, tx, pass, or an
-    /// HTTP status (503) or class (5xx).
+    /// Only this decision, reason or verdict: new, established, reply, refused, passed, dropped,
+    /// request; a reason (refused_no_backend, pass_l7_proxy, pass_ttl_expired, drop_internal);
+    /// redirect, tx, pass, drop; or an HTTP status (503) or class (5xx).
     #[arg(long)]
     verdict: Option<String>,
     /// Stop after this many events.
     #[arg(long)]
     count: Option<u64>,
     /// Stop after this long (e.g. 30s, 5m).
-    #[arg(long, value_parser = super::parse_duration)]
+    #[arg(long, value_parser = crate::parse_duration)]
     duration: Option<Duration>,
     /// Output: text lines or NDJSON.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
