@@ -126,3 +126,67 @@ fn get_services_wide_shows_the_path_and_its_reason() -> Result<()> {
     }
     Ok(())
 }
+
+/// Istio's semantics make the order of applies irrelevant: VirtualService before
+/// DestinationRule before ServiceEntry, or the reverse, every step is accepted (with warnings
+/// while pieces are missing) and the same services are in force at the end, answering.
+#[test]
+fn apply_in_either_order_ends_with_the_same_services_in_force() -> Result<()> {
+    let all = rules();
+    let documents: Vec<&str> = all
+        .split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .collect();
+    // The `weights` host stays in meshd's rules file; `headers` is applied piece by piece.
+    let (file, pieces) = documents.split_at(3);
+    let node = OneBackendNode::start("weights.yaml", &file.join("---\n"))?;
+    let socket = node.rules.socket();
+    let vip = SocketAddr::new("198.18.100.2".parse()?, 80);
+    let mut in_force = Vec::new();
+    for (order, names) in [
+        ([2, 1, 0], "VirtualService, DestinationRule, ServiceEntry"),
+        ([0, 1, 2], "ServiceEntry, DestinationRule, VirtualService"),
+    ] {
+        for (step, &i) in order.iter().enumerate() {
+            let (ok, _, stderr) =
+                mesh_tests::meshd::meshctl_stdin(&socket, &["apply", "-f", "-"], pieces[i])?;
+            ensure!(ok, "{names}: step {step} refused: {stderr}");
+            // VirtualService first: it (then the DestinationRule) names a host not defined yet.
+            let missing = order[0] == 2 && step < 2;
+            ensure!(
+                stderr.contains("no ServiceEntry defines host `headers.mesh.test`") == missing,
+                "{names}: step {step}: a warning about the missing host {}expected: {stderr}",
+                if missing { "" } else { "not " }
+            );
+        }
+        let (ok, json, stderr) = meshctl(&socket, &["get", "services", "-o", "json"])?;
+        ensure!(ok, "{stderr}");
+        let reply = node
+            .topo
+            .client
+            .run(move || get_once(vip, "/", "headers.mesh.test", &[("end-user", "jason")]))??;
+        ensure!(
+            reply.status == 200 && reply.identity() == "v1",
+            "{names}: {} {}",
+            reply.status,
+            reply.body
+        );
+        in_force.push(json);
+        for kind in ["vs", "dr", "se"] {
+            let (ok, _, stderr) = meshctl(&socket, &["delete", kind, "headers"])?;
+            ensure!(ok, "delete {kind}: {stderr}");
+        }
+    }
+    ensure!(
+        in_force[0] == in_force[1],
+        "VS-first:\n{}\nSE-first:\n{}",
+        in_force[0],
+        in_force[1]
+    );
+    ensure!(
+        in_force[0].contains("\"path\": \"proxy\""),
+        "{}",
+        in_force[0]
+    );
+    Ok(())
+}
