@@ -199,7 +199,16 @@ fn a_filtered_trace_shows_exactly_one_clients_decisions() -> Result<()> {
             let reported = stats["kernel_events"].as_u64().unwrap_or(0) - off_after;
             Ok(reported > 0 && trace.len() as u64 == reported)
         },
-    )?;
+    )
+    .with_context(|| {
+        let stats = trace_stats(&socket)
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        format!(
+            "{} events in the trace; meshd's trace stats: {stats}",
+            trace.len()
+        )
+    })?;
     let stats = trace_stats(&socket)?;
     ensure!(stats["dropped"] == 0, "events dropped: {stats}");
     let events = trace.events();

@@ -102,12 +102,14 @@ impl Drop for TraceRun {
     }
 }
 
-/// Polls `check` until it returns true; fails with `what` after `limit`.
+/// Polls `check` until it returns true; fails with `what` after `limit` (stretched by
+/// `MESH_TEST_SLOWDOWN`, see [`crate::patience`]: emulated VMs are slow).
 pub fn wait_until(
     limit: Duration,
     what: &str,
     mut check: impl FnMut() -> Result<bool>,
 ) -> Result<()> {
+    let limit = crate::patience(limit);
     let start = Instant::now();
     loop {
         if check()? {

@@ -242,9 +242,8 @@ pub struct RetryPlan {
     pub attempts: u32,
     /// Deadline of each try.
     pub per_try_timeout: Option<std::time::Duration>,
-    /// Conditions in Envoy's `retryOn` vocabulary (`5xx`, `gateway-error`, `connect-failure`,
-    /// `refused-stream`, `reset`, `retriable-4xx`, `unavailable`, `cancelled`, ...).
-    pub retry_on: Vec<String>,
+    /// Conditions retried (Envoy's `retryOn` vocabulary, which Istio passes through).
+    pub retry_on: Vec<RetryOn>,
     /// Status codes retried under `retriable-status-codes` (and listed bare in `retryOn`).
     pub retriable_status_codes: Vec<u16>,
 }
@@ -256,17 +255,99 @@ impl RetryPlan {
         Self {
             attempts: 2,
             per_try_timeout: None,
-            retry_on: [
-                "connect-failure",
-                "refused-stream",
-                "unavailable",
-                "cancelled",
-                "retriable-status-codes",
-            ]
-            .map(String::from)
-            .to_vec(),
+            retry_on: vec![
+                RetryOn::ConnectFailure,
+                RetryOn::RefusedStream,
+                RetryOn::Unavailable,
+                RetryOn::Cancelled,
+                RetryOn::RetriableStatusCodes,
+            ],
             retriable_status_codes: vec![503],
         }
+    }
+}
+
+/// One `retryOn` condition: Envoy's HTTP and gRPC conditions that Istio passes through
+/// (anything else is refused when the rules are resolved).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "&'static str")]
+pub enum RetryOn {
+    /// `5xx`: any 5xx response, and tries that got no response.
+    FiveXx,
+    /// `gateway-error`: 502, 503, 504, and tries that got no response.
+    GatewayError,
+    /// `connect-failure`.
+    ConnectFailure,
+    /// `reset`: the connection broke (or the try timed out) before a response.
+    Reset,
+    /// `refused-stream`: HTTP/2 REFUSED_STREAM.
+    RefusedStream,
+    /// `retriable-4xx`: 409.
+    Retriable4xx,
+    /// `retriable-status-codes`: the listed codes.
+    RetriableStatusCodes,
+    /// gRPC `cancelled` (grpc-status 1).
+    Cancelled,
+    /// gRPC `deadline-exceeded` (4).
+    DeadlineExceeded,
+    /// gRPC `resource-exhausted` (8).
+    ResourceExhausted,
+    /// gRPC `unavailable` (14).
+    Unavailable,
+    /// gRPC `internal` (13).
+    Internal,
+}
+
+impl RetryOn {
+    /// Every condition, in Envoy's documentation order.
+    pub const ALL: [RetryOn; 12] = [
+        RetryOn::FiveXx,
+        RetryOn::GatewayError,
+        RetryOn::ConnectFailure,
+        RetryOn::Reset,
+        RetryOn::RefusedStream,
+        RetryOn::Retriable4xx,
+        RetryOn::RetriableStatusCodes,
+        RetryOn::Cancelled,
+        RetryOn::DeadlineExceeded,
+        RetryOn::ResourceExhausted,
+        RetryOn::Unavailable,
+        RetryOn::Internal,
+    ];
+
+    /// The name as written in `retryOn`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RetryOn::FiveXx => "5xx",
+            RetryOn::GatewayError => "gateway-error",
+            RetryOn::ConnectFailure => "connect-failure",
+            RetryOn::Reset => "reset",
+            RetryOn::RefusedStream => "refused-stream",
+            RetryOn::Retriable4xx => "retriable-4xx",
+            RetryOn::RetriableStatusCodes => "retriable-status-codes",
+            RetryOn::Cancelled => "cancelled",
+            RetryOn::DeadlineExceeded => "deadline-exceeded",
+            RetryOn::ResourceExhausted => "resource-exhausted",
+            RetryOn::Unavailable => "unavailable",
+            RetryOn::Internal => "internal",
+        }
+    }
+
+    /// The condition named `token`, if mesh knows it.
+    pub fn parse(token: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == token)
+    }
+}
+
+impl From<RetryOn> for &'static str {
+    fn from(condition: RetryOn) -> Self {
+        condition.name()
+    }
+}
+
+impl std::fmt::Display for RetryOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -356,7 +356,7 @@ fn l7_plan_keeps_route_order_matches_and_weights() {
     assert!(routes[1]
         .retries
         .retry_on
-        .contains(&"retriable-status-codes".to_string()));
+        .contains(&RetryOn::RetriableStatusCodes));
     // No retries given: Istio's default policy.
     assert_eq!(routes[0].retries, RetryPlan::istio_default());
 }

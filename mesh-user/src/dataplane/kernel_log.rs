@@ -27,13 +27,13 @@ pub enum KernelLogLevel {
     Off,
     /// Table inconsistencies (packets dropped).
     Error,
-    /// Warnings.
+    /// As error (no log point at this level yet).
     Warn,
-    /// Information.
+    /// As error (no log point at this level yet).
     Info,
-    /// Refused connections, connection-table repairs.
+    /// Also refused connections and connection-table repairs.
     Debug,
-    /// Everything.
+    /// Everything (as debug: no log point at this level yet).
     Trace,
 }
 

@@ -6,24 +6,7 @@
 //! is 409; `retriable-status-codes` the listed codes; gRPC's `unavailable`/`cancelled`/...
 //! look at the `grpc-status` header of the response.
 
-use crate::compile::RetryPlan;
-
-/// Every `retryOn` condition the proxy knows (Envoy's HTTP and gRPC conditions that Istio
-/// passes through); anything else is rejected when the rules are compiled.
-pub const RETRY_ON: &[&str] = &[
-    "5xx",
-    "gateway-error",
-    "connect-failure",
-    "reset",
-    "refused-stream",
-    "retriable-4xx",
-    "retriable-status-codes",
-    "cancelled",
-    "deadline-exceeded",
-    "resource-exhausted",
-    "unavailable",
-    "internal",
-];
+use crate::compile::{RetryOn, RetryPlan};
 
 /// How one try ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,24 +28,27 @@ pub fn retriable(policy: &RetryPlan, outcome: TryOutcome) -> bool {
     policy
         .retry_on
         .iter()
-        .any(|condition| match (condition.as_str(), outcome) {
-            ("5xx", TryOutcome::Response(s, _)) => s >= 500,
-            ("5xx", _) => true,
-            ("gateway-error", TryOutcome::Response(s, _)) => matches!(s, 502..=504),
-            ("gateway-error", _) => true,
-            ("connect-failure", TryOutcome::ConnectFailure) => true,
+        .any(|condition| match (condition, outcome) {
+            (RetryOn::FiveXx, TryOutcome::Response(s, _)) => s >= 500,
+            (RetryOn::FiveXx, _) => true,
+            (RetryOn::GatewayError, TryOutcome::Response(s, _)) => matches!(s, 502..=504),
+            (RetryOn::GatewayError, _) => true,
+            (RetryOn::ConnectFailure, TryOutcome::ConnectFailure) => true,
             // Envoy counts a connect timeout as a connect failure and a per-try timeout as a reset.
-            ("reset", TryOutcome::Reset | TryOutcome::Timeout | TryOutcome::ConnectFailure) => true,
-            ("refused-stream", TryOutcome::RefusedStream) => true,
-            ("retriable-4xx", TryOutcome::Response(409, _)) => true,
-            ("retriable-status-codes", TryOutcome::Response(s, _)) => {
+            (
+                RetryOn::Reset,
+                TryOutcome::Reset | TryOutcome::Timeout | TryOutcome::ConnectFailure,
+            ) => true,
+            (RetryOn::RefusedStream, TryOutcome::RefusedStream) => true,
+            (RetryOn::Retriable4xx, TryOutcome::Response(409, _)) => true,
+            (RetryOn::RetriableStatusCodes, TryOutcome::Response(s, _)) => {
                 policy.retriable_status_codes.contains(&s)
             }
-            ("cancelled", TryOutcome::Response(_, Some(1))) => true,
-            ("deadline-exceeded", TryOutcome::Response(_, Some(4))) => true,
-            ("resource-exhausted", TryOutcome::Response(_, Some(8))) => true,
-            ("unavailable", TryOutcome::Response(_, Some(14))) => true,
-            ("internal", TryOutcome::Response(_, Some(13))) => true,
+            (RetryOn::Cancelled, TryOutcome::Response(_, Some(1))) => true,
+            (RetryOn::DeadlineExceeded, TryOutcome::Response(_, Some(4))) => true,
+            (RetryOn::ResourceExhausted, TryOutcome::Response(_, Some(8))) => true,
+            (RetryOn::Unavailable, TryOutcome::Response(_, Some(14))) => true,
+            (RetryOn::Internal, TryOutcome::Response(_, Some(13))) => true,
             _ => false,
         })
 }
@@ -86,8 +72,8 @@ mod tests {
             TryOutcome::RefusedStream,
             TryOutcome::Reset,
         ];
-        for condition in RETRY_ON {
-            let mut p = policy(condition);
+        for condition in RetryOn::ALL {
+            let mut p = policy(condition.name());
             p.retriable_status_codes = vec![500];
             assert!(
                 outcomes.iter().any(|o| retriable(&p, *o)),
@@ -100,7 +86,7 @@ mod tests {
         RetryPlan {
             attempts: 3,
             per_try_timeout: None,
-            retry_on: on.split(',').map(String::from).collect(),
+            retry_on: on.split(',').filter_map(RetryOn::parse).collect(),
             retriable_status_codes: vec![],
         }
     }

@@ -14,7 +14,7 @@ use super::{
 use crate::{
     compile::{
         CorsPlan, FaultPlan, HeaderOpPlan, HeaderOpsPlan, HttpRoutePlan, MirrorPlan, RedirectPlan,
-        RequestMatchPlan, RetryPlan, RewritePlan, RouteActionPlan, StringMatchPlan,
+        RequestMatchPlan, RetryOn, RetryPlan, RewritePlan, RouteActionPlan, StringMatchPlan,
         WeightedClusterPlan,
     },
     config::{HeaderOperations, Headers, HttpRoute, Percent, Resource},
@@ -136,26 +136,25 @@ impl Builder<'_, '_> {
                     .map(str::trim)
                     .filter(|t| !t.is_empty())
                 {
-                    match token.parse::<u16>() {
-                        Ok(code) => codes.push(code),
-                        Err(_) if crate::proxy::retry::RETRY_ON.contains(&token) => {
-                            retry_on.push(token.to_string())
-                        }
+                    match (token.parse::<u16>(), RetryOn::parse(token)) {
+                        (Ok(code), _) => codes.push(code),
+                        (Err(_), Some(condition)) => retry_on.push(condition),
                         // Istio rejects unknown retryOn policies too.
-                        Err(_) => {
+                        (Err(_), None) => {
+                            let known: Vec<&str> = RetryOn::ALL.map(RetryOn::name).to_vec();
                             return Err(error(
                                 rule,
                                 format!("{field}.retries.retryOn"),
                                 format!(
                                     "{token:?} is not a retry condition (expected one of {} or an HTTP status code)",
-                                    crate::proxy::retry::RETRY_ON.join(", ")
+                                    known.join(", ")
                                 ),
-                            ))
+                            ));
                         }
                     }
                 }
-                if !codes.is_empty() && !retry_on.iter().any(|t| t == "retriable-status-codes") {
-                    retry_on.push("retriable-status-codes".into());
+                if !codes.is_empty() && !retry_on.contains(&RetryOn::RetriableStatusCodes) {
+                    retry_on.push(RetryOn::RetriableStatusCodes);
                 }
                 RetryPlan {
                     attempts: u32::try_from(r.attempts.max(0)).unwrap_or(0),
