@@ -138,7 +138,7 @@ fn start_meshd(topo: &Topology, rules: &RulesDir) -> Result<Meshd> {
         .and_then(|ifs| ifs.iter().find(|i| i["name"] == "vnic"))
         .with_context(|| format!("vnic not attached: {out}"))?;
     ensure!(
-        vnic["mode"] == "native",
+        vnic["mode"] == "xdp-native",
         "vnic attached as {}",
         vnic["mode"]
     );
