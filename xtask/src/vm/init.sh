@@ -37,6 +37,12 @@ mount -t bpf bpf /newroot/sys/fs/bpf || fail "cannot mount bpffs"
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup || echo "mesh-vm: no cgroup2"
 mount -t debugfs debugfs /newroot/sys/kernel/debug 2>/dev/null
 for d in tmp run var/tmp; do
+    # A repository cloned under /tmp (as CI does) was staged there on the disk: keep it visible
+    # (the disk is a copy-on-write snapshot, so writable) instead of hiding it under a tmpfs.
+    if [ -n "$(ls -A "/newroot/$d" 2>/dev/null)" ]; then
+        echo "mesh-vm: /$d holds the suite's files: no tmpfs on it"
+        continue
+    fi
     mount -t tmpfs -o mode=1777 tmpfs "/newroot/$d" || fail "cannot mount tmpfs on /$d"
 done
 exec switch_root /newroot /mesh/run-suite
