@@ -269,11 +269,15 @@ fn is_probe(frame: &[u8], port: u16) -> bool {
         && u16::from_be_bytes([frame[34], frame[35]]) == port
 }
 
+/// `dev`'s MAC from `ip -br link` (the namespace's sysfs is not remounted by a bare setns, so
+/// /sys/class/net shows another namespace's devices).
 fn mac(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
-    let out = ns.exec("cat", &[&format!("/sys/class/net/{dev}/address")])?;
+    let out = ns.exec("ip", &["-br", "link", "show", "dev", dev])?;
     let text = String::from_utf8_lossy(&out.stdout);
     let bytes: Vec<u8> = text
-        .trim()
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
         .split(':')
         .map(|b| u8::from_str_radix(b, 16))
         .collect::<Result<_, _>>()
