@@ -75,33 +75,7 @@ impl ContainerHost {
             outside,
             node,
         };
-        for sysctl in [
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv4.conf.all.rp_filter=0",
-            "net.ipv4.conf.default.rp_filter=0",
-        ] {
-            host.node.exec("sysctl", &["-qw", sysctl])?;
-        }
-        veth(&host.node, "up0", &host.outside, "eth0")?;
-        host.node
-            .ip(&["addr", "add", "198.18.1.1/24", "dev", "up0"])?;
-        host.node
-            .ip(&["addr", "add", "2001:db8:1::1/64", "dev", "up0", "nodad"])?;
-        host.outside
-            .ip(&["addr", "add", "198.18.1.2/24", "dev", "eth0"])?;
-        host.outside
-            .ip(&["addr", "add", "2001:db8:1::2/64", "dev", "eth0", "nodad"])?;
-        host.outside
-            .ip(&["route", "add", "198.18.0.0/15", "via", "198.18.1.1"])?;
-        host.outside.ip(&[
-            "-6",
-            "route",
-            "add",
-            "2001:db8::/32",
-            "via",
-            "2001:db8:1::1",
-        ])?;
+        crate::topology::wire_uplink(&host.node, "up0", &host.outside)?;
 
         host.node.ip(&["link", "add", "br0", "type", "bridge"])?;
         host.node.ip(&["link", "set", "br0", "up"])?;

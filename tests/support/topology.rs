@@ -36,6 +36,35 @@ pub fn backend_v6(i: usize) -> IpAddr {
     format!("2001:db8:{}::1", 1 + i).parse().expect("valid")
 }
 
+/// Makes `node` a router and joins it to `peer` (the client or the outside world) by a veth with
+/// default settings: `node_if` is 198.18.1.1/24 and 2001:db8:1::1/64, the peer's `eth0` is .2 /
+/// ::2 and routes the test ranges (198.18.0.0/15, 2001:db8::/32) through the node.
+pub fn wire_uplink(node: &Netns, node_if: &str, peer: &Netns) -> Result<()> {
+    for sysctl in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+    ] {
+        node.exec("sysctl", &["-qw", sysctl])?;
+    }
+    veth(node, node_if, peer, "eth0")?;
+    node.ip(&["addr", "add", "198.18.1.1/24", "dev", node_if])?;
+    node.ip(&["addr", "add", "2001:db8:1::1/64", "dev", node_if, "nodad"])?;
+    peer.ip(&["addr", "add", "198.18.1.2/24", "dev", "eth0"])?;
+    peer.ip(&["addr", "add", "2001:db8:1::2/64", "dev", "eth0", "nodad"])?;
+    peer.ip(&["route", "add", "198.18.0.0/15", "via", "198.18.1.1"])?;
+    peer.ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:db8::/32",
+        "via",
+        "2001:db8:1::1",
+    ])?;
+    Ok(())
+}
+
 /// Client, node and backends; everything is deleted on drop.
 pub struct Topology {
     /// Per-run name prefix.
@@ -60,32 +89,7 @@ impl Topology {
             client,
             node,
         };
-        for sysctl in [
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv4.conf.all.rp_filter=0",
-        ] {
-            topo.node.exec("sysctl", &["-qw", sysctl])?;
-        }
-        veth(&topo.node, "c0", &topo.client, "eth0")?;
-        topo.node
-            .ip(&["addr", "add", "198.18.1.1/24", "dev", "c0"])?;
-        topo.node
-            .ip(&["addr", "add", "2001:db8:1::1/64", "dev", "c0", "nodad"])?;
-        topo.client
-            .ip(&["addr", "add", "198.18.1.2/24", "dev", "eth0"])?;
-        topo.client
-            .ip(&["addr", "add", "2001:db8:1::2/64", "dev", "eth0", "nodad"])?;
-        topo.client
-            .ip(&["route", "add", "198.18.0.0/15", "via", "198.18.1.1"])?;
-        topo.client.ip(&[
-            "-6",
-            "route",
-            "add",
-            "2001:db8::/32",
-            "via",
-            "2001:db8:1::1",
-        ])?;
+        wire_uplink(&topo.node, "c0", &topo.client)?;
         for i in 1..=backends {
             let ns = Netns::create(&format!("{prefix}-b{i}"))?;
             let node_if = format!("b{i}");
