@@ -8,6 +8,7 @@ pub mod browser;
 pub mod container_host;
 pub mod figures;
 pub mod fleet;
+pub mod flood;
 pub mod fuzz;
 pub mod gateway_tier;
 pub mod http;
