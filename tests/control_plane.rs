@@ -22,19 +22,7 @@ use mesh_tests::{
 
 /// meshd arguments with pinning and a state file (replacing `--no-pin --no-state`).
 fn pinned_args(topo: &Topology, rules: &RulesDir, pins: &PinDir) -> Vec<String> {
-    let mut args: Vec<String> = meshd_args(topo, rules)
-        .into_iter()
-        .filter(|a| a != "--no-pin" && a != "--no-state")
-        .collect();
-    args.extend([
-        "--pin-dir".into(),
-        pins.0.display().to_string(),
-        "--state-file".into(),
-        format!("{}/state/state.yaml", rules.path()),
-        "--maglev-pool-entries".into(),
-        "65536".into(),
-    ]);
-    args
+    mesh_tests::chaos::pinned_args(topo, rules, pins, &[])
 }
 
 /// Every byte of the rule maps (not the counters or the connection table, which traffic moves).

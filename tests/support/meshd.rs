@@ -54,6 +54,13 @@ impl Meshd {
 
     /// [`Meshd::start`] with a longer bound on the start (large rule sets in debug builds).
     pub fn start_within(ns: &Netns, args: &[String], timeout: Duration) -> Result<Self> {
+        let mut meshd = Self::spawn(ns, args)?;
+        meshd.wait_for_log("meshd ready", 0, crate::patience(timeout))?;
+        Ok(meshd)
+    }
+
+    /// Starts meshd in `ns` with `args` without waiting for it to be ready.
+    pub fn spawn(ns: &Netns, args: &[String]) -> Result<Self> {
         let mut cmd = ns.command(bin("meshd")?.to_str().context("utf-8 path")?);
         cmd.args(args)
             .env("RUST_LOG", "info")
@@ -68,9 +75,7 @@ impl Meshd {
                 sink.lock().expect("log lock").push(line);
             }
         });
-        let mut meshd = Meshd { child, log };
-        meshd.wait_for_log("meshd ready", 0, crate::patience(timeout))?;
-        Ok(meshd)
+        Ok(Meshd { child, log })
     }
 
     /// Number of log lines so far (a cursor for [`Meshd::wait_for_log`]).
@@ -134,6 +139,13 @@ impl Meshd {
     pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Kills meshd with SIGKILL (a crash: nothing of it runs afterwards) and reaps it.
+    pub fn kill(mut self) -> Result<()> {
+        self.signal(libc::SIGKILL);
+        self.child.wait().context("reaping the killed meshd")?;
+        Ok(())
     }
 
     /// Stops meshd with SIGTERM and returns its exit status.

@@ -5,9 +5,11 @@
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
 pub mod browser;
+pub mod chaos;
 pub mod container_host;
 pub mod figures;
 pub mod fleet;
+pub mod fuzz;
 pub mod gateway_tier;
 pub mod http;
 pub mod l7;

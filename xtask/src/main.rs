@@ -3,6 +3,7 @@
 //! Every command installs what it needs first (see [`toolchain`]), so the README's two commands
 //! work on a fresh machine.
 
+mod fuzz;
 mod toolchain;
 mod vm;
 
@@ -72,6 +73,28 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fuzz the config YAML path, the admin API and the packet pipeline for longer than `test`
+    /// does; failing inputs are saved into tests/fuzz-corpus/.
+    #[command(
+        long_about = "Fuzz mesh for longer than `cargo xtask test` does (there each target runs a few \
+                      hundred cases). Three targets, proptest harnesses in tests/fuzz_*.rs:\n  \
+                      config   Istio YAML (mutated config/ examples and bad inputs) through parse, \
+                      validate and compile: no panic, precise errors, accepted rules compile and \
+                      round-trip\n  \
+                      admin    raw HTTP requests to a real meshd's admin socket: well-formed answers, \
+                      meshd stays responsive, a rejected apply changes nothing\n  \
+                      packets  damaged frames through the XDP and TC programs (BPF_PROG_TEST_RUN): \
+                      only service or tracked-flow frames are translated, checksums stay valid\n\n\
+                      Each target first replays its corpus (tests/fuzz-corpus/<target>/: seeds and \
+                      regressions), then generates inputs for --seconds. A failing input is shrunk \
+                      and saved as tests/fuzz-corpus/<target>/regression-<hash>, so every later \
+                      `cargo xtask test` replays it; commit it with the fix. Prints cases run and \
+                      failures per target; exits non-zero when something failed.\n\n\
+                      Examples:\n  cargo xtask fuzz --seconds 30\n  \
+                      cargo xtask fuzz --target packets --seconds 600\n  \
+                      MESH_FUZZ_SEED=1234 cargo xtask fuzz --target config   (replay one generator seed)"
+    )]
+    Fuzz(fuzz::FuzzArgs),
     /// Run the benchmark suite; the report goes to target/bench/ (and docs/benchmarks.md in full
     /// mode).
     Bench {
@@ -147,6 +170,13 @@ fn main() -> Result<()> {
             cmd.args(fleet.then_some("--fleet")).args(&args);
             cmd.env("MESH_BIN_DIR", "target/release");
             run(&mut cmd)
+        }
+        Cmd::Fuzz(args) => {
+            toolchain::ensure()?;
+            require_root("the packet and admin targets load BPF programs and start meshd")?;
+            step("building meshd and meshctl (the admin target runs a real meshd)");
+            cargo(&["build", "-p", "mesh-user", "--bins"])?;
+            fuzz::run(&args, &repo_root())
         }
         Cmd::Bench { quick, only, args } => {
             toolchain::ensure()?;

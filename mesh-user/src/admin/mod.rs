@@ -150,6 +150,9 @@ pub struct Status {
     pub state_file: Option<String>,
     /// Where maps are pinned.
     pub pin_dir: Option<String>,
+    /// The pinned maps' layout and what reopening them did (absent without pinning).
+    #[serde(default)]
+    pub pin_layout: Option<PinLayoutStatus>,
     /// This node's link to its fleet (`meshd --etcd`).
     #[serde(default)]
     pub fleet: Option<crate::fleet::LocalFleetState>,
@@ -159,6 +162,15 @@ pub struct Status {
     /// Socket-level balancing of node-local clients (None: off, `--no-socket-lb`).
     #[serde(default)]
     pub socket_lb: Option<crate::dataplane::SocketLbStatus>,
+}
+
+/// The pin directory's layout (see `mesh_user::dataplane::pins`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PinLayoutStatus {
+    /// Layout version of the pinned maps.
+    pub version: u32,
+    /// Migrations done and capacities kept at start, one line each.
+    pub notes: Vec<String>,
 }
 
 /// An attached interface.

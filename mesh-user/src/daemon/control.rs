@@ -560,6 +560,13 @@ impl Controller {
                 .pin_dir
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            pin_layout: self
+                .dataplane
+                .pin_report()
+                .map(|r| crate::admin::PinLayoutStatus {
+                    version: r.layout_version,
+                    notes: r.notes.clone(),
+                }),
             kernel: Some(crate::dataplane::features::current().clone()),
             socket_lb: self.socket_lb.clone().map(|mut s| {
                 s.counters = self.dataplane.socket_counters();

@@ -145,6 +145,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     if let Some(socket_lb) = &options.socket_lb {
         controller.attach_sockets(socket_lb)?;
     }
+    controller.dataplane_mut().finish_pin_migration();
     let controller = Arc::new(Mutex::new(controller));
     crate::trace::kernel::start_for(&controller);
     server::serve_admin(options.socket.clone(), controller.clone()).await?;

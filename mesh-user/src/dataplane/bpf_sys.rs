@@ -1,6 +1,8 @@
 //! The few map operations aya 0.14 does not expose, as direct `bpf()` system calls and `mmap`:
-//! batch updates, deletes and lookups (`BPF_MAP_{UPDATE,DELETE,LOOKUP}_BATCH`, Linux 5.6+), and
-//! a shared mapping of a `BPF_F_MMAPABLE` array (Linux 5.5+).
+//! batch updates, deletes and lookups (`BPF_MAP_{UPDATE,DELETE,LOOKUP}_BATCH`, Linux 5.6+), a
+//! shared mapping of a `BPF_F_MMAPABLE` array (Linux 5.5+), and creating a map of a given shape
+//! from userspace (the pin directory's layout record and migrated maps, see
+//! [`super::pins`]).
 //!
 //! Why: an apply of 30 000 services writes tens of thousands of map entries and millions of
 //! Maglev slots. One system call per entry (aya's `insert`/`set`) costs about a microsecond
@@ -14,6 +16,8 @@ use std::{
     ptr::NonNull,
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
@@ -32,22 +36,88 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+/// `union bpf_attr`'s map-creation member, up to the fields used here.
+#[repr(C)]
+#[derive(Default)]
+struct CreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+}
+
+/// `union bpf_attr`'s single-element member.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `BPF_NOEXIST`: add only when the key is absent.
+pub const NOEXIST: u64 = 1;
+
+fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, fully initialised `bpf_attr` prefix of the size passed; the
     // pointers in it reference buffers the caller keeps alive for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>()) };
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(rc)
     }
+}
+
+/// The shape of a map: what the kernel reports for it and what a map is created with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapShape {
+    /// `BPF_MAP_TYPE_*`.
+    pub map_type: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes (per CPU for per-CPU maps).
+    pub value_size: u32,
+    /// Capacity.
+    pub max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    pub map_flags: u32,
+}
+
+/// Creates a map of `shape` named `name` (the kernel keeps 15 bytes of it).
+pub fn create_map(name: &str, shape: &MapShape) -> io::Result<std::os::fd::OwnedFd> {
+    let mut attr = CreateAttr {
+        map_type: shape.map_type,
+        key_size: shape.key_size,
+        value_size: shape.value_size,
+        max_entries: shape.max_entries,
+        map_flags: shape.map_flags,
+        ..Default::default()
+    };
+    for (slot, byte) in attr.map_name[..15].iter_mut().zip(name.bytes()) {
+        *slot = byte;
+    }
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: BPF_MAP_CREATE returned a new file descriptor that nothing else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// Writes one entry (`flags`: 0, or [`NOEXIST`] to keep an existing one).
+pub fn update_elem(fd: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
 }
 
 /// Bytes of `T` as stored in a map (all map types here are `#[repr(C)]` plain data).
@@ -64,14 +134,31 @@ pub fn update_batch<K: aya::Pod>(
     values: &[u8],
     value_size: usize,
 ) -> io::Result<()> {
-    assert_eq!(values.len(), keys.len() * value_size, "one value per key");
-    let key_bytes = bytes(keys);
+    update_batch_raw(
+        fd,
+        bytes(keys),
+        std::mem::size_of::<K>(),
+        values,
+        value_size,
+    )
+}
+
+/// [`update_batch`] with keys as bytes, `key_size` bytes each.
+pub fn update_batch_raw(
+    fd: BorrowedFd<'_>,
+    key_bytes: &[u8],
+    key_size: usize,
+    values: &[u8],
+    value_size: usize,
+) -> io::Result<()> {
+    let count = key_bytes.len() / key_size.max(1);
+    assert_eq!(values.len(), count * value_size, "one value per key");
     let mut done = 0usize;
-    while done < keys.len() {
+    while done < count {
         let mut attr = BatchAttr {
-            keys: key_bytes[done * std::mem::size_of::<K>()..].as_ptr() as u64,
+            keys: key_bytes[done * key_size..].as_ptr() as u64,
             values: values[done * value_size..].as_ptr() as u64,
-            count: (keys.len() - done).min(u32::MAX as usize) as u32,
+            count: (count - done).min(u32::MAX as usize) as u32,
             map_fd: fd.as_raw_fd() as u32,
             ..Default::default()
         };
@@ -79,7 +166,7 @@ pub fn update_batch<K: aya::Pod>(
         // `count` says how many were written, also on error.
         done += attr.count as usize;
         match result {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted && attr.count > 0 => {}
             Err(e) => return Err(e),
         }
@@ -101,7 +188,7 @@ pub fn delete_batch<K: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<(
         let result = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
         done += attr.count as usize;
         match result {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted && attr.count > 0 => {}
             Err(e) => return Err(e),
         }
@@ -126,8 +213,30 @@ pub fn lookup_each<K: aya::Pod + Default, V: aya::Pod + Default>(
     chunk: usize,
     mut each: impl FnMut(&K, &V),
 ) -> io::Result<()> {
-    let mut keys = vec![K::default(); chunk];
-    let mut values = vec![V::default(); chunk];
+    let (key_size, value_size) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+    lookup_each_raw(fd, key_size, value_size, chunk, |k, v| {
+        // SAFETY: the slices hold exactly one K and one V; Pod types accept any bytes.
+        let (k, v) = unsafe {
+            (
+                k.as_ptr().cast::<K>().read_unaligned(),
+                v.as_ptr().cast::<V>().read_unaligned(),
+            )
+        };
+        each(&k, &v)
+    })
+}
+
+/// [`lookup_each`] with keys and values as bytes: `key_size` and `value_size` bytes each (per-CPU
+/// maps: the per-CPU values, each rounded up to 8 bytes, one after the other).
+pub fn lookup_each_raw(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    chunk: usize,
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> io::Result<()> {
+    let mut keys = vec![0u8; chunk * key_size];
+    let mut values = vec![0u8; chunk * value_size];
     // The batch cursor: a bucket index for hash maps, a key for arrays; 8 bytes covers both.
     let mut cursor = [0u64; 1];
     let mut next = [0u64; 1];
@@ -144,11 +253,14 @@ pub fn lookup_each<K: aya::Pod + Default, V: aya::Pod + Default>(
         };
         let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let got = attr.count as usize;
-        for (k, v) in keys[..got].iter().zip(&values[..got]) {
-            each(k, v);
+        for i in 0..got {
+            each(
+                &keys[i * key_size..(i + 1) * key_size],
+                &values[i * value_size..(i + 1) * value_size],
+            );
         }
         match result {
-            Ok(()) => {}
+            Ok(_) => {}
             // ENOENT: no more entries after these.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),

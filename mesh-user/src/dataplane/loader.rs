@@ -1,8 +1,10 @@
-//! Loading the kernel object, sizing and pinning its maps, and attaching the XDP program.
+//! Loading the kernel object and attaching its programs.
 //!
 //! Maps that carry state worth keeping across a daemon restart (connection tracking, the rule
-//! tables and the counters) are pinned under the pin directory and reused when they are already
-//! there, so a restarted meshd sees the same connections and the same rules.
+//! tables and the counters, [`layout::PINNED_MAPS`]) are pinned under the pin directory and
+//! reused when they are already there, so a restarted meshd sees the same connections and the
+//! same rules. [`pins::prepare`] checks them against this meshd's layout first (and migrates or
+//! refuses); sizes come from [`layout::capacities`].
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +21,9 @@ use tracing::{info, warn};
 
 use super::{
     attach::{self, AttachRequest, HookKind, XdpAttachMode},
+    layout::{self, PINNED_MAPS},
     map_err,
+    pins::{self, PinReport},
     tables::Tables,
     DataplaneError, EBPF_OBJECT,
 };
@@ -77,51 +81,37 @@ pub struct Dataplane {
     pub(crate) census: super::census::CensusTaker,
     attachments: BTreeMap<String, Attachment>,
     pinned_links: Vec<PinnedLink>,
+    pin_report: Option<PinReport>,
 }
-
-const PINNED_MAPS: &[&str] = &[
-    map_names::SERVICES,
-    map_names::BACKENDS,
-    map_names::MAGLEV,
-    map_names::CONNTRACK,
-    map_names::CT_PENDING,
-    map_names::CT_STATS,
-    map_names::SERVICE_STATS,
-    map_names::BACKEND_STATS,
-    map_names::REASON_STATS,
-    // The socket hooks' memory of what each socket asked for (getpeername/recvmsg) and of UDP
-    // flows, so sockets opened before a restart keep both.
-    map_names::SOCK_REVNAT,
-    map_names::SOCK_FLOWS,
-];
 
 impl Dataplane {
     /// Loads the programs and creates (or reopens pinned) maps. Does not attach anything.
-    pub fn load(options: DataplaneOptions) -> Result<Self, DataplaneError> {
-        if let Some(dir) = &options.pin_dir {
-            ensure_bpffs(dir)?;
-        }
+    /// Pinned maps are checked against this meshd's layout first ([`pins::prepare`]).
+    pub fn load(mut options: DataplaneOptions) -> Result<Self, DataplaneError> {
+        let pin_report = match options.pin_dir.clone() {
+            Some(dir) => {
+                ensure_bpffs(&dir)?;
+                Some(pins::prepare(&dir, &mut options)?)
+            }
+            None => None,
+        };
         let pins: Vec<(&str, PathBuf)> = match &options.pin_dir {
             Some(dir) => PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
         };
         let log_level = options.kernel_log.global();
         let mut loader = EbpfLoader::new();
-        loader
-            .override_global(super::kernel_log::LEVEL_GLOBAL, &log_level, true)
-            .map_max_entries(map_names::MAGLEV, options.maglev_pool_entries)
-            // Two entries per flow, one per direction.
-            .map_max_entries(
-                map_names::CONNTRACK,
-                options.conntrack_entries.checked_mul(2).ok_or_else(|| {
-                    DataplaneError::Capacity("conntrack capacity too large".into())
-                })?,
-            )
-            .map_max_entries(map_names::CT_PENDING, 2 * options.pending_flows());
+        loader.override_global(super::kernel_log::LEVEL_GLOBAL, &log_level, true);
+        for (name, entries) in layout::capacities(&options)? {
+            loader.map_max_entries(name, entries);
+        }
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        if let Some(dir) = &options.pin_dir {
+            pins::record(dir)?;
+        }
         let verifying = |name: &str| {
             let context = format!("verifying {name}");
             move |source| DataplaneError::Program { context, source }
@@ -146,7 +136,21 @@ impl Dataplane {
             census,
             attachments: BTreeMap::new(),
             pinned_links: Vec::new(),
+            pin_report,
         })
+    }
+
+    /// What reopening the pin directory found and did (None without pinning).
+    pub fn pin_report(&self) -> Option<&PinReport> {
+        self.pin_report.as_ref()
+    }
+
+    /// Once this meshd's programs are attached everywhere: finishes a migration of pinned maps
+    /// (see [`PinReport::finish`]).
+    pub fn finish_pin_migration(&mut self) {
+        if let Some(report) = &mut self.pin_report {
+            report.finish();
+        }
     }
 
     /// Attaches a packet program to `interface`: XDP or TC as [`attach::choose`] decides for
@@ -273,7 +277,7 @@ impl Dataplane {
             }
             std::fs::remove_dir(&links)?;
         }
-        for name in PINNED_MAPS {
+        for name in pins::pinned_names() {
             match std::fs::remove_file(pin_dir.join(name)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}

@@ -5,7 +5,9 @@
 //! - [`attach`]: per interface, XDP or TC (the one place that decides), and attaching;
 //! - [`features`]: what the running kernel supports, and the choices made from it;
 //! - [`kernel_log`]: the programs' debug log level and its reader (`--kernel-log`);
-//! - [`loader`]: object loading, map sizing and pinning;
+//! - [`loader`]: object loading and attaching; [`layout`]: the pin directory's contract (map
+//!   sizing, expected shapes, the layout record); [`pins`]: reopening pins (reuse, migrate or
+//!   refuse);
 //! - [`tables`]: per-service Maglev slices, ids and incremental applies, over [`pool`]
 //!   (free space) and [`bpf_sys`] (batch map calls, the shared Maglev pool);
 //! - [`stats`]: per-CPU counters summed into a snapshot; [`census`]: connections per backend,
@@ -17,7 +19,9 @@ pub mod bpf_sys;
 pub mod census;
 pub mod features;
 pub mod kernel_log;
+pub mod layout;
 pub mod loader;
+pub mod pins;
 pub mod pool;
 pub mod sockets;
 pub mod stats;
@@ -55,6 +59,9 @@ pub enum DataplaneError {
         /// The underlying error.
         source: aya::maps::MapError,
     },
+    /// The pin directory holds maps this meshd cannot use as they are.
+    #[error(transparent)]
+    Pins(#[from] pins::PinsError),
     /// The rules need more room than the maps have.
     #[error("{0}")]
     Capacity(String),

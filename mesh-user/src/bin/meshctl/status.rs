@@ -95,6 +95,12 @@ fn print_status(status: &Status) {
     if let Some(p) = &status.pin_dir {
         println!("pinned under: {p}");
     }
+    if let Some(layout) = &status.pin_layout {
+        println!("pin layout: version {}", layout.version);
+        for note in &layout.notes {
+            println!("  {note}");
+        }
+    }
     if let Some(f) = &status.fleet {
         println!(
             "fleet: node {} at revision {} of {} (etcd {}{}){}",
