@@ -236,7 +236,7 @@ pub fn prepare(dir: &Path, options: &mut DataplaneOptions) -> Result<PinReport, 
             let recorded = record.shapes();
             for (name, shape) in &found {
                 if recorded.get(*name).is_some_and(|r| r != shape) {
-                    warn!(map = name, "the layout record disagrees with the pinned map (an interrupted migration?): the map is checked as found");
+                    warn!(map = name, "the layout record disagrees with the pinned map (replaced by hand, or a migration was interrupted): the map is checked as found");
                 }
             }
             true
@@ -451,4 +451,59 @@ pub fn pinned_names() -> impl Iterator<Item = String> {
         .iter()
         .chain(std::iter::once(&layout::RECORD_NAME))
         .flat_map(|name| [name.to_string(), format!("{name}{NEXT}")])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_the_map_what_was_found_and_expected_and_the_way_out() {
+        let shape = |value_size| MapShape {
+            map_type: 9,
+            key_size: 40,
+            value_size,
+            max_entries: 2048,
+            map_flags: 0,
+        };
+        let text = PinsError::Incompatible {
+            dir: "/sys/fs/bpf/mesh".into(),
+            maps: vec![Mismatch {
+                map: "CONNTRACK".into(),
+                found: shape(56),
+                expected: shape(48),
+            }],
+            recorded: false,
+        }
+        .to_string();
+        for needle in [
+            "written before meshd kept a layout record",
+            "/sys/fs/bpf/mesh/CONNTRACK: found lru_hash key 40 B value 56 B, 2048 entries",
+            "expected lru_hash key 40 B value 48 B",
+            "meshd --cleanup --pin-dir /sys/fs/bpf/mesh",
+            "every connection the kernel tracks is lost",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from: {text}");
+        }
+    }
+
+    #[test]
+    fn per_cpu_values_are_counted_once_per_cpu_and_aligned() {
+        let shape = MapShape {
+            map_type: 6,
+            key_size: 4,
+            value_size: 12,
+            max_entries: 1,
+            map_flags: 0,
+        };
+        let cpus = aya::util::nr_cpus().unwrap_or(1);
+        assert_eq!(value_stride(&shape), 16 * cpus);
+        assert_eq!(
+            value_stride(&MapShape {
+                map_type: 2,
+                ..shape
+            }),
+            12
+        );
+    }
 }
