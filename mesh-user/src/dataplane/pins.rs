@@ -301,8 +301,13 @@ pub fn prepare(dir: &Path, options: &mut DataplaneOptions) -> Result<PinReport, 
     }
     // The shapes the migrated maps get (MAGLEV may have been kept at its pinned size above).
     let expected = layout::expected(options)?;
-    for name in to_migrate {
+    // All new maps are filled and pinned under their `_next` names first, then put in place one
+    // rename after the other: a crash before the renames leaves the old pins whole.
+    for name in &to_migrate {
         migrate(dir, name, &found[name], &expected[name], &mut report)?;
+    }
+    for name in &to_migrate {
+        place(dir, name)?;
     }
     Ok(report)
 }
@@ -359,7 +364,7 @@ fn migrate(
     )
     .map_err(sys(format!("copying {name} into its new map")))?;
     let new = MapData::from_fd(fd).map_err(super::map_err(format!("wrapping the new {name}")))?;
-    pin_replacing(&new, dir, name)?;
+    pin_next(&new, dir, name)?;
     let lost = if lru && count > want.max_entries as usize {
         format!(
             " ({} least recently used did not fit and were dropped)",
@@ -385,10 +390,21 @@ fn migrate(
 
 /// Pins `map` as `<dir>/<name>`, atomically replacing what is pinned there.
 pub(crate) fn pin_replacing(map: &MapData, dir: &Path, name: &str) -> Result<(), DataplaneError> {
+    pin_next(map, dir, name)?;
+    place(dir, name)
+}
+
+/// Pins `map` as `<dir>/<name>_next`.
+fn pin_next(map: &MapData, dir: &Path, name: &str) -> Result<(), DataplaneError> {
     let next = dir.join(format!("{name}{NEXT}"));
     let _ = std::fs::remove_file(&next);
     map.pin(&next)
-        .map_err(|e| DataplaneError::Other(format!("pinning {}: {e}", next.display())))?;
+        .map_err(|e| DataplaneError::Other(format!("pinning {}: {e}", next.display())))
+}
+
+/// Renames `<dir>/<name>_next` over `<dir>/<name>` (atomic on bpffs as anywhere).
+fn place(dir: &Path, name: &str) -> Result<(), DataplaneError> {
+    let next = dir.join(format!("{name}{NEXT}"));
     std::fs::rename(&next, dir.join(name)).map_err(|e| {
         let _ = std::fs::remove_file(&next);
         DataplaneError::Other(format!("renaming {} into place: {e}", next.display()))
