@@ -18,6 +18,7 @@ mod newconn;
 mod peers;
 mod plot;
 mod rawbpf;
+mod realistic;
 mod report;
 mod scale;
 mod split;
@@ -59,11 +60,15 @@ struct Args {
 
 const HELP: &str = "mesh-bench: mesh's benchmark suite (run it with `cargo xtask bench`)
 
-Usage: mesh-bench [--quick] [--only l7|scale] [--out DIR] [--docs FILE] [--trace-only]
+Usage: mesh-bench [--quick] [--only l7|scale|packet|forwarding] [--out DIR] [--docs FILE] [--trace-only]
 
   --quick       small counts, finishes in well under a minute (the test suite runs this)
   --only l7     run only section 4 (L7) and print one line per ratio; the report then has
                 the other sections as not run (and --docs is ignored)
+  --only packet section 1 alone: per-packet cost (hot loop, single runs, and 1b on a
+                realistic table of 100 000 live connections with FIB forwarding)
+  --only forwarding  section 2 alone: forwarding through a node namespace against nftables
+                (with and without a flowtable), iptables and plain routing
   --only scale  section 3 alone: per-packet cost vs number of services, and meshd with
                 default settings applying, changing and restarting on 1 to 30 000 services
   --out DIR     where report.md, summary.json and the PNG plots go (default target/bench)
@@ -89,8 +94,10 @@ fn parse_args() -> Result<Option<Args>> {
             "--quick" => args.quick = true,
             "--only" => {
                 let section = it.next().context("--only needs a section (l7 or scale)")?;
-                if section != "l7" && section != "scale" {
-                    bail!("--only {section:?}: only `l7` or `scale` can run alone");
+                if !["l7", "scale", "packet", "forwarding"].contains(&section.as_str()) {
+                    bail!(
+                        "--only {section:?}: only `l7`, `scale`, `packet` or `forwarding` can run alone"
+                    );
                 }
                 args.only = Some(section);
             }
@@ -109,7 +116,7 @@ fn parse_args() -> Result<Option<Args>> {
 
 /// A section `--only` left out.
 fn skipped<T>() -> Result<T, String> {
-    Err("not run (--only scale)".to_string())
+    Err("not run (--only)".to_string())
 }
 
 fn sh_out(program: &str, args: &[&str]) -> String {
@@ -181,6 +188,7 @@ fn run(args: &Args) -> Result<()> {
             ),
             machine: machine(),
             micro: Err(skipped()),
+            realistic: Err(skipped()),
             trace_cost: Err(skipped()),
             forwarding: Err(skipped()),
             scale_packet: Err(skipped()),
@@ -203,9 +211,17 @@ fn run(args: &Args) -> Result<()> {
         return Ok(());
     }
     let all = args.only.is_none();
-    let micro = if all {
+    let packet_only = args.only.as_deref() == Some("packet");
+    let forwarding_only = args.only.as_deref() == Some("forwarding");
+    let micro = if all || packet_only {
         progress("section 1: per-packet cost");
         micro::per_packet(&plan).map_err(|e| format!("{e:#}"))
+    } else {
+        skipped()
+    };
+    let realistic = if all || packet_only {
+        progress("section 1b: per-packet cost on a realistic connection table");
+        realistic::run(&plan).map_err(|e| format!("{e:#}"))
     } else {
         skipped()
     };
@@ -237,9 +253,13 @@ fn run(args: &Args) -> Result<()> {
             );
         }
     }
-    progress("section 3: per-packet cost vs number of services");
-    let scale_packet = micro::scale(&plan).map_err(|e| format!("{e:#}"));
-    let peers = if all {
+    let scale_packet = if packet_only || forwarding_only {
+        skipped()
+    } else {
+        progress("section 3: per-packet cost vs number of services");
+        micro::scale(&plan).map_err(|e| format!("{e:#}"))
+    };
+    let peers = if all || forwarding_only {
         progress("section 2: forwarding (installing nftables/iptables if missing)");
         Some(peers::ensure_peers())
     } else {
@@ -249,8 +269,12 @@ fn run(args: &Args) -> Result<()> {
         Some(peers) => forward::run(&plan, peers).map_err(|e| format!("{e:#}")),
         None => skipped(),
     };
-    progress("section 3: applying, changing and restarting rule sets through meshd");
-    let scale_apply = scale::run(&plan);
+    let scale_apply = if packet_only || forwarding_only {
+        Vec::new()
+    } else {
+        progress("section 3: applying, changing and restarting rule sets through meshd");
+        scale::run(&plan)
+    };
     let new_conn = match &peers {
         Some(peers) => {
             progress("section 3: new connections vs number of services");
@@ -278,6 +302,7 @@ fn run(args: &Args) -> Result<()> {
         },
         machine: machine(),
         micro,
+        realistic,
         trace_cost,
         forwarding,
         scale_packet,

@@ -58,7 +58,7 @@ fn sa(s: &str) -> SocketAddr {
 }
 
 /// Loads the object with a MAGLEV pool of `pool` entries and loads both programs.
-fn load(pool: u32, conntrack: u32) -> Result<Lb> {
+pub fn load_lb(pool: u32, conntrack: u32) -> Result<Lb> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(map_names::MAGLEV, pool)
         .map_max_entries(map_names::CONNTRACK, conntrack)
@@ -167,7 +167,7 @@ pub fn per_packet(plan: &Plan) -> Result<MicroResult> {
 }
 
 fn per_packet_inner(plan: &Plan, jit: String) -> Result<MicroResult> {
-    let mut lb = load(4096, 1 << 19)?;
+    let mut lb = load_lb(4096, 1 << 19)?;
     lb.install(&svc(1, VIP, 0, &[(1, BACKEND_A), (2, BACKEND_B)]))?;
     lb.install(&svc(2, SELF_VIP, 256, &[(3, SELF_VIP)]))?;
     lb.install(&svc(3, SELF_VIP6, 512, &[(4, SELF_VIP6)]))?;
@@ -429,7 +429,7 @@ fn scale_one(n: usize, runs: usize) -> Result<ScalePoint> {
     ));
     let started = std::time::Instant::now();
     let pool = (n as u32 * SCALE_TABLE).max(4096);
-    let mut lb = load(pool, 1 << 18)?;
+    let mut lb = load_lb(pool, 1 << 18)?;
     {
         let mut backends: Array<_, Backend> =
             Array::try_from(lb.ebpf.map_mut(map_names::BACKENDS).context("BACKENDS")?)?;
@@ -548,7 +548,7 @@ pub fn observed_split(flows: usize, table_sizes: Vec<u32>) -> Result<Vec<SplitOb
 }
 
 fn observed_split_one(flows: usize, m: u32) -> Result<SplitObserved> {
-    let mut lb = load(m.max(4096), 1 << 18)?;
+    let mut lb = load_lb(m.max(4096), 1 << 18)?;
     let keys = vec![BACKEND_A.to_string(), BACKEND_B.to_string()];
     let table = crate::split::maglev::build_table(&keys, &[0.8, 0.2], m);
     ensure!(

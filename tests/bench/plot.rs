@@ -68,6 +68,8 @@ pub fn lines(
         x1 = x1.max(*x);
         y1 = y1.max(*y);
     }
+    // No point at all (a section that did not run): plotters' axes would never finish.
+    anyhow::ensure!(x0 <= x1, "no data to plot");
     if x0 >= x1 {
         x1 = x0 + 1.0;
     }

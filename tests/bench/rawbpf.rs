@@ -269,7 +269,8 @@ impl Generator {
     /// Loads the program. Every frame gets the first [`GEN_HEADER_LEN`] bytes of `header`
     /// written back (live frames are recycled pages: whatever the forwarder rewrote, such as the
     /// destination address, TTL and checksums, would otherwise come back in later frames), then
-    /// its UDP source port set to `base + (n & mask)` (`mask` = 2^k - 1).
+    /// its UDP source port set to `base + (n & mask)` (`mask` = 2^k - 1) and, when the template
+    /// carries a UDP checksum (computed with source port `base`), that checksum updated.
     pub fn load(header: &[u8], base: u16, mask: u16) -> Result<Generator> {
         if header.len() < GEN_HEADER_LEN {
             bail!("the generator's template frame is shorter than {GEN_HEADER_LEN} bytes");
@@ -297,8 +298,25 @@ impl Generator {
         }
         let half = u16::from_ne_bytes([header[40], header[41]]);
         p.push(insn(0x6a, 2, 0, 40, i32::from(half)));
+        p.push(insn(0x57, 7, 0, 0, i32::from(mask))); // r7 &= mask: d, the port's offset
+                                                      // A template with a UDP checksum keeps it right: the port grows by d, so the one's
+                                                      // complement sum does too (the template's port must be `base`). A result of 0 reads as
+                                                      // "no checksum", which IPv4 allows.
+        let csum = u16::from_be_bytes([header[40], header[41]]);
+        if csum != 0 {
+            p.extend([
+                insn(0xbf, 8, 7, 0, 0),                    // r8 = d
+                insn(0x07, 8, 0, 0, i32::from(!csum)),     // r8 += ~csum (the old sum)
+                insn(0xbf, 9, 8, 0, 0),                    // r9 = r8
+                insn(0x77, 9, 0, 0, 16),                   // r9 >>= 16 (the carry)
+                insn(0x57, 8, 0, 0, 0xffff),               // r8 &= 0xffff
+                insn(0x0f, 8, 9, 0, 0),                    // r8 += r9
+                insn(0xa7, 8, 0, 0, 0xffff),               // r8 = ~r8 (16 bits)
+                insn(0xdc, 8, 0, 0, 16),                   // r8 = htobe16(r8)
+                insn(0x6b, 2, 8, UDP_SPORT_OFFSET + 6, 0), // *(u16 *)(r2 + 40) = r8
+            ]);
+        }
         p.extend([
-            insn(0x57, 7, 0, 0, i32::from(mask)),  // r7 &= mask
             insn(0x07, 7, 0, 0, i32::from(base)),  // r7 += base
             insn(0xdc, 7, 0, 0, 16),               // r7 = htobe16(r7)
             insn(0x6b, 2, 7, UDP_SPORT_OFFSET, 0), // *(u16 *)(r2 + 34) = r7

@@ -23,6 +23,7 @@ pub struct Results {
     pub command: String,
     pub machine: Vec<(String, String)>,
     pub micro: Result<MicroResult, String>,
+    pub realistic: Result<crate::realistic::RealisticResult, String>,
     pub trace_cost: Result<crate::trace_cost::TraceCost, String>,
     pub forwarding: Result<Vec<FwdResult>, String>,
     pub scale_packet: Result<Vec<ScalePoint>, String>,
@@ -70,6 +71,9 @@ struct Headline {
     /// mesh's TC path (the container-host default) against the peers, per node core.
     tc_vs_nft_core: Option<f64>,
     tc_vs_ipt_core: Option<f64>,
+    /// Both paths against nftables with a flowtable, per node core.
+    xdp_vs_ft_core: Option<f64>,
+    tc_vs_ft_core: Option<f64>,
     scale_ratio: Option<f64>,
     scale_max_n: Option<usize>,
     weight_error: Option<f64>,
@@ -125,6 +129,8 @@ fn headline(r: &Results) -> Headline {
         mesh_vs_ipt_core: ratio(System::MeshXdp, System::Iptables, true),
         tc_vs_nft_core: ratio(System::MeshTc, System::Nftables, true),
         tc_vs_ipt_core: ratio(System::MeshTc, System::Iptables, true),
+        xdp_vs_ft_core: ratio(System::MeshXdp, System::NftFlowtable, true),
+        tc_vs_ft_core: ratio(System::MeshTc, System::NftFlowtable, true),
         scale_ratio,
         scale_max_n,
         weight_error: r.split.as_ref().ok().and_then(|s| {
@@ -186,6 +192,16 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
         opt(h.est_single_net_ns, 0),
         yes(h.est_hot_ns.map(|v| v <= 100.0))
     );
+    let real = |p: &str| opt(crate::realistic::net_ns(&r.realistic, p), 0);
+    let _ = writeln!(
+        w,
+        "| established flow on a realistic table (random of {} live flows, forwarded) <= 100 ns | XDP {} ns net, TC {} ns net; a new flow (SYN) {} ns net | {} |",
+        r.realistic.as_ref().map(|m| m.flows.to_string()).unwrap_or_else(|_| "N".into()),
+        real("established flow, random of the table (XDP)"),
+        real("established flow, random of the table (TC"),
+        real("new flow"),
+        yes(crate::realistic::net_ns(&r.realistic, "established flow, random of the table (XDP)").map(|v| v <= 100.0))
+    );
     let _ = writeln!(
         w,
         "| XDP forwarding >= 3x nftables DNAT | {}x per node core ({}x delivered pps) | {} |",
@@ -206,6 +222,12 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
         opt(h.tc_vs_nft_core, 2),
         opt(h.tc_vs_ipt_core, 2),
         yes(h.tc_vs_nft_core.map(|v| v >= 1.5))
+    );
+    let _ = writeln!(
+        w,
+        "| (no target) against nftables DNAT with a flowtable, per node core | XDP {}x, TC {}x | n/a |",
+        opt(h.xdp_vs_ft_core, 2),
+        opt(h.tc_vs_ft_core, 2)
     );
     let _ = writeln!(
         w,
@@ -282,6 +304,7 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
             let _ = writeln!(w, "Not measured: {e}\n");
         }
     }
+    let _ = writeln!(w, "{}", crate::realistic::markdown(&r.realistic));
     let _ = writeln!(w, "{}", crate::trace_cost::markdown(&r.trace_cost));
 
     // 2.
@@ -290,25 +313,28 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
         Ok(rs) => {
             let _ = writeln!(
                 w,
-                "Generator -> node -> 2 backends, 80/20 split, 60-byte UDP frames from 4096 \
-                 source ports to one VIP. Same generator, same frames, same pinning for every \
-                 system. Everything runs on CPU 0, kept 100% busy by the closed loop (see Method): \
-                 *CPU ns per packet* = interval / delivered packets; *node ns per packet* = that minus the \
-                 baseline's (generator only, frames dropped at the node's ingress): the node's \
-                 forwarding cost including the veth hop to the backend and the backend's \
-                 counter; *node Mpps per core* = 1000 / node ns. Medians of the measured \
-                 intervals.\n"
+                "Generator -> node -> 2 backends, 80/20 split, 60-byte UDP frames with real \
+                 checksums from 4096 source ports to one VIP. Same generator, same frames, same \
+                 pinning for every system; everything runs on CPU 0 in a closed loop (see \
+                 Method). *CPU ns per packet* = measured CPU time / delivered packets, where CPU \
+                 time = the generator thread's own CPU time (the scheduler's figure, which \
+                 includes the softirq work run in its context) plus the CPU time of the \
+                 `ksoftirqd`/`napi` kernel threads over the same interval; *wall ns* = interval / \
+                 delivered, for comparison. *Node ns per packet* = CPU ns minus the baseline's \
+                 (generator only, frames dropped at the node's ingress): the node's forwarding \
+                 cost including the veth hop to the backend and the backend's counter; *node \
+                 Mpps per core* = 1000 / node ns. Medians of the measured intervals.\n"
             );
             let _ = writeln!(
                 w,
-                "| system | offered pps | delivered pps | loss % | CPU 0 busy % (/proc/stat) | CPU ns per packet | node ns per packet | node Mpps per core | share at backend A % | setup |\n|---|---|---|---|---|---|---|---|---|---|"
+                "| system | offered pps | delivered pps | loss % | CPU 0 busy % (/proc/stat) | wall ns per packet | CPU ns per packet | node ns per packet | node Mpps per core | share at backend A % | setup |\n|---|---|---|---|---|---|---|---|---|---|---|"
             );
             for x in rs {
                 match &x.skipped {
                     Some(why) => {
                         let _ = writeln!(
                             w,
-                            "| {} | skipped | | | | | | | | {} |",
+                            "| {} | skipped | | | | | | | | | {} |",
                             x.system.label(),
                             why.replace('\n', " ").replace('|', "/")
                         );
@@ -317,12 +343,13 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
                         let node = node_ns(rs, x);
                         let _ = writeln!(
                             w,
-                            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                             x.system.label(),
                             f(x.offered_pps, 0),
                             f(x.delivered_pps, 0),
                             f(x.loss_pct, 1),
                             f(x.node_cpu_pct, 0),
+                            f(x.wall_ns_per_packet, 0),
                             f(x.ns_per_packet, 0),
                             if x.system == System::Null {
                                 "0 (baseline)".into()
@@ -348,13 +375,16 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
                 w,
                 "\nRatios: mesh XDP/nftables = {}x per node core, {}x delivered; mesh XDP/iptables \
                  = {}x per node core, {}x delivered; mesh TC/nftables = {}x per node core; mesh \
-                 TC/iptables = {}x per node core.\n",
+                 TC/iptables = {}x per node core; against nftables with a flowtable: mesh XDP {}x, \
+                 mesh TC {}x per node core.\n",
                 opt(h.mesh_vs_nft_core, 2),
                 opt(h.mesh_vs_nft, 2),
                 opt(h.mesh_vs_ipt_core, 2),
                 opt(h.mesh_vs_ipt, 2),
                 opt(h.tc_vs_nft_core, 2),
-                opt(h.tc_vs_ipt_core, 2)
+                opt(h.tc_vs_ipt_core, 2),
+                opt(h.xdp_vs_ft_core, 2),
+                opt(h.tc_vs_ft_core, 2)
             );
             let cats: Vec<String> = rs.iter().map(|x| x.system.short().to_string()).collect();
             let path = out.join("pps_per_system.png");
@@ -702,6 +732,10 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
         "mesh_vs_iptables_delivered": h.mesh_vs_ipt,
         "mesh_tc_vs_nftables_per_core": h.tc_vs_nft_core,
         "mesh_tc_vs_iptables_per_core": h.tc_vs_ipt_core,
+        "mesh_xdp_vs_nft_flowtable_per_core": h.xdp_vs_ft_core,
+        "mesh_tc_vs_nft_flowtable_per_core": h.tc_vs_ft_core,
+        "realistic_established_xdp_net_ns": crate::realistic::net_ns(&r.realistic, "established flow, random of the table (XDP)"),
+        "realistic_new_flow_net_ns": crate::realistic::net_ns(&r.realistic, "new flow"),
         "scale_cost_ratio_largest_vs_1": h.scale_ratio,
         "weight_error_points": h.weight_error,
         "disruption_max_excess_points": h.disruption_excess,
