@@ -198,6 +198,7 @@ fn pins_of_another_shape_or_version_are_refused_and_change_nothing() -> Result<(
     std::fs::rename(&conntrack, &aside)?;
     pin_new_map(&conntrack, &kind, key, value + 8, entries)?;
     let refused = start_refused(&topo.node, &args)?;
+    eprintln!("refused as it should:\n{refused}");
     for needle in [
         format!("pin directory {dir}"),
         format!(
@@ -244,10 +245,19 @@ fn pins_of_another_shape_or_version_are_refused_and_change_nothing() -> Result<(
         "a refused start changed the tables"
     );
 
-    // Pins from before the record existed (no record at all): recognised and kept.
+    // Pins from before the record existed (no record at all): recognised and kept. Plus the
+    // leftover of a migration killed between creating and placing a map: removed.
     std::fs::remove_file(&record)?;
     std::fs::remove_file(pins.0.join("MESH_LAYOUTaside"))?;
+    let leftover = pins.0.join("CONNTRACK_next");
+    pin_new_map(&leftover, &kind, key, value, 64)?;
     let mut meshd = Meshd::start(&topo.node, &args)?;
+    meshd.wait_for_log(
+        "leftover of an interrupted start",
+        0,
+        Duration::from_secs(1),
+    )?;
+    ensure!(!leftover.exists(), "the leftover pin is still there");
     meshd.wait_for_log(
         "before meshd kept a layout record",
         0,

@@ -236,7 +236,7 @@ pub fn prepare(dir: &Path, options: &mut DataplaneOptions) -> Result<PinReport, 
             let recorded = record.shapes();
             for (name, shape) in &found {
                 if recorded.get(*name).is_some_and(|r| r != shape) {
-                    warn!(map = name, "the layout record disagrees with the pinned map (an interrupted migration?): the map is checked as found");
+                    warn!(map = name, "the layout record disagrees with the pinned map (replaced by hand, or a migration was interrupted): the map is checked as found");
                 }
             }
             true
@@ -301,8 +301,13 @@ pub fn prepare(dir: &Path, options: &mut DataplaneOptions) -> Result<PinReport, 
     }
     // The shapes the migrated maps get (MAGLEV may have been kept at its pinned size above).
     let expected = layout::expected(options)?;
-    for name in to_migrate {
+    // All new maps are filled and pinned under their `_next` names first, then put in place one
+    // rename after the other: a crash before the renames leaves the old pins whole.
+    for name in &to_migrate {
         migrate(dir, name, &found[name], &expected[name], &mut report)?;
+    }
+    for name in &to_migrate {
+        place(dir, name)?;
     }
     Ok(report)
 }
@@ -359,7 +364,7 @@ fn migrate(
     )
     .map_err(sys(format!("copying {name} into its new map")))?;
     let new = MapData::from_fd(fd).map_err(super::map_err(format!("wrapping the new {name}")))?;
-    pin_replacing(&new, dir, name)?;
+    pin_next(&new, dir, name)?;
     let lost = if lru && count > want.max_entries as usize {
         format!(
             " ({} least recently used did not fit and were dropped)",
@@ -385,10 +390,21 @@ fn migrate(
 
 /// Pins `map` as `<dir>/<name>`, atomically replacing what is pinned there.
 pub(crate) fn pin_replacing(map: &MapData, dir: &Path, name: &str) -> Result<(), DataplaneError> {
+    pin_next(map, dir, name)?;
+    place(dir, name)
+}
+
+/// Pins `map` as `<dir>/<name>_next`.
+fn pin_next(map: &MapData, dir: &Path, name: &str) -> Result<(), DataplaneError> {
     let next = dir.join(format!("{name}{NEXT}"));
     let _ = std::fs::remove_file(&next);
     map.pin(&next)
-        .map_err(|e| DataplaneError::Other(format!("pinning {}: {e}", next.display())))?;
+        .map_err(|e| DataplaneError::Other(format!("pinning {}: {e}", next.display())))
+}
+
+/// Renames `<dir>/<name>_next` over `<dir>/<name>` (atomic on bpffs as anywhere).
+fn place(dir: &Path, name: &str) -> Result<(), DataplaneError> {
+    let next = dir.join(format!("{name}{NEXT}"));
     std::fs::rename(&next, dir.join(name)).map_err(|e| {
         let _ = std::fs::remove_file(&next);
         DataplaneError::Other(format!("renaming {} into place: {e}", next.display()))
@@ -451,4 +467,59 @@ pub fn pinned_names() -> impl Iterator<Item = String> {
         .iter()
         .chain(std::iter::once(&layout::RECORD_NAME))
         .flat_map(|name| [name.to_string(), format!("{name}{NEXT}")])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_the_map_what_was_found_and_expected_and_the_way_out() {
+        let shape = |value_size| MapShape {
+            map_type: 9,
+            key_size: 40,
+            value_size,
+            max_entries: 2048,
+            map_flags: 0,
+        };
+        let text = PinsError::Incompatible {
+            dir: "/sys/fs/bpf/mesh".into(),
+            maps: vec![Mismatch {
+                map: "CONNTRACK".into(),
+                found: shape(56),
+                expected: shape(48),
+            }],
+            recorded: false,
+        }
+        .to_string();
+        for needle in [
+            "written before meshd kept a layout record",
+            "/sys/fs/bpf/mesh/CONNTRACK: found lru_hash key 40 B value 56 B, 2048 entries",
+            "expected lru_hash key 40 B value 48 B",
+            "meshd --cleanup --pin-dir /sys/fs/bpf/mesh",
+            "every connection the kernel tracks is lost",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from: {text}");
+        }
+    }
+
+    #[test]
+    fn per_cpu_values_are_counted_once_per_cpu_and_aligned() {
+        let shape = MapShape {
+            map_type: 6,
+            key_size: 4,
+            value_size: 12,
+            max_entries: 1,
+            map_flags: 0,
+        };
+        let cpus = aya::util::nr_cpus().unwrap_or(1);
+        assert_eq!(value_stride(&shape), 16 * cpus);
+        assert_eq!(
+            value_stride(&MapShape {
+                map_type: 2,
+                ..shape
+            }),
+            12
+        );
+    }
 }
