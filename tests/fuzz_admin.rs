@@ -241,7 +241,14 @@ fn content_length(head: &str) -> Option<usize> {
 }
 
 /// Status code, headers (lower-case) and body of a complete response.
-fn parse(response: &[u8]) -> Result<(u16, String, Vec<u8>), String> {
+fn parse(mut response: &[u8]) -> Result<(u16, String, Vec<u8>), String> {
+    // Interim answers (`100 Continue` to `Expect: 100-continue`) come first: skip them.
+    while response.starts_with(b"HTTP/1.1 1") {
+        match response.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(end) if end + 4 < response.len() => response = &response[end + 4..],
+            _ => break,
+        }
+    }
     let end = response
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
