@@ -179,3 +179,48 @@ fn one_change_leaves_every_other_service_byte_identical() -> Result<()> {
     }
     Ok(())
 }
+
+/// A running meshd whose rules outgrow its Maglev pool keeps the rules in force: the apply is
+/// refused whole with the entries needed and the pool's size, no kernel entry changes (a packet
+/// never meets a half-written table), and the services in force keep answering.
+#[test]
+fn rules_outgrowing_the_pool_are_refused_whole_and_traffic_keeps_flowing() -> Result<()> {
+    let topo = Topology::build(2)?;
+    let _servers = start_backends(&topo, false)?;
+    let rules = RulesDir::new(&topo)?;
+    let pins = PinDir::new(&topo);
+    let mut args = args(&topo, &rules, &pins);
+    // Room for four two-backend services (211 entries each) and not for six.
+    args.extend(["--maglev-pool-entries".into(), "1000".into()]);
+    let _meshd = Meshd::start(&topo.node, &args)?;
+    let input = RulesDir::named(&topo, "input")?;
+    let small = input.0.join("small");
+    write_set(&small, 2)?;
+    apply(&rules.socket(), &small)?;
+    let before = pinned_services(&pins.0)?;
+    ensure!(before.len() == 2, "{} services pinned", before.len());
+
+    let large = input.0.join("large");
+    write_set(&large, 6)?;
+    let (ok, stdout, stderr) = meshctl(
+        &rules.socket(),
+        &["apply", "-f", &large.display().to_string()],
+    )?;
+    ensure!(
+        !ok,
+        "six services applied into a 1000-entry pool:\n{stdout}{stderr}"
+    );
+    ensure!(
+        stderr.contains("1266 Maglev entries") && stderr.contains("1000"),
+        "the refusal names what the rules need and what the pool holds: {stderr}"
+    );
+    ensure!(
+        pinned_services(&pins.0)? == before,
+        "a refused apply changed kernel entries"
+    );
+    for i in [0, 1] {
+        let who = reach(&topo, i)?;
+        ensure!(who == "v1" || who == "v2", "service {i} answered by {who}");
+    }
+    Ok(())
+}

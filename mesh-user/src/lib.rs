@@ -23,6 +23,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod fleet;
 pub mod metrics;
+pub mod progress;
 pub mod proxy;
 pub mod resolve;
 pub mod shift;

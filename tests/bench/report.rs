@@ -644,8 +644,9 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
         w,
         "Disruption: equal weights, the middle one of N backends removed, Maglev tables compared \
          slot by slot (= share of all flows that move, for a uniform hash). Ideal: 1/N. The first \
-         rows use the table size meshd picks when the rules set none (it grows with N: 4093, \
-         16381, 65537); the others are fixed sizes for comparison.\n"
+         rows use the table size meshd picks when the rules set none (`default_table_size`: 101 \
+         for one backend, 211 for two, at least 15013 from three on, at least 100 per backend); \
+         the others are fixed sizes for comparison.\n"
     );
     let _ = writeln!(
         w,

@@ -146,7 +146,7 @@ async fn handle_unary(
                 Err(r) => rejection(r),
             }
         }
-        (&Method::GET, "/v1/status") => json_result(blocking(controller, |c| Ok(c.status())).await),
+        (&Method::GET, "/v1/status") => json_result(status(controller).await),
         (&Method::GET, "/v1/fleet") => json_result(fleet_view(controller).await),
         (&Method::GET, "/v1/stats") => json_result(blocking(controller, |c| c.stats()).await),
         (&Method::GET, "/v1/services") => {
@@ -215,6 +215,38 @@ async fn fleet_view(controller: Shared) -> Result<crate::fleet::FleetView, Rejec
     }
     view.local = link.local().clone();
     Ok(view)
+}
+
+/// `meshctl status`: from the controller, or, while a long apply holds it, the last status
+/// with the work in progress (see [`crate::progress`]).
+async fn status(controller: Shared) -> Result<super::Status, Rejection> {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        loop {
+            match controller.try_lock() {
+                Ok(c) => return Ok(c.status()),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner().status()),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if std::time::Instant::now() >= deadline {
+                        if let Some(status) = crate::progress::busy_status() {
+                            return Ok(status);
+                        }
+                        // Nothing to show yet: wait for the controller.
+                        let c = controller.lock().unwrap_or_else(|p| p.into_inner());
+                        return Ok(c.status());
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(Rejection {
+            status: 500,
+            message: format!("internal error: {e}"),
+        })
+    })
 }
 
 /// Runs a controller operation off the async threads (map writes are syscalls).

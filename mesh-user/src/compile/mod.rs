@@ -2,11 +2,13 @@
 //! every check and decision was made by [`crate::resolve`].
 //!
 //! What is left to do here: build the weighted Maglev table of every kernel-path service
-//! ([`maglev`]) and attach each service's path and reason to its plan. The L7 route tables come
+//! ([`maglev`], each table built once for its inputs: [`table_cache`]) and attach each
+//! service's path and reason to its plan. The L7 route tables come
 //! out of resolution ready for the proxy.
 
 pub mod maglev;
 mod state;
+pub mod table_cache;
 
 pub use state::*;
 
@@ -59,7 +61,7 @@ fn kernel_plan(kernel: KernelService) -> L4Plan {
     let table = if backends.is_empty() {
         Vec::new()
     } else {
-        maglev::build_table(&keys, &shares, size)
+        table_cache::table(&keys, &shares, size)
     };
     L4Plan {
         backends,

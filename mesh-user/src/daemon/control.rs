@@ -361,7 +361,10 @@ impl Controller {
         let previous = self.current.clone();
         let report = self.install(files, &candidate, trigger, dry_run)?;
         if !dry_run {
-            if let Err(e) = self.store.commit_api(candidate) {
+            crate::progress::set(format!("{trigger}: writing the state file"));
+            let committed = self.store.commit_api(candidate);
+            crate::progress::clear();
+            if let Err(e) = committed {
                 // Kernel and disk must agree: put the previous rules back.
                 let _ = self.apply_state(&previous);
                 self.current = previous;
@@ -397,15 +400,19 @@ impl Controller {
         dry_run: bool,
     ) -> Result<(Option<ApplyReport>, Vec<Warning>), Rejection> {
         let started = Instant::now();
+        let resources = files.resources.len() + api.resources.len();
+        crate::progress::set(format!("{trigger}: compiling {resources} resources"));
         let result = RuleStore::combine(files, api)
             .map_err(|e| Rejection::bad_request(e.to_string()))
             .and_then(|combined| {
                 compile::compile_rules(&combined, &self.node)
                     .map_err(|e| Rejection::bad_request(e.to_string()))
             });
+        let compiled_us = started.elapsed().as_micros() as u64;
         let mut state = match result {
             Ok(state) => state,
             Err(rejection) => {
+                crate::progress::clear();
                 self.record(
                     trigger,
                     Err(&rejection.message),
@@ -418,11 +425,28 @@ impl Controller {
             tracing::warn!(trigger, "{warning}");
         }
         if dry_run {
+            crate::progress::clear();
             return Ok((None, state.warnings));
         }
         self.dataplane.stabilise(&mut state);
-        match self.apply_state(&state) {
+        crate::progress::set(format!(
+            "{trigger}: writing the tables of {} services",
+            state.services.len()
+        ));
+        let result = self.apply_state(&state);
+        crate::progress::clear();
+        match result {
             Ok(report) => {
+                tracing::info!(
+                    trigger,
+                    resources,
+                    services = report.services,
+                    written = report.written,
+                    compile_us = compiled_us,
+                    kernel_us = report.duration.as_micros() as u64,
+                    total_us = started.elapsed().as_micros() as u64,
+                    "rules compiled and written"
+                );
                 let warnings = state.warnings.clone();
                 self.current = state;
                 self.record(trigger, Ok(()), started.elapsed().as_micros() as u64);
@@ -497,7 +521,7 @@ impl Controller {
         let conntrack = fill
             .iter()
             .find(|m| m.name == mesh_common::map_names::CONNTRACK);
-        Status {
+        let status = Status {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs_f64(),
@@ -515,7 +539,7 @@ impl Controller {
             conntrack_entries: conntrack.map(|m| m.used).unwrap_or(0),
             conntrack_capacity: conntrack.map(|m| m.capacity).unwrap_or(0),
             map_memory_bytes: fill.iter().map(|m| m.memory_bytes).sum(),
-            progress: None,
+            progress: crate::progress::current(),
             maps: fill
                 .into_iter()
                 .map(|m| MapStatus {
@@ -548,7 +572,9 @@ impl Controller {
                 s.counters = self.dataplane.socket_counters();
                 s
             }),
-        }
+        };
+        crate::progress::remember(&status);
+        status
     }
 
     /// Prometheus text for the kernel counters plus the apply metrics.

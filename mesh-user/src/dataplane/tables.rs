@@ -89,7 +89,7 @@ struct Entry {
     view: InstalledService,
 }
 
-/// Progress is logged every this many services written.
+/// Progress is logged (and shown by `meshctl status`) every this many services written.
 const PROGRESS_EVERY: usize = 5_000;
 
 /// Userspace view of the rule tables.
@@ -245,7 +245,7 @@ impl Tables {
                 .map(|b| b.address.to_string())
                 .collect();
             let shares: Vec<f64> = plan.backends.iter().map(|b| b.share).collect();
-            plan.table = maglev::build_table(&keys, &shares, installed);
+            plan.table = crate::compile::table_cache::table(&keys, &shares, installed);
         }
     }
 
@@ -397,6 +397,7 @@ impl Tables {
             written += 1;
             if written.is_multiple_of(PROGRESS_EVERY) {
                 info!(written, total, "writing service tables");
+                crate::progress::set(format!("writing service tables: {written} of {total}"));
             }
         }
         switch(services_fd, &mut pending_keys, &mut pending_infos)?;
