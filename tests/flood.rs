@@ -5,9 +5,10 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use mesh_tests::{
-    meshd::{metric_value, scrape_metrics, Meshd},
+    flood::{conntrack_event, spoof},
+    meshd::{scrape_metrics, Meshd},
     rules::{echo_split, meshd_args, VIP_V4},
     servers::{tcp_connect, tcp_echo},
     traffic::{tcp_split, vip, EchoSetup},
@@ -86,14 +87,7 @@ fn established_connections_survive_a_spoofed_flood_and_weight_changes() -> Resul
     // The pressure is visible: far more pending flows than the table holds, the established
     // ones confirmed.
     let text = scrape_metrics(&topo.node)?;
-    let event = |name: &str| {
-        metric_value(
-            &text,
-            "mesh_conntrack_events_total{",
-            &format!("\"{name}\""),
-        )
-        .unwrap_or(0)
-    };
+    let event = |name: &str| conntrack_event(&text, name);
     ensure!(
         event("pending") >= u64::from(FLOOD_PACKETS) && event("confirmed") >= ESTABLISHED as u64,
         "conntrack events: pending {} confirmed {}\n{text}",
@@ -109,71 +103,10 @@ fn established_connections_survive_a_spoofed_flood_and_weight_changes() -> Resul
 
 /// One flood round from the client namespace.
 fn flood(topo: &mesh_tests::topology::Topology, round: u32) -> Result<()> {
-    let sent = topo.client.run(move || spoof(round))??;
+    let vip: Ipv4Addr = VIP_V4.parse()?;
+    let sent = topo
+        .client
+        .run(move || spoof(vip, 8080, 8081, FLOOD_PACKETS, round))??;
     ensure!(sent == FLOOD_PACKETS, "only {sent} flood packets sent");
     Ok(())
-}
-
-/// Sends [`FLOOD_PACKETS`] spoofed packets to the service: a third each TCP SYN, TCP ACK and
-/// UDP, from pseudo-random sources in 198.19.0.0/16 (part of the benchmarking range, routed
-/// nowhere) and random ports. Returns how many were sent.
-fn spoof(round: u32) -> Result<u32> {
-    // SAFETY: plain socket call; the descriptor is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-    let vip_addr: Ipv4Addr = VIP_V4.parse()?;
-    let target = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(vip_addr.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(round);
-    let mut next = || {
-        // xorshift64*: deterministic, different per round.
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    };
-    let mut sent = 0;
-    let mut frame = Vec::with_capacity(64);
-    for i in 0..FLOOD_PACKETS {
-        let r = next();
-        let src = [198, 19, (r >> 8) as u8, (r >> 16) as u8];
-        let sport = 1024 + (r >> 24) as u16 % 60_000;
-        let builder = etherparse::PacketBuilder::ipv4(src, vip_addr.octets(), 64);
-        frame.clear();
-        let written = match i % 3 {
-            0 => builder
-                .tcp(sport, 8080, r as u32, 64_240)
-                .syn()
-                .write(&mut frame, &[]),
-            1 => builder
-                .tcp(sport, 8080, r as u32, 64_240)
-                .ack((r >> 32) as u32)
-                .write(&mut frame, &[]),
-            _ => builder.udp(sport, 8081).write(&mut frame, b"flood"),
-        };
-        written.context("building a flood packet")?;
-        // SAFETY: `frame` and `target` outlive the call.
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&target as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if n == frame.len() as isize {
-            sent += 1;
-        }
-    }
-    // SAFETY: our descriptor.
-    unsafe { libc::close(fd) };
-    Ok(sent)
 }

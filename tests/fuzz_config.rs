@@ -220,20 +220,9 @@ fn strategy(corpus: &Corpus) -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-fn corpus() -> Corpus {
-    Corpus::new("config").with_extra(
-        &[
-            "config",
-            "mesh-user/tests/bad-input",
-            "mesh-user/tests/warn-input",
-        ],
-        &["yaml", "yml"],
-    )
-}
-
 #[test]
 fn config_yaml_never_panics_and_accepted_rules_compile() {
-    let corpus = corpus();
+    let corpus = Corpus::config();
     let report = fuzz::run(&corpus, Budget::from_env(300), strategy(&corpus), check);
     eprintln!(
         "config: {} inputs accepted and round-tripped",

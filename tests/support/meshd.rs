@@ -78,6 +78,11 @@ impl Meshd {
         Ok(Meshd { child, log })
     }
 
+    /// meshd's process id (nsenter execs it, so it is the child's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Number of log lines so far (a cursor for [`Meshd::wait_for_log`]).
     pub fn log_len(&self) -> usize {
         self.log.lock().expect("log lock").len()

@@ -9,6 +9,7 @@ pub mod chaos;
 pub mod container_host;
 pub mod figures;
 pub mod fleet;
+pub mod flood;
 pub mod fuzz;
 pub mod gateway_tier;
 pub mod http;

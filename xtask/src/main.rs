@@ -95,6 +95,37 @@ enum Cmd {
                       MESH_FUZZ_SEED=1234 cargo xtask fuzz --target config   (replay one generator seed)"
     )]
     Fuzz(fuzz::FuzzArgs),
+    /// Soak: mixed L4/L7 load against a real meshd with rule changes every second, a restart
+    /// every minute and a flood; writes docs/reliability.md from the figures.
+    #[command(
+        long_about = "Soak mesh: a real meshd in network namespaces under mixed load for --minutes: \
+                      new TCP connections through the kernel path (connect, identity, echo), HTTP \
+                      requests through meshd's proxy, long-lived connections echoing every two \
+                      seconds; the weights of both services shift every second (meshctl apply) and \
+                      meshd restarts once a minute on the same pins and state file. Then a flood \
+                      phase: established connections, spoofed SYN/ACK/UDP floods overflowing the \
+                      connection table, weight changes; every established connection must still \
+                      echo.\n\n\
+                      Before the load, every fuzz target runs for --fuzz-seconds (as `cargo xtask \
+                      fuzz`), so the report also says how many bad inputs were tried.\n\n\
+                      Reports requests, errors by kind (and whether during a restart), restarts \
+                      (time to ready, rules kept), meshd's open fds and RSS over time, the flood \
+                      figures and the fuzz counts, and writes them to target/soak/report.md and \
+                      docs/reliability.md: that file is only ever produced by this command.\n\n\
+                      Examples:\n  cargo xtask soak --minutes 3\n  \
+                      cargo xtask soak --minutes 60 --fuzz-seconds 300"
+    )]
+    Soak {
+        /// Minutes of mixed load (meshd restarts once a minute).
+        #[arg(long, default_value_t = 3)]
+        minutes: u64,
+        /// Seconds per fuzz target before the load (0: skip; the report then says "not run").
+        #[arg(long, default_value_t = 20)]
+        fuzz_seconds: u64,
+        /// Write the report to target/soak/report.md only, not docs/reliability.md.
+        #[arg(long)]
+        no_docs: bool,
+    },
     /// Run the benchmark suite; the report goes to target/bench/ (and docs/benchmarks.md in full
     /// mode).
     Bench {
@@ -177,6 +208,40 @@ fn main() -> Result<()> {
             step("building meshd and meshctl (the admin target runs a real meshd)");
             cargo(&["build", "-p", "mesh-user", "--bins"])?;
             fuzz::run(&args, &repo_root())
+        }
+        Cmd::Soak {
+            minutes,
+            fuzz_seconds,
+            no_docs,
+        } => {
+            toolchain::ensure()?;
+            require_root("the soak creates network namespaces and runs meshd")?;
+            step("building meshd, meshctl and the soak");
+            cargo(&["build", "-p", "mesh-user", "--bins"])?;
+            cargo(&["build", "-p", "mesh-tests", "--bin", "mesh-soak"])?;
+            let root = repo_root();
+            let _ = std::fs::remove_dir_all(root.join("target/fuzz"));
+            if fuzz_seconds > 0 {
+                let args = fuzz::FuzzArgs {
+                    target: None,
+                    seconds: fuzz_seconds,
+                    no_save: false,
+                };
+                // Failures are in the report; the soak still runs.
+                if let Err(e) = fuzz::run(&args, &root) {
+                    eprintln!("==> fuzzing: {e:#}");
+                }
+            }
+            step(&format!("soaking for {minutes} minutes"));
+            let mut cmd = Command::new(root.join("target/debug/mesh-soak"));
+            cmd.args(["--minutes", &minutes.to_string()])
+                .arg("--out")
+                .arg(root.join("target/soak"))
+                .env("MESH_BIN_DIR", root.join("target/debug"));
+            if !no_docs {
+                cmd.arg("--docs").arg(root.join("docs/reliability.md"));
+            }
+            run(&mut cmd)
         }
         Cmd::Bench { quick, only, args } => {
             toolchain::ensure()?;

@@ -28,6 +28,19 @@ impl Corpus {
         }
     }
 
+    /// The config target's corpus: its directory plus every YAML file of `config/` and of
+    /// mesh-user's bad-input and warn-input corpora.
+    pub fn config() -> Corpus {
+        Corpus::new("config").with_extra(
+            &[
+                "config",
+                "mesh-user/tests/bad-input",
+                "mesh-user/tests/warn-input",
+            ],
+            &["yaml", "yml"],
+        )
+    }
+
     /// The same corpus reported under another name (one corpus, several runs: `packets-xdp`
     /// and `packets-tc` share `packets/`).
     pub fn named(mut self, name: &str) -> Corpus {
