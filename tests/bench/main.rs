@@ -243,8 +243,9 @@ fn run(args: &Args) -> Result<()> {
             .iter()
             .map(|n| split::disruption(*n, split::maglev::default_table_size(*n)))
             .collect();
-        // Fixed sizes for comparison: mesh's earlier fixed default and a small explicit tableSize.
-        for m in [4093, 251] {
+        // Fixed sizes for comparison: the tableSize that keeps the 1-point bound, mesh's earlier
+        // fixed default and a small explicit tableSize.
+        for m in [15_013, 4093, 251] {
             disruption.extend(
                 plan.disruption_sizes
                     .iter()

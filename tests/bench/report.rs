@@ -644,9 +644,10 @@ pub fn write(r: &Results, out: &Path) -> Result<String> {
         w,
         "Disruption: equal weights, the middle one of N backends removed, Maglev tables compared \
          slot by slot (= share of all flows that move, for a uniform hash). Ideal: 1/N. The first \
-         rows use the table size meshd picks when the rules set none (`default_table_size`: 101 \
-         for one backend, 211 for two, at least 15013 from three on, at least 100 per backend); \
-         the others are fixed sizes for comparison.\n"
+         rows use the table size meshd picks when the rules set none (`default_table_size`: the \
+         smallest listed prime with at least 100 slots per backend: 101, 211, 307, ...); the \
+         others are fixed sizes for comparison (15013 is what `tableSize` needs for the 1-point \
+         bound).\n"
     );
     let _ = writeln!(
         w,

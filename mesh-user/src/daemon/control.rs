@@ -65,6 +65,8 @@ pub struct Controller {
     state_file: Option<PathBuf>,
     last_apply: Option<ApplyRecord>,
     current: DesiredState,
+    /// The state the last install replaced, to put back if persisting the new rules fails.
+    replaced: Option<DesiredState>,
     started: Instant,
     /// The L7 proxy (None: L7 services get their SERVICES entry but nobody serves them, as in
     /// tests of the controller alone).
@@ -96,6 +98,7 @@ impl Controller {
             state_file,
             last_apply: None,
             current: DesiredState::default(),
+            replaced: None,
             started: Instant::now(),
             proxy: None,
             fleet: None,
@@ -358,7 +361,6 @@ impl Controller {
         if let Some(base) = base {
             return self.fleet_commit(files, candidate, trigger, dry_run, changes, started, base);
         }
-        let previous = self.current.clone();
         let report = self.install(files, &candidate, trigger, dry_run)?;
         if !dry_run {
             crate::progress::set(format!("{trigger}: writing the state file"));
@@ -366,6 +368,7 @@ impl Controller {
             crate::progress::clear();
             if let Err(e) = committed {
                 // Kernel and disk must agree: put the previous rules back.
+                let previous = self.replaced.take().unwrap_or_default();
                 let _ = self.apply_state(&previous);
                 self.current = previous;
                 let message = format!("{e}; the previous rules were restored");
@@ -448,7 +451,8 @@ impl Controller {
                     "rules compiled and written"
                 );
                 let warnings = state.warnings.clone();
-                self.current = state;
+                // Kept (not cloned beforehand: 30 000 plans) in case the store refuses it.
+                self.replaced = Some(std::mem::replace(&mut self.current, state));
                 self.record(trigger, Ok(()), started.elapsed().as_micros() as u64);
                 Ok((Some(report), warnings))
             }

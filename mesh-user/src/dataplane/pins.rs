@@ -20,6 +20,12 @@
 //!   sizes match (and migrated like any other when only capacities differ).
 //!
 //! Everything decided is logged and shown by `meshctl status` ([`PinReport::notes`]).
+//!
+//! Known limit: the entries the earlier programs add between the migration and the swap are
+//! copied by the meshd that migrated. If that meshd dies after placing the new pins and before
+//! its programs are attached everywhere, connections opened meanwhile are tracked only in the
+//! old maps (or, killed mid-attach, split across both) until the next meshd re-creates their
+//! entries from the Maglev table, which keeps them on their backend unless the rules changed.
 
 use std::{collections::BTreeMap, fmt, os::fd::AsFd, path::Path};
 

@@ -133,7 +133,6 @@ impl Controller {
     ) -> Result<ApplyReport, Rejection> {
         let link = self.fleet.clone().expect("fleet mode");
         let files = self.store.files().clone();
-        let previous = self.current.clone();
         let outcome = self
             .install(&files, &snapshot.rules, trigger, false)
             .and_then(|(report, _)| {
@@ -142,6 +141,7 @@ impl Controller {
                     Ok(()) => Ok(report),
                     Err(e) => {
                         // Kernel and cache must agree: put the previous rules back.
+                        let previous = self.replaced.take().unwrap_or_default();
                         let _ = self.apply_state(&previous);
                         self.current = previous;
                         Err(Rejection::internal(format!(
