@@ -11,7 +11,7 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use mesh_tests::{
     container_host::{ContainerHost, Pod, UPLINK_V4},
-    meshd::{status_json, Meshd},
+    meshd::{reason_counts, status_json, Meshd},
     netns::Netns,
     rules::{meshd_args_for, service_entry, RulesDir, ECHO_SUBSETS},
     servers::{tcp_connect, tcp_echo, tcp_server, udp_server, Server},
@@ -178,9 +178,15 @@ fn meshd_runs_tc_on_the_uplink_and_every_pod_veth() -> Result<()> {
     let mut want: Vec<String> = lab.host.node_interfaces();
     want.sort_unstable();
     ensure!(names == want, "attached to {names:?}, want {want:?}");
+    // Every interface here is a veth whose peer is in another namespace (a pod's, or the
+    // outside client's), so TC sends straight into it when the kernel has bpf_redirect_peer.
+    let peer = status["kernel"]["redirect_peer"]
+        .as_bool()
+        .context("kernel")?;
     for i in interfaces {
         let hook = i["mode"].as_str().unwrap_or_default();
         ensure!(hook == "tcx" || hook == "tc-cls_bpf", "{i}");
+        ensure!(i["peer_redirect"].as_bool() == Some(peer), "{i}");
     }
     Ok(())
 }
@@ -214,7 +220,22 @@ fn gateway_ingress_from_outside_reaches_the_pods() -> Result<()> {
     let lab = Lab::start([70, 20, 10])?;
     let gateway = SocketAddr::new(UPLINK_V4.parse()?, 31400);
     let seen = tcp_split(&lab.host.outside, gateway, 2000)?;
-    check("TCP through the gateway", &seen, 2000)
+    check("TCP through the gateway", &seen, 2000)?;
+    // The routed pods (v2, v3) sit behind /32 routes on their own veths: on kernels with
+    // bpf_redirect_peer their packets went straight into the pods' namespaces; the bridged
+    // one (v1) behind the bridge, with a plain redirect.
+    let reasons = reason_counts(&lab.rules.socket())?;
+    let status = status_json(&lab.rules.socket())?;
+    let count = |r: &str| reasons.get(r).copied().unwrap_or(0);
+    if status["kernel"]["redirect_peer"].as_bool() == Some(true) {
+        ensure!(
+            count("forward_redirect_peer") > 0 && count("forward_redirect") > 0,
+            "{reasons:?}"
+        );
+    } else {
+        ensure!(count("forward_redirect_peer") == 0, "{reasons:?}");
+    }
+    Ok(())
 }
 
 #[test]

@@ -19,8 +19,8 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use aya::programs::{SchedClassifier, Xdp, XdpMode};
 use mesh_common::{
-    reason, NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_HASH_SOURCE_IP, SERVICE_FLAG_L7_PROXY,
-    XDP_PASS_PROGRAM_NAME,
+    reason, redirect_target, NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_HASH_SOURCE_IP,
+    SERVICE_FLAG_L7_PROXY, XDP_PASS_PROGRAM_NAME,
 };
 use mesh_tests::{
     maps::{Hook, Lb, Service, HOOKS, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
@@ -816,6 +816,20 @@ fn forwarding_through_veth_devices() -> Result<()> {
             XDP_REDIRECT,
         )?;
         counted(&lb, reason::FORWARD_REDIRECT, 1)?;
+        if lb.hook == Hook::Tc {
+            // be0 listed as a veth whose peer is in another namespace (a container's): the same
+            // bytes, sent with bpf_redirect_peer.
+            lb.list_redirect_target(ifindex("be0")?, redirect_target::PEER)?;
+            expect_forwarded(
+                &mut lb,
+                "198.18.0.10:80",
+                "198.19.0.2:8080",
+                (0xb0, 0xb2),
+                XDP_REDIRECT,
+            )?;
+            counted(&lb, reason::FORWARD_REDIRECT_PEER, 1)?;
+            counted(&lb, reason::FORWARD_REDIRECT, 1)?;
+        }
         // Backend on the ingress segment: sent back out (XDP_TX; TC redirects to the same
         // device's egress).
         let (hairpin, why, n) = match lb.hook {

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use mesh_tests::{
     http::{get_once, http_server},
-    meshd::{meshctl, Meshd},
+    meshd::{meshctl, reason_counts, Meshd},
     netns::{unique_prefix, Netns},
     rules::{echo_split, meshd_args, service_entry, RulesDir, ECHO_SUBSETS, VIP_V4, VIP_V6},
     servers::{tcp_connect, tcp_echo, tcp_server, udp_server},
@@ -306,20 +306,12 @@ fn data_of_a_node_local_connection_costs_no_per_packet_work() -> Result<()> {
         counted_connections(&stats, 8080)? == BTreeMap::from([(identity.clone(), 1)]),
         "backend counters: {service}"
     );
-    let reasons: BTreeMap<String, u64> = serde_json::from_value(stats["reasons"].clone())
-        .unwrap_or_else(|_| {
-            stats["reasons"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|r| Some((r[0].as_str()?.to_string(), r[1].as_u64()?)))
-                        .collect()
-                })
-                .unwrap_or_default()
-        });
+    let reasons = reason_counts(&rules.socket())?;
     for forwarded in [
         "forward_tx",
         "forward_redirect",
+        "forward_redirect_neigh",
+        "forward_redirect_peer",
         "pass_no_neighbour",
         "pass_fib_other",
     ] {

@@ -176,8 +176,11 @@ pub mod reason {
     /// Translated and routed out of an interface XDP cannot send frames into (e.g. a veth):
     /// the stack forwards it.
     pub const PASS_STACK_FORWARDS: u32 = 14;
+    /// TC sent the packet with `bpf_redirect_peer` straight into the ingress of a container's
+    /// end of a veth (or netkit), skipping the host end's transmit and the backlog queue.
+    pub const FORWARD_REDIRECT_PEER: u32 = 15;
     /// Number of reason codes.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Stable, lower-case names for reason codes (metrics labels, `meshctl status`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -196,7 +199,18 @@ pub mod reason {
         "forward_redirect",
         "forward_redirect_neigh",
         "pass_stack_forwards",
+        "forward_redirect_peer",
     ];
+}
+
+/// Values of [`map_names::XDP_REDIRECT_TARGETS`]: how the packet programs may send a packet into
+/// an interface themselves (flags; an interface with none is not listed).
+pub mod redirect_target {
+    /// meshd runs XDP natively there, so its driver takes XDP frames: XDP may redirect into it.
+    pub const XDP_FRAMES: u32 = 1 << 0;
+    /// A veth or netkit device whose peer lives in another network namespace (a container's
+    /// end): TC hands skbs routed into it straight to the peer's ingress (`bpf_redirect_peer`).
+    pub const PEER: u32 = 1 << 1;
 }
 
 /// Connection-table events counted in [`map_names::CT_STATS`].

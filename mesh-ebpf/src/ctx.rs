@@ -6,8 +6,9 @@
 //!   checksums); TC goes through the skb helpers, which also keep `CHECKSUM_PARTIAL` and
 //!   `CHECKSUM_COMPLETE` skbs right (veth senders with TX checksum offload leave partial ones);
 //! - how a routed packet leaves: XDP_TX or XDP_REDIRECT into an interface that takes XDP frames
-//!   (else the stack forwards it); TC redirects the skb, and lets the kernel resolve a missing
-//!   neighbour with `bpf_redirect_neigh`;
+//!   (else the stack forwards it); TC redirects the skb (straight into a container's namespace
+//!   with `bpf_redirect_peer` when the next hop's interface is a veth meshd listed), and lets the
+//!   kernel resolve a missing neighbour with `bpf_redirect_neigh`;
 //! - the verdict codes.
 
 use aya_ebpf::{
@@ -15,11 +16,11 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams, bpf_redir_neigh, xdp_action, BPF_F_MARK_MANGLED_0,
         BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use mesh_common::reason;
+use mesh_common::{reason, redirect_target};
 
 use crate::{csum::Delta, maps::XDP_REDIRECT_TARGETS, parse::ptr_at, stats::verdict};
 
@@ -170,12 +171,11 @@ impl Packet for XdpContext {
     }
 
     /// Back out of the interface it came in on (XDP_TX), or into an interface where meshd runs
-    /// XDP natively (its driver takes XDP frames). A veth is never listed: a frame redirected
+    /// XDP natively (its driver takes XDP frames). A veth never qualifies: a frame redirected
     /// into it is dropped unless its peer has NAPI, which a container's end does not have.
     #[inline(always)]
     fn may_transmit(&self, ifindex: u32) -> bool {
-        // SAFETY: the value is only tested for presence.
-        ifindex == self.ifindex() || unsafe { XDP_REDIRECT_TARGETS.get(&ifindex) }.is_some()
+        ifindex == self.ifindex() || target_flags(ifindex) & redirect_target::XDP_FRAMES != 0
     }
 
     #[inline(always)]
@@ -298,6 +298,14 @@ impl Packet for TcContext {
     #[inline(always)]
     fn transmit(&self, route: Route) -> u32 {
         match route {
+            // Straight into the ingress of the container behind a veth (the kernel checks the
+            // peer is a veth or netkit in another namespace, else it drops: meshd lists only
+            // those), skipping the host end's transmit and the backlog queue.
+            Route::Resolved(fib) if target_flags(fib.ifindex) & redirect_target::PEER != 0 => {
+                // SAFETY: plain helper call; flags 0.
+                let action = unsafe { bpf_redirect_peer(fib.ifindex, 0) } as u32;
+                verdict(reason::FORWARD_REDIRECT_PEER, action)
+            }
             // Into the egress of the next hop's interface (the same one for a hairpin).
             Route::Resolved(fib) => {
                 // SAFETY: plain helper call; flags 0.
@@ -331,6 +339,15 @@ impl Packet for TcContext {
             }
         }
     }
+}
+
+/// How the programs may send into `ifindex` themselves (`redirect_target` flags; 0 if unlisted).
+#[inline(always)]
+fn target_flags(ifindex: u32) -> u32 {
+    // SAFETY: a plain u32 read from the map's value.
+    unsafe { XDP_REDIRECT_TARGETS.get(&ifindex) }
+        .copied()
+        .unwrap_or(0)
 }
 
 #[inline(always)]

@@ -35,8 +35,10 @@ pub static MAGLEV: Array<u32> =
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
 
-/// Interfaces XDP may redirect frames into (ifindex -> unused): those where meshd runs XDP
-/// natively. Anything else routed out of an XDP interface is left to the stack.
+/// Interfaces the programs may send packets into themselves (ifindex -> `redirect_target`
+/// flags): XDP into those where meshd runs XDP natively (anything else routed out of an XDP
+/// interface is left to the stack); TC straight into the container behind a veth whose peer
+/// lives in another namespace. The name predates the second use; it stays for the pins.
 #[map]
 pub static XDP_REDIRECT_TARGETS: HashMap<u32, u32> =
     HashMap::with_max_entries(MAX_XDP_INTERFACES, 0);

@@ -219,12 +219,18 @@ impl Lb {
 
     /// Lets XDP redirect frames into `ifindex`, as meshd does for its native-XDP interfaces.
     pub fn allow_xdp_redirect(&mut self, ifindex: u32) -> Result<()> {
+        self.list_redirect_target(ifindex, mesh_common::redirect_target::XDP_FRAMES)
+    }
+
+    /// Lists `ifindex` in the redirect targets with `flags` (`mesh_common::redirect_target`), as
+    /// meshd does when it attaches.
+    pub fn list_redirect_target(&mut self, ifindex: u32, flags: u32) -> Result<()> {
         let mut targets: HashMap<_, u32, u32> = HashMap::try_from(
             self.ebpf
                 .map_mut(map_names::XDP_REDIRECT_TARGETS)
                 .context("XDP_REDIRECT_TARGETS")?,
         )?;
-        targets.insert(ifindex, 0, 0)?;
+        targets.insert(ifindex, flags, 0)?;
         Ok(())
     }
 

@@ -232,6 +232,16 @@ pub fn status_json(socket: &str) -> Result<serde_json::Value> {
     serde_json::from_str(&out).context("meshctl status output")
 }
 
+/// The packet programs' verdict counters by reason name (`meshctl stats -o json`'s `reasons`).
+pub fn reason_counts(socket: &str) -> Result<std::collections::BTreeMap<String, u64>> {
+    let (ok, out, err) = meshctl(socket, &["stats", "-o", "json"])?;
+    anyhow::ensure!(ok, "meshctl stats failed: {err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).context("meshctl stats output")?;
+    let reasons: Vec<(String, u64)> =
+        serde_json::from_value(stats["reasons"].clone()).context("stats: reasons")?;
+    Ok(reasons.into_iter().collect())
+}
+
 /// A bpffs pin directory for one test (named by the topology's per-run prefix); `meshd
 /// --cleanup` and removal on drop.
 pub struct PinDir(pub PathBuf);

@@ -185,6 +185,10 @@ pub struct InterfaceStatus {
     /// Why that hook was chosen.
     #[serde(default)]
     pub reason: String,
+    /// Whether TC sends packets routed into this interface straight into the container behind
+    /// it (`bpf_redirect_peer`).
+    #[serde(default)]
+    pub peer_redirect: bool,
     /// Kernel program id.
     pub program_id: Option<u32>,
 }

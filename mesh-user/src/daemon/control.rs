@@ -537,6 +537,7 @@ impl Controller {
                     ifindex: a.ifindex,
                     mode: a.hook.name().to_string(),
                     reason: a.reason.clone(),
+                    peer_redirect: a.peer_redirect,
                     program_id: self.dataplane.program_id(a.hook),
                 })
                 .collect(),

@@ -71,6 +71,9 @@ pub struct Attachment {
     pub hook: HookKind,
     /// Why that hook (see [`attach::choose`]).
     pub reason: String,
+    /// Whether TC sends packets routed into this interface straight to the container behind it
+    /// (`bpf_redirect_peer`; see [`super::peer`]).
+    pub peer_redirect: bool,
 }
 
 /// The loaded kernel programs and their maps.
@@ -192,12 +195,6 @@ impl Dataplane {
         }
         let attached = match attached {
             Some(done) => {
-                if done.hook == HookKind::XdpNative {
-                    // Frames may be redirected into this interface from other XDP ones.
-                    self.xdp_targets()?
-                        .insert(ifindex, 0, 0)
-                        .map_err(map_err("listing an XDP redirect target"))?;
-                }
                 if info.driver.as_deref() == Some("veth") {
                     warn!(
                         interface,
@@ -212,6 +209,7 @@ impl Dataplane {
         };
         let hook = attached.hook;
         self.pinned_links.extend(attached.link);
+        let peer_redirect = self.list_redirect_target(interface, ifindex, hook, &info)?;
         info!(
             interface,
             ifindex,
@@ -227,9 +225,50 @@ impl Dataplane {
                 ifindex,
                 hook,
                 reason,
+                peer_redirect,
             },
         );
         Ok(())
+    }
+
+    /// Records how the programs may send packets into `interface` themselves
+    /// ([`mesh_common::redirect_target`]): XDP frames when it runs XDP natively, and straight
+    /// into the container behind it when it is a veth or netkit whose peer lives in another
+    /// namespace and the kernel has `bpf_redirect_peer`. Returns the latter.
+    fn list_redirect_target(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        hook: HookKind,
+        info: &attach::InterfaceInfo,
+    ) -> Result<bool, DataplaneError> {
+        use mesh_common::redirect_target::{PEER, XDP_FRAMES};
+        let peer = super::features::current().redirect_peer
+            && super::peer::peer_in_other_namespace(ifindex, info.driver.as_deref())
+                .unwrap_or_else(|e| {
+                    warn!(
+                        interface,
+                        "cannot tell where its peer lives ({e}): no bpf_redirect_peer"
+                    );
+                    false
+                });
+        let flags = if hook == HookKind::XdpNative {
+            XDP_FRAMES
+        } else {
+            0
+        } | if peer { PEER } else { 0 };
+        let mut targets = self.xdp_targets()?;
+        if flags != 0 {
+            targets
+                .insert(ifindex, flags, 0)
+                .map_err(map_err("listing a redirect target"))?;
+        } else if targets.get(&ifindex, 0).is_ok() {
+            // A pinned entry from an earlier attachment of this interface.
+            targets
+                .remove(&ifindex)
+                .map_err(map_err("unlisting a redirect target"))?;
+        }
+        Ok(peer)
     }
 
     fn xdp_targets(

@@ -12,6 +12,7 @@
 //!   (free space) and [`bpf_sys`] (batch map calls, the shared Maglev pool);
 //! - [`stats`]: per-CPU counters summed into a snapshot; [`census`]: connections per backend,
 //!   counted off the request path.
+//! - [`peer`]: which veths lead into a container's namespace (`bpf_redirect_peer` targets);
 //! - [`sockets`]: the cgroup socket hooks that balance node-local clients at connect().
 
 pub mod attach;
@@ -21,6 +22,7 @@ pub mod features;
 pub mod kernel_log;
 pub mod layout;
 pub mod loader;
+pub mod peer;
 pub mod pins;
 pub mod pool;
 pub mod sockets;

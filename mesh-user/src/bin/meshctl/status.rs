@@ -53,6 +53,13 @@ fn print_status(status: &Status) {
                 .unwrap_or_else(|| "-".into()),
             i.reason
         );
+        if i.peer_redirect {
+            println!(
+                "{:<16} {:>7}  packets routed here go straight into the container behind it \
+                 (bpf_redirect_peer)",
+                "", ""
+            );
+        }
     }
     println!("\nMAP              USED / CAPACITY              MEMORY");
     for m in &status.maps {
