@@ -23,8 +23,10 @@
 //!   open-loop variant (node NAPI threaded and pinned to CPU 1) was tried first: its NAPI thread
 //!   stayed mostly idle while the veth ring overflowed, which measured the wake-ups, not the
 //!   forwarder.
-//! - Backends: [`rawbpf::Counter`] on each backend veth counts and drops (delivered packets); it
-//!   costs the same per delivered packet for every system (part of the "node" figure).
+//! - Backends: [`rawbpf::Counter`] on each backend veth counts and drops (delivered packets) where
+//!   they enter the backend's namespace: in the veth's XDP, or at its TC ingress for skbs mesh's
+//!   TC program hands straight to it (`bpf_redirect_peer`, which skips the veth's XDP). Part of
+//!   the "node" figure for every system.
 //!
 //! Everything lives in namespaces with per-run names, deleted on drop (nft tables, iptables rules
 //! and conntrack state go with the node namespace); meshd is stopped on drop.

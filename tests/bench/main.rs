@@ -260,15 +260,19 @@ fn run(args: &Args) -> Result<()> {
         progress("section 3: per-packet cost vs number of services");
         micro::scale(&plan).map_err(|e| format!("{e:#}"))
     };
-    let peers = if all || forwarding_only {
-        progress("section 2: forwarding (installing nftables/iptables if missing)");
+    let scale_only = args.only.as_deref() == Some("scale");
+    let peers = if all || forwarding_only || scale_only {
+        progress("installing nftables/iptables if missing");
         Some(peers::ensure_peers())
     } else {
         None
     };
     let forwarding = match &peers {
-        Some(peers) => forward::run(&plan, peers).map_err(|e| format!("{e:#}")),
-        None => skipped(),
+        Some(peers) if all || forwarding_only => {
+            progress("section 2: forwarding");
+            forward::run(&plan, peers).map_err(|e| format!("{e:#}"))
+        }
+        _ => skipped(),
     };
     let scale_apply = if packet_only || forwarding_only {
         Vec::new()
@@ -277,11 +281,11 @@ fn run(args: &Args) -> Result<()> {
         scale::run(&plan)
     };
     let new_conn = match &peers {
-        Some(peers) => {
+        Some(peers) if all || scale_only => {
             progress("section 3: new connections vs number of services");
             newconn::run(&plan, peers)
         }
-        None => Vec::new(),
+        _ => Vec::new(),
     };
     let l7 = if all {
         progress(if plan.quick {

@@ -32,11 +32,14 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_TCX_INGRESS: u32 = 46;
 const BPF_XDP: u32 = 37;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 
 const XDP_DROP: i32 = 1;
+const TC_ACT_SHOT: i32 = 2;
 const XDP_TX: i32 = 3;
 
 /// `union bpf_attr`, large enough for every command used here, zero-filled.
@@ -153,18 +156,22 @@ fn create_percpu_counter() -> Result<OwnedFd> {
 }
 
 fn load_xdp(name: &str, insns: &[Insn]) -> Result<OwnedFd> {
+    load_prog(name, BPF_PROG_TYPE_XDP, BPF_XDP, insns)
+}
+
+fn load_prog(name: &str, prog_type: u32, attach_type: u32, insns: &[Insn]) -> Result<OwnedFd> {
     let code = encode(insns);
     let license = CString::new("GPL").expect("no nul");
     let mut log = vec![0u8; 64 * 1024];
     let mut attr = Attr::new();
-    attr.u32(0, BPF_PROG_TYPE_XDP)
+    attr.u32(0, prog_type)
         .u32(4, code.len() as u32)
         .u64(8, code.as_ptr() as u64)
         .u64(16, license.as_ptr() as u64)
         .u32(24, 1)
         .u32(28, log.len() as u32)
         .u64(32, log.as_mut_ptr() as u64)
-        .u32(68, BPF_XDP);
+        .u32(68, attach_type);
     for (i, b) in name.bytes().take(15).enumerate() {
         attr.0[48 + i] = b;
     }
@@ -173,7 +180,7 @@ fn load_xdp(name: &str, insns: &[Insn]) -> Result<OwnedFd> {
         Err(e) => {
             let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
             bail!(
-                "loading the {name} XDP program: {e}\nverifier log:\n{}",
+                "loading the {name} program: {e}\nverifier log:\n{}",
                 String::from_utf8_lossy(&log[..end])
             )
         }
@@ -196,13 +203,16 @@ fn read_percpu(map: &OwnedFd) -> Result<u64> {
 /// Attaches `prog` to `ifindex` of the calling thread's network namespace with a bpf_link
 /// (native mode); the attachment lives as long as the returned fd.
 fn attach_xdp(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
+    attach_link(prog, ifindex, BPF_XDP).context("BPF_LINK_CREATE (XDP)")
+}
+
+fn attach_link(prog: &OwnedFd, ifindex: u32, attach_type: u32) -> std::io::Result<OwnedFd> {
     let mut attr = Attr::new();
     attr.u32(0, prog.as_raw_fd() as u32)
         .u32(4, ifindex)
-        .u32(8, BPF_XDP)
+        .u32(8, attach_type)
         .u32(12, 0);
-    let rc = bpf(BPF_LINK_CREATE, &mut attr).context("BPF_LINK_CREATE (XDP)")?;
-    Ok(fd_from(rc))
+    Ok(fd_from(bpf(BPF_LINK_CREATE, &mut attr)?))
 }
 
 /// Interface index of `name` in the calling thread's network namespace.
@@ -216,11 +226,16 @@ pub fn ifindex(name: &str) -> Result<u32> {
     Ok(idx)
 }
 
-/// The counting-and-dropping XDP program, attached to one interface.
+/// Counts and drops everything arriving on one interface: an XDP program (frames the veth
+/// receives through its transmit path; it also gives the veth NAPI, which XDP redirects into it
+/// need) and a TC ingress program on a tcx link, sharing one counter, for skbs handed straight
+/// to the interface's ingress with `bpf_redirect_peer`, which skip the veth's XDP. Each packet
+/// is counted once: what XDP drops never reaches TC. The tcx part is left out on kernels
+/// without tcx (before 6.6), where nothing here uses `bpf_redirect_peer` through it.
 pub struct Counter {
     map: OwnedFd,
-    _link: OwnedFd,
-    _prog: OwnedFd,
+    _links: Vec<OwnedFd>,
+    _progs: Vec<OwnedFd>,
 }
 
 impl Counter {
@@ -228,22 +243,44 @@ impl Counter {
     /// namespace (see `Netns::run`).
     pub fn attach(ifname: &str) -> Result<Counter> {
         let map = create_percpu_counter()?;
-        let mut p = lookup_key0(map.as_raw_fd());
-        p.extend([
-            insn(0x15, 0, 0, 3, 0),        // if r0 == 0 goto +3
-            insn(0x79, 1, 0, 0, 0),        // r1 = *(u64 *)(r0 + 0)
-            insn(0x07, 1, 0, 0, 1),        // r1 += 1
-            insn(0x7b, 0, 1, 0, 0),        // *(u64 *)(r0 + 0) = r1
-            insn(0xb7, 0, 0, 0, XDP_DROP), // r0 = XDP_DROP
-            insn(0x95, 0, 0, 0, 0),        // exit
-        ]);
-        let prog = load_xdp("bench_count", &p)?;
-        let link = attach_xdp(&prog, ifindex(ifname)?)
+        let program = |verdict: i32| {
+            let mut p = lookup_key0(map.as_raw_fd());
+            p.extend([
+                insn(0x15, 0, 0, 3, 0),       // if r0 == 0 goto +3
+                insn(0x79, 1, 0, 0, 0),       // r1 = *(u64 *)(r0 + 0)
+                insn(0x07, 1, 0, 0, 1),       // r1 += 1
+                insn(0x7b, 0, 1, 0, 0),       // *(u64 *)(r0 + 0) = r1
+                insn(0xb7, 0, 0, 0, verdict), // r0 = verdict
+                insn(0x95, 0, 0, 0, 0),       // exit
+            ]);
+            p
+        };
+        let ifindex = ifindex(ifname)?;
+        let xdp = load_xdp("bench_count", &program(XDP_DROP))?;
+        let xdp_link = attach_xdp(&xdp, ifindex)
             .with_context(|| format!("attaching the counter to {ifname}"))?;
+        let mut links = vec![xdp_link];
+        let mut progs = vec![xdp];
+        let tc = load_prog(
+            "bench_count_tc",
+            BPF_PROG_TYPE_SCHED_CLS,
+            0,
+            &program(TC_ACT_SHOT),
+        )?;
+        match attach_link(&tc, ifindex, BPF_TCX_INGRESS) {
+            Ok(link) => {
+                links.push(link);
+                progs.push(tc);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("attaching the TC counter to {ifname}"))
+            }
+        }
         Ok(Counter {
             map,
-            _link: link,
-            _prog: prog,
+            _links: links,
+            _progs: progs,
         })
     }
 
