@@ -5,8 +5,8 @@
 //! node namespace against nftables/iptables/routing (`forward.rs`, generator and counters in
 //! `rawbpf.rs`, peers in `peers.rs`), 3 scale with the number of services (`micro.rs` per packet,
 //! `scale.rs` through meshd), 4 L7 through meshd's proxy against Envoy, nginx and HAProxy
-//! (`l7.rs`), 5 split quality (`micro.rs` observed split, `split.rs` disruption). `report.rs`
-//! and `plot.rs` write the output.
+//! (`l7/`, one module per concern), 5 split quality (`micro.rs` observed split, `split.rs`
+//! disruption). `report.rs` and `plot.rs` write the output.
 //!
 //! A section that fails is reported as such; the others still run. Everything a section creates
 //! (namespaces, meshd, XDP attachments, nft tables, temp files) is torn down on drop.

@@ -220,8 +220,8 @@ pub struct ActiveGuard {
     pub cluster: Arc<ClusterRuntime>,
     /// Backend index.
     pub index: usize,
-    /// The cluster slot.
-    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Whether it holds a cluster slot (see [`super::slots`]), given back on drop.
+    pub slot: bool,
     /// The upstream connection, back to the pool at the end of the body.
     pub checkin: Option<Checkin>,
 }
@@ -237,6 +237,9 @@ impl ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        if self.slot {
+            self.cluster.slots.release();
+        }
         self.cluster.balancer.backends[self.index]
             .active
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

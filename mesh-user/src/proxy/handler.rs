@@ -1,7 +1,8 @@
-//! One request through the proxy: the authority check, virtual host and route selection, CORS,
-//! faults, redirects and direct responses, rewrites and header operations, per-request weighted
-//! destination choice, mirroring, retries with per-try and overall deadlines, connection-pool
-//! limits, outlier accounting, the access log line and the counters.
+//! One request through the proxy, and the filters that answer it before it is forwarded: the
+//! authority check, virtual host and route selection, CORS (preflight answered here, headers
+//! on the way back), the route's overall timeout, fault injection, redirects and direct
+//! responses. Forwarding itself (destination, headers, body, retries) is [`super::forward`],
+//! mirroring [`super::mirror`], what is recorded afterwards [`super::access`].
 //!
 //! The request path allocates little: the client's header map and URI are forwarded in place
 //! (no copy, no re-formatting), counters are handles resolved once per apply, header operations
@@ -11,7 +12,7 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,29 +20,24 @@ use bytes::Bytes;
 use http::{
     header::{self, HeaderValue},
     request::Parts,
-    uri::{Authority, PathAndQuery, Scheme},
-    HeaderMap, Method, Request, Response, StatusCode, Uri,
+    Method, Request, Response, StatusCode,
 };
 use hyper::body::Incoming;
 use rand::Rng;
 
 use super::{
-    balance::{retry_backoff, HashInput, TryResult},
-    body::{read_request_body, ActiveGuard, ReadError, RespBody, UpBody},
+    access::{self, Outcome},
+    body::RespBody,
+    forward::forward,
     matching::{domain_matches, strip_port, RequestView},
-    retry::{retriable, TryOutcome},
-    rewrite::{cors_headers, redirect_location, rewrite_path, shadow_host, strip_hop_by_hop},
+    rewrite::{cors_headers, redirect_location},
     server::Activity,
-    stats::RouteCounters,
-    table::{ClusterRuntime, RouteRuntime, ServiceRuntime},
+    table::{RouteRuntime, ServiceRuntime},
     Shared,
 };
-use crate::compile::{LoadBalancerPlan, RouteActionPlan, ServiceAddress};
+use crate::compile::{RouteActionPlan, ServiceAddress};
 
 pub use super::body::MAX_REPLAY_BODY;
-
-/// A mirror request that takes longer is abandoned (its answer is never used anyway).
-const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a connection's requests share: the proxy, where the connection came in and from
 /// whom, and which worker serves it.
@@ -86,36 +82,6 @@ impl ConnContext {
     }
 }
 
-/// What the access log and the counters record about one request.
-struct Outcome<'a> {
-    route: Option<&'a RouteRuntime>,
-    cluster: Option<&'a ClusterRuntime>,
-    backend: Option<SocketAddr>,
-    status: u16,
-    counters: Option<&'a RouteCounters>,
-}
-
-impl<'a> Outcome<'a> {
-    fn local(
-        route: Option<&'a RouteRuntime>,
-        status: u16,
-        counters: Option<&'a RouteCounters>,
-    ) -> Self {
-        Self {
-            route,
-            cluster: None,
-            backend: None,
-            status,
-            counters,
-        }
-    }
-}
-
-/// Whether access-log lines are wanted (the `mesh::access` target at info level).
-fn access_log_enabled() -> bool {
-    tracing::enabled!(target: "mesh::access", tracing::Level::INFO)
-}
-
 /// Serves one request of the connection `conn`.
 pub async fn handle(
     conn: Arc<ConnContext>,
@@ -131,16 +97,16 @@ async fn serve(conn: &ConnContext, request: Request<Incoming>) -> Response<RespB
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     // The method and URI outlive the request only for the access log or a running trace.
-    let log = access_log_enabled();
+    let log = access::enabled();
     let kept = (log || crate::trace::hub::hub().active())
         .then(|| (parts.method.clone(), parts.uri.clone()));
     let record =
         |authority: &str, service_name: &str, outcome: &Outcome, response: &Response<RespBody>| {
             if let Some((method, uri)) = &kept {
                 if log {
-                    access_log(conn, method, uri, authority, outcome, started, response);
+                    access::access_log(conn, method, uri, authority, outcome, started, response);
                 }
-                trace(conn, service_name, method, uri, authority, outcome);
+                access::trace(conn, service_name, method, uri, authority, outcome);
             }
         };
     let authority = match request_authority(&parts) {
@@ -176,67 +142,6 @@ async fn serve(conn: &ConnContext, request: Request<Incoming>) -> Response<RespB
     response
 }
 
-fn route_label<'a>(outcome: &'a Outcome) -> &'a str {
-    match outcome.route {
-        Some(r) => &r.name,
-        None if outcome.status == 404 => "(no route)",
-        None => "",
-    }
-}
-
-/// The proxy's decision for `meshctl trace` (built only while a trace runs).
-fn trace(
-    conn: &ConnContext,
-    service_name: &str,
-    method: &Method,
-    uri: &Uri,
-    authority: &str,
-    outcome: &Outcome,
-) {
-    let backend = outcome.backend.map(|b| b.to_string()).unwrap_or_default();
-    crate::trace::hub::proxy_request(|| crate::trace::ProxyDecision {
-        service: &conn.service,
-        service_name: service_name.to_string(),
-        client: conn.client,
-        request: format!("{method} {authority}{}", uri.path()),
-        route: route_label(outcome),
-        subset: outcome.cluster.map(|c| &*c.subset).unwrap_or(""),
-        backend: &backend,
-        status: outcome.status,
-    });
-}
-
-fn access_log(
-    conn: &ConnContext,
-    method: &Method,
-    uri: &Uri,
-    authority: &str,
-    outcome: &Outcome,
-    started: Instant,
-    response: &Response<RespBody>,
-) {
-    let bytes = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
-    let backend = outcome.backend.map(|b| b.to_string()).unwrap_or_default();
-    tracing::info!(
-        target: "mesh::access",
-        method = %method,
-        authority = %authority,
-        path = %uri.path(),
-        route = %route_label(outcome),
-        subset = %outcome.cluster.map(|c| &*c.subset).unwrap_or(""),
-        backend = %backend,
-        status = outcome.status,
-        duration_ms = started.elapsed().as_secs_f64() * 1e3,
-        bytes = %bytes,
-        client = %conn.client,
-        "access"
-    );
-}
-
 /// The request's one authority: the absolute-form URI's authority (HTTP/2's `:authority`) or
 /// the Host header. Both present and different is an error (RFC 9112 3.2.2 lets a server
 /// ignore Host there; a proxy that routed on one and forwarded the other could be steered).
@@ -254,7 +159,7 @@ fn request_authority(parts: &Parts) -> Result<HeaderValue, &'static str> {
     }
 }
 
-type Routed<'a> = (Response<RespBody>, Outcome<'a>);
+pub type Routed<'a> = (Response<RespBody>, Outcome<'a>);
 
 async fn route_request<'a>(
     conn: &ConnContext,
@@ -344,7 +249,7 @@ async fn route_request<'a>(
     (response, outcome)
 }
 
-fn finish_local(route: &RouteRuntime, mut response: Response<RespBody>) -> Routed<'_> {
+pub fn finish_local(route: &RouteRuntime, mut response: Response<RespBody>) -> Routed<'_> {
     let status = response.status().as_u16();
     route.response_ops.apply(response.headers_mut());
     (
@@ -353,50 +258,9 @@ fn finish_local(route: &RouteRuntime, mut response: Response<RespBody>) -> Route
     )
 }
 
-fn roll(share: f64) -> bool {
+/// True with probability `share` (fault and mirror percentages).
+pub fn roll(share: f64) -> bool {
     share >= 1.0 || (share > 0.0 && rand::rng().random_bool(share))
-}
-
-/// Appends the client to X-Forwarded-For as Envoy does at the edge (all earlier values kept,
-/// comma-separated, then the client's address) and sets X-Forwarded-Proto.
-fn forwarded_headers(headers: &mut HeaderMap, client_ip: &HeaderValue) {
-    let mut earlier = headers.get_all("x-forwarded-for").iter();
-    let value = match (earlier.next(), earlier.next()) {
-        (None, _) => client_ip.clone(),
-        (Some(first), None) => {
-            let mut v = Vec::with_capacity(first.len() + 2 + client_ip.len());
-            v.extend_from_slice(first.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(client_ip.as_bytes());
-            HeaderValue::from_bytes(&v).unwrap_or_else(|_| client_ip.clone())
-        }
-        (Some(_), Some(_)) => {
-            let mut v = Vec::new();
-            for part in headers.get_all("x-forwarded-for") {
-                v.extend_from_slice(part.as_bytes());
-                v.extend_from_slice(b", ");
-            }
-            v.extend_from_slice(client_ip.as_bytes());
-            HeaderValue::from_bytes(&v).unwrap_or_else(|_| client_ip.clone())
-        }
-    };
-    headers.insert("x-forwarded-for", value);
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-}
-
-fn pick_destination(weights: impl Iterator<Item = u32> + Clone) -> Option<usize> {
-    let total: u64 = weights.clone().map(u64::from).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut point = rand::rng().random_range(0..total);
-    for (i, w) in weights.enumerate() {
-        if point < u64::from(w) {
-            return Some(i);
-        }
-        point -= u64::from(w);
-    }
-    None
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -423,7 +287,7 @@ async fn serve_route<'a>(
             }
         }
     }
-    let destinations = match &route.plan.action {
+    match &route.plan.action {
         RouteActionPlan::Redirect(redirect) => {
             let location =
                 redirect_location(redirect, &parts.uri, authority.to_str().unwrap_or(""));
@@ -433,320 +297,28 @@ async fn serve_route<'a>(
             if let Ok(value) = HeaderValue::from_str(&location) {
                 response.headers_mut().insert(header::LOCATION, value);
             }
-            return finish_local(route, response);
+            finish_local(route, response)
         }
         RouteActionPlan::DirectResponse { status, body } => {
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
             let mut response = Response::new(RespBody::local(Bytes::from(body.clone())));
             *response.status_mut() = status;
-            return finish_local(route, response);
+            finish_local(route, response)
         }
-        RouteActionPlan::Forward { destinations } => destinations,
-    };
-    // Per-request weighted choice of the destination.
-    let Some(pick) = pick_destination(destinations.iter().map(|d| d.weight)) else {
-        return finish_local(
-            route,
-            local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
-        );
-    };
-    let destination = &destinations[pick];
-    let cluster: &'a Arc<ClusterRuntime> = &runtime.clusters[destination.cluster];
-    let counters: &'a RouteCounters = &route.destination_counters[pick];
-    let (request_ops, response_ops) = &route.destination_ops[pick];
-    let outcome = |status: u16, backend: Option<SocketAddr>| Outcome {
-        route: Some(route),
-        cluster: Some(cluster),
-        backend,
-        status,
-        counters: Some(counters),
-    };
-
-    let Parts {
-        method,
-        uri,
-        mut headers,
-        ..
-    } = parts;
-    strip_hop_by_hop(&mut headers);
-    forwarded_headers(&mut headers, &conn.client_ip);
-    route.request_ops.apply(&mut headers);
-    request_ops.apply(&mut headers);
-    // The one authority goes upstream as Host (an absolute-form or HTTP/2 request may have
-    // come without one).
-    if !headers.contains_key(header::HOST) && !authority.is_empty() {
-        headers.insert(header::HOST, authority.clone());
-    }
-    let mut path_and_query = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    if let Some(rewrite) = &route.plan.rewrite {
-        if let Ok(p) = PathAndQuery::try_from(rewrite_path(route, matched, path_and_query.as_str()))
-        {
-            path_and_query = p;
-        }
-        if let Some(new_authority) = &rewrite.authority {
-            if let Ok(v) = HeaderValue::from_str(new_authority) {
-                headers.insert(header::HOST, v);
-            }
-        }
-    }
-    // Cookie hashing without the cookie: generate one so the client sticks from now on.
-    let mut generated_cookie = None;
-    if let LoadBalancerPlan::HashCookie {
-        name, ttl: Some(_), ..
-    } = cluster.balancer.policy()
-    {
-        if super::balance::cookie(&headers, name).is_none() {
-            generated_cookie = Some(format!("{:016x}", rand::rng().random::<u64>()));
-        }
-    }
-
-    let stream_idle = conn.shared.limits.stream_idle;
-    let body = match read_request_body(body, stream_idle).await {
-        Ok(b) => b,
-        Err(ReadError::Timeout) => {
-            let mut response = local(StatusCode::REQUEST_TIMEOUT, "request body timeout");
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return finish_local(route, response);
-        }
-        Err(ReadError::Broken) => {
-            return finish_local(
+        RouteActionPlan::Forward { destinations } => {
+            forward(
+                conn,
+                runtime,
                 route,
-                local(StatusCode::BAD_REQUEST, "request body ended early"),
+                matched,
+                destinations,
+                parts,
+                body,
+                authority,
             )
-        }
-    };
-    let retries = &route.plan.retries;
-    let replayable = body.replay().is_some();
-    let attempts = if replayable { retries.attempts } else { 0 };
-
-    if replayable {
-        for mirror in &route.plan.mirrors {
-            if roll(mirror.share) {
-                spawn_mirror(
-                    conn,
-                    runtime.clusters[mirror.cluster].clone(),
-                    &method,
-                    &path_and_query,
-                    &headers,
-                    &body,
-                );
-            }
+            .await
         }
     }
-
-    let mut body = Some(body);
-    let mut avoid = None;
-    let mut attempt = 0;
-    loop {
-        if attempt > 0 {
-            tokio::time::sleep(retry_backoff(attempt)).await;
-        }
-        let Some(permit) = cluster.acquire().await else {
-            let mut response = local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connection pool overflow",
-            );
-            response
-                .headers_mut()
-                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-            let (response, _) = finish_local(route, response);
-            return (response, outcome(503, None));
-        };
-        let input = HashInput {
-            headers: &headers,
-            query: path_and_query.query(),
-            client: conn.client.ip(),
-            generated_cookie: generated_cookie.as_deref(),
-        };
-        let Some(index) = cluster.balancer.pick(&input, avoid) else {
-            let (response, _) = finish_local(
-                route,
-                local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
-            );
-            return (response, outcome(503, None));
-        };
-        let backend = &cluster.balancer.backends[index];
-        // A replayable body is copied for each try but the last; a streamed one goes once.
-        let this_body = if attempt < attempts {
-            body.as_ref()
-                .and_then(UpBody::replay)
-                .unwrap_or(UpBody::Empty)
-        } else {
-            body.take().unwrap_or(UpBody::Empty)
-        };
-        let mut upstream = Request::new(this_body);
-        *upstream.method_mut() = method.clone();
-        *upstream.uri_mut() = if cluster.plan.http2 {
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(Scheme::HTTP);
-            uri.authority = Authority::try_from(authority.as_bytes())
-                .ok()
-                .or_else(|| Authority::try_from(backend.address.to_string()).ok());
-            uri.path_and_query = Some(path_and_query.clone());
-            Uri::from_parts(uri).unwrap_or_default()
-        } else {
-            Uri::from(path_and_query.clone())
-        };
-        *upstream.headers_mut() = if attempt < attempts || !route.plan.mirrors.is_empty() {
-            headers.clone()
-        } else {
-            std::mem::take(&mut headers)
-        };
-        if cluster.plan.http2 {
-            *upstream.version_mut() = http::Version::HTTP_2;
-            upstream.headers_mut().remove(header::HOST);
-        }
-        backend.active.fetch_add(1, Ordering::Relaxed);
-        backend.requests.fetch_add(1, Ordering::Relaxed);
-        let mut active = ActiveGuard {
-            cluster: cluster.clone(),
-            index,
-            permit: Some(permit),
-            checkin: None,
-        };
-        let sent = cluster
-            .upstream
-            .send(conn.worker, index, backend.address, upstream);
-        let result = match retries.per_try_timeout {
-            Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| ()),
-            None => Ok(sent.await),
-        };
-        let try_outcome = match &result {
-            Ok(Ok((response, _))) => TryOutcome::Response(
-                response.status().as_u16(),
-                response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok()),
-            ),
-            Ok(Err(e)) if e.is_connect() => TryOutcome::ConnectFailure,
-            Ok(Err(e)) if e.is_refused_stream() => TryOutcome::RefusedStream,
-            Ok(Err(_)) => TryOutcome::Reset,
-            Err(()) => TryOutcome::Timeout,
-        };
-        cluster.balancer.record(
-            index,
-            match try_outcome {
-                TryOutcome::Response(status, _) => TryResult::Status(status),
-                _ => TryResult::Failed,
-            },
-        );
-        if attempt < attempts && retriable(retries, try_outcome) {
-            attempt += 1;
-            avoid = Some(index);
-            tracing::debug!(backend = %backend.address, ?try_outcome, attempt, "retrying");
-            continue;
-        }
-        let address = Some(backend.address);
-        return match result {
-            Ok(Ok((response, checkin))) => {
-                let (mut head, body) = response.into_parts();
-                strip_hop_by_hop(&mut head.headers);
-                response_ops.apply(&mut head.headers);
-                route.response_ops.apply(&mut head.headers);
-                if let (Some(value), LoadBalancerPlan::HashCookie { name, path, ttl }) =
-                    (&generated_cookie, cluster.balancer.policy())
-                {
-                    let mut cookie = format!("{name}={value}");
-                    if let Some(path) = path {
-                        cookie.push_str(&format!("; Path={path}"));
-                    }
-                    if let Some(ttl) = ttl {
-                        cookie.push_str(&format!("; Max-Age={}", ttl.as_secs()));
-                    }
-                    if let Ok(v) = HeaderValue::from_str(&cookie) {
-                        head.headers.append(header::SET_COOKIE, v);
-                    }
-                }
-                let status = head.status.as_u16();
-                active.checkin = Some(checkin);
-                if hyper::body::Body::is_end_stream(&body) {
-                    // Nothing to read: the connection is free again now.
-                    active.release();
-                }
-                (
-                    Response::from_parts(head, RespBody::Upstream(body, active)),
-                    outcome(status, address),
-                )
-            }
-            Ok(Err(e)) => {
-                tracing::debug!("upstream: {e}");
-                let mut response = local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers",
-                );
-                route.response_ops.apply(response.headers_mut());
-                (response, outcome(503, address))
-            }
-            Err(()) => {
-                let mut response = local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
-                route.response_ops.apply(response.headers_mut());
-                (response, outcome(504, address))
-            }
-        };
-    }
-}
-
-/// Sends a copy of the request to a mirror cluster in the background; its answer (and how
-/// long it takes) never reaches the client. Copies beyond the proxy's mirror budget are
-/// dropped rather than queued.
-fn spawn_mirror(
-    conn: &ConnContext,
-    cluster: Arc<ClusterRuntime>,
-    method: &Method,
-    path_and_query: &PathAndQuery,
-    headers: &HeaderMap,
-    body: &UpBody,
-) {
-    let Some(body) = body.replay() else { return };
-    let Ok(slot) = conn.shared.mirror_slots.clone().try_acquire_owned() else {
-        tracing::debug!("mirror budget exhausted: copy dropped");
-        return;
-    };
-    let mut headers = headers.clone();
-    if let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) {
-        if let Ok(v) = HeaderValue::from_str(&shadow_host(host)) {
-            headers.insert(header::HOST, v);
-        }
-    }
-    let method = method.clone();
-    let path_and_query = path_and_query.clone();
-    let client = conn.client;
-    let worker = conn.worker;
-    tokio::spawn(async move {
-        let _slot = slot;
-        let input = HashInput {
-            headers: &headers,
-            query: None,
-            client: client.ip(),
-            generated_cookie: None,
-        };
-        let Some(index) = cluster.balancer.pick(&input, None) else {
-            return;
-        };
-        let address = cluster.balancer.backends[index].address;
-        let mut request = Request::new(body);
-        *request.method_mut() = method;
-        *request.uri_mut() = Uri::from(path_and_query);
-        *request.headers_mut() = headers;
-        let _ = tokio::time::timeout(MIRROR_TIMEOUT, async {
-            if let Ok((response, checkin)) =
-                cluster.upstream.send(worker, index, address, request).await
-            {
-                use http_body_util::BodyExt as _;
-                if response.into_body().collect().await.is_ok() {
-                    cluster.upstream.checkin(checkin);
-                }
-            }
-        })
-        .await;
-    });
 }
 
 /// A short text answer from the proxy itself.
@@ -794,22 +366,5 @@ mod tests {
             "web:80"
         );
         assert!(request_authority(&parts("http://evil/a", Some("web:80"))).is_err());
-    }
-
-    #[test]
-    fn x_forwarded_for_appends_the_client_like_envoy() {
-        let ip = HeaderValue::from_static("198.18.1.2");
-        let mut h = HeaderMap::new();
-        forwarded_headers(&mut h, &ip);
-        assert_eq!(h["x-forwarded-for"], "198.18.1.2");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        let mut h = HeaderMap::new();
-        h.append("x-forwarded-for", "198.19.0.1".parse().unwrap());
-        h.append("x-forwarded-for", "198.19.0.2".parse().unwrap());
-        forwarded_headers(&mut h, &ip);
-        assert_eq!(
-            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
-            ["198.19.0.1, 198.19.0.2, 198.18.1.2"]
-        );
     }
 }

@@ -4,9 +4,11 @@
 //! The XDP program passes packets of an L7 service (`SERVICE_FLAG_L7_PROXY`) to the kernel
 //! untouched; meshd makes the VIP local (a `local` route on `lo`, see [`local_routes`]) so the
 //! kernel delivers them to this proxy's listener ([`server`]). Each request is matched against
-//! the route table ([`table`], [`matching`]), and forwarded, retried, mirrored or answered
-//! ([`handler`]), choosing backends with [`balance`] and deciding retries with [`retry`].
-//! Counters for `meshctl stats` and Prometheus are in [`stats`].
+//! the route table ([`table`], [`matching`]), and answered ([`handler`]: routing, CORS,
+//! faults, redirects), forwarded and retried ([`forward`], with the cluster's circuit breaker
+//! in [`slots`] and pooled upstream connections in [`upstream`]) or mirrored ([`mirror`]),
+//! choosing backends with [`balance`] and deciding retries with [`retry`]; [`access`] records
+//! the access log line. Counters for `meshctl stats` and Prometheus are in [`stats`].
 //!
 //! # Applying rules
 //!
@@ -42,17 +44,22 @@
 //! routes; the pinned XDP program keeps passing L7 services' packets to the stack, which
 //! refuses them until meshd is back (L4 services keep forwarding).
 
+pub mod access;
 pub mod balance;
 pub mod body;
+pub mod forward;
 pub mod handler;
 pub mod local_routes;
 pub mod matching;
+pub mod mirror;
 pub mod retry;
 pub mod rewrite;
 pub mod server;
+pub mod slots;
 pub mod stats;
 pub mod table;
 pub mod upstream;
+pub mod watchdog;
 pub mod workers;
 
 use std::{

@@ -41,13 +41,16 @@ use tokio::{
 
 use super::{
     handler::{self, ConnContext},
+    watchdog::SideWaker,
     Shared,
 };
 use crate::compile::ServiceAddress;
 
 /// Longest request head (request line + headers) accepted.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Most headers in one request.
+/// Most headers in one request: hyper's own default, deliberately not set on the builder
+/// (setting it, even to the same value, makes hyper initialise a 100-entry array for every
+/// request head it parses instead of using an uninitialised inline one).
 pub const MAX_HEADERS: usize = 100;
 /// Time a client has to send a complete request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,7 +99,6 @@ pub fn connection_builder() -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS)
         .writev(true)
         .keep_alive(true);
     builder
@@ -276,62 +278,96 @@ async fn serve_connection(
     mut drain: watch::Receiver<bool>,
     _slot: Slot,
 ) {
-    if !sends_within(&stream, HEADER_READ_TIMEOUT).await {
-        return;
-    }
     let limits = conn.shared.limits;
     let shared = conn.shared.clone();
     let requests = conn.clone();
     let service = service_fn(move |request| handler::handle(requests.clone(), request));
-    let io = TokioIo::new(StallLimit::new(stream, limits.stream_idle));
+    let io = TokioIo::new(ClientIo::new(
+        stream,
+        limits.stream_idle,
+        HEADER_READ_TIMEOUT,
+    ));
     let connection = shared.builder.serve_connection(io, service);
     tokio::pin!(connection);
-    let mut closing = false;
-    loop {
-        let idle_check = tokio::time::sleep(limits.idle);
-        tokio::select! {
-            _ = connection.as_mut() => break,
-            _ = drain.changed(), if !closing => {
-                closing = true;
-                connection.as_mut().graceful_shutdown();
-            }
-            _ = idle_check, if !closing => {
-                if conn.idle_for() >= limits.idle {
-                    closing = true;
-                    connection.as_mut().graceful_shutdown();
+    // Drain and idle checks, polled only when one of them fired (see [`super::watchdog`]).
+    let watchdog = async {
+        loop {
+            tokio::select! {
+                _ = drain.changed() => return,
+                _ = tokio::time::sleep(limits.idle) => {
+                    if conn.idle_for() >= limits.idle {
+                        return;
+                    }
                 }
             }
         }
-    }
+    };
+    tokio::pin!(watchdog);
+    let side = SideWaker::default();
+    let mut closing = false;
+    std::future::poll_fn(|cx| {
+        if connection.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if !closing && side.poll(watchdog.as_mut(), cx).is_ready() {
+            // In-flight requests finish, HTTP/1 answers say `Connection: close`, HTTP/2 gets
+            // GOAWAY; the connection is polled again at once to act on it.
+            closing = true;
+            connection.as_mut().graceful_shutdown();
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    })
+    .await;
 }
 
-/// Whether the client sends a first byte in time (HTTP/1 header timeouts start only once the
-/// protocol is known).
-async fn sends_within(stream: &TcpStream, limit: Duration) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(
-        tokio::time::timeout(limit, stream.peek(&mut byte)).await,
-        Ok(Ok(n)) if n > 0
-    )
-}
-
-/// A client stream whose writes may not stall longer than a limit: a client that stops
-/// reading its responses gets its connection closed (the write fails with `TimedOut`).
-struct StallLimit {
+/// A client stream with two deadlines: its first bytes must arrive within `first_read` (HTTP/1
+/// header timeouts only start once the protocol is known, so a connection that sends nothing
+/// would otherwise be held forever), and its writes may not stall longer than `stall`: a
+/// client that stops reading its responses gets its connection closed (the write fails with
+/// `TimedOut`). Timers exist only while a read or write waits: the common case (the request
+/// is already there, the socket takes the answer) costs no syscall and no timer.
+struct ClientIo {
     stream: TcpStream,
-    limit: Duration,
+    stall: Duration,
     timer: Option<Pin<Box<Sleep>>>,
     stalled: bool,
+    /// Until the first bytes arrived: how long they may take, and whether the wait started.
+    first_read: Option<Duration>,
+    first_waiting: bool,
 }
 
-impl StallLimit {
-    fn new(stream: TcpStream, limit: Duration) -> Self {
+impl ClientIo {
+    fn new(stream: TcpStream, stall: Duration, first_read: Duration) -> Self {
         Self {
             stream,
-            limit,
+            stall,
             timer: None,
             stalled: false,
+            first_read: Some(first_read),
+            first_waiting: false,
         }
+    }
+
+    /// Arms the timer for `limit` from now if `armed` is not set yet, then polls it.
+    fn poll_deadline(
+        timer: &mut Option<Pin<Box<Sleep>>>,
+        armed: &mut bool,
+        limit: Duration,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        if !*armed {
+            *armed = true;
+            let deadline = Instant::now() + limit;
+            match timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        matches!(
+            timer.as_mut().map(|t| t.as_mut().poll(cx)),
+            Some(Poll::Ready(()))
+        )
     }
 
     fn on_write<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
@@ -339,37 +375,49 @@ impl StallLimit {
             self.stalled = false;
             return r;
         }
-        if !self.stalled {
-            self.stalled = true;
-            let deadline = Instant::now() + self.limit;
-            match &mut self.timer {
-                Some(t) => t.as_mut().reset(deadline),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
-        }
-        match self.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Err(io::Error::new(
+        if Self::poll_deadline(&mut self.timer, &mut self.stalled, self.stall, cx) {
+            return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "client stopped reading (stream idle timeout)",
-            ))),
-            _ => Poll::Pending,
+            )));
         }
+        Poll::Pending
     }
 }
 
 use std::future::Future as _;
 
-impl AsyncRead for StallLimit {
+impl AsyncRead for ClientIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        let r = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let Some(limit) = this.first_read else {
+            return r;
+        };
+        if r.is_ready() {
+            // Data, an error or the end: the protocol's own timeouts take over.
+            this.first_read = None;
+            if this.first_waiting {
+                this.timer = None;
+            }
+            return r;
+        }
+        if Self::poll_deadline(&mut this.timer, &mut this.first_waiting, limit, cx) {
+            this.first_read = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client sent nothing (header read timeout)",
+            )));
+        }
+        Poll::Pending
     }
 }
 
-impl AsyncWrite for StallLimit {
+impl AsyncWrite for ClientIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -426,10 +474,9 @@ impl Activity {
         self.since.store(ms, Ordering::Relaxed);
     }
 
-    /// A request starts.
+    /// A request starts (no clock read: while one is in flight the idle time is zero).
     pub fn start(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.touch();
     }
 
     /// A request ends.
@@ -445,5 +492,52 @@ impl Activity {
         }
         let since = self.since.load(Ordering::Relaxed);
         Duration::from_millis((self.epoch.elapsed().as_millis() as u64).saturating_sub(since))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The builder refuses a head with more than [`MAX_HEADERS`] headers (431) although the
+    /// limit is hyper's default rather than set explicitly.
+    #[tokio::test]
+    async fn more_than_max_headers_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = service_fn(|_request| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                        bytes::Bytes,
+                    >::new(
+                    )))
+                });
+                tokio::spawn(async move {
+                    let _ = connection_builder()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        for (extra, want) in [(MAX_HEADERS - 1, "200"), (MAX_HEADERS, "431")] {
+            let mut head = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
+            // Host and Connection count too.
+            for i in 0..extra - 1 {
+                head.push_str(&format!("x-h{i}: v\r\n"));
+            }
+            head.push_str("\r\n");
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {want}")),
+                "{} headers: {answer}",
+                extra + 1
+            );
+        }
     }
 }

@@ -3,20 +3,17 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::Duration,
 };
 
 use regex::Regex;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{
     balance::Balancer,
     matching::{MatchError, Matcher, RequestMatcher},
     rewrite::HeaderOps,
+    slots::{Slot, Slots},
     stats::{ProxyStats, RouteCounters, StatsKey},
     upstream::{PoolSettings, Upstream},
 };
@@ -96,9 +93,8 @@ pub struct ClusterRuntime {
     pub upstream: Upstream,
     /// Subset name (access log).
     pub subset: Arc<str>,
-    permits: Arc<Semaphore>,
-    pending: AtomicU32,
-    max_pending: u32,
+    /// The circuit breaker on requests in flight and waiting.
+    pub slots: Slots,
 }
 
 impl ClusterRuntime {
@@ -124,30 +120,18 @@ impl ClusterRuntime {
             ),
             upstream: Upstream::new(settings, workers, plan.backends.len()),
             subset: plan.subset.as_deref().unwrap_or("").into(),
-            permits: Arc::new(Semaphore::new(
-                pool.max_connections
-                    .unwrap_or(DEFAULT_MAX_CONNECTIONS)
-                    .max(1) as usize,
-            )),
-            pending: AtomicU32::new(0),
-            max_pending: pool.max_pending_requests.unwrap_or(DEFAULT_MAX_PENDING),
+            slots: Slots::new(
+                pool.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS) as usize,
+                pool.max_pending_requests.unwrap_or(DEFAULT_MAX_PENDING),
+            ),
             plan,
         }
     }
 
     /// A slot for one request to the cluster: at once if one is free, else after waiting in a
     /// bounded queue; `None` (overflow, answer 503) when the queue is full too.
-    pub async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
-        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-            return Some(permit);
-        }
-        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        let permit = self.permits.clone().acquire_owned().await.ok();
-        self.pending.fetch_sub(1, Ordering::AcqRel);
-        permit
+    pub async fn acquire(&self) -> Option<Slot<'_>> {
+        self.slots.acquire().await
     }
 }
 
