@@ -279,7 +279,7 @@ impl RuleStore {
         }
         let journal = self.journal.as_mut().expect("opened above");
         journal.append(change).map_err(write_err(journal.path()))?;
-        let journal_bytes = journal.len();
+        let journal_bytes = journal.bytes();
         self.api = api;
         if journal_bytes > self.snapshot_bytes.max(COMPACT_AFTER_BYTES) {
             // Acknowledged already (the record is on disk): a failure here only keeps the journal.
