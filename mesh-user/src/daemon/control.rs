@@ -27,7 +27,7 @@ use crate::{
     dataplane::{ApplyReport, Dataplane, StatsSnapshot},
     fleet::{agent::FleetLink, etcd::RulesSnapshot},
     metrics::Metrics,
-    store::{Layer, RuleStore},
+    store::{journal::Change, Layer, RuleStore},
     validate::Warning,
 };
 
@@ -54,6 +54,13 @@ impl Rejection {
             message: message.into(),
         }
     }
+}
+
+/// The API layer a request would leave, and the change that makes it from the current one
+/// (what the state file's journal records).
+struct Candidate {
+    api: ResourceSet,
+    change: Change,
 }
 
 /// Owns the dataplane, the rule store and the node facts.
@@ -293,11 +300,16 @@ impl Controller {
                 }
             })
             .collect();
+        // What the state file's journal records: the submission alone.
+        let change = Change::Apply(incoming.to_yaml());
         let candidate = self.store.api_with_applied(incoming);
         let files = self.store.files().clone();
         let mut response = self.install_and_commit(
             &files,
-            candidate,
+            Candidate {
+                api: candidate,
+                change,
+            },
             "apply",
             request.dry_run,
             changes,
@@ -338,7 +350,10 @@ impl Controller {
         let files = self.store.files().clone();
         self.install_and_commit(
             &files,
-            candidate,
+            Candidate {
+                api: candidate,
+                change: Change::Delete(keys),
+            },
             "delete",
             request.dry_run,
             changes,
@@ -351,21 +366,32 @@ impl Controller {
     fn install_and_commit(
         &mut self,
         files: &ResourceSet,
-        candidate: ResourceSet,
+        candidate: Candidate,
         trigger: &str,
         dry_run: bool,
         changes: Vec<ResourceChange>,
         started: Instant,
         base: Option<RulesSnapshot>,
     ) -> Result<ApplyResponse, Rejection> {
+        let Candidate {
+            api: candidate,
+            change,
+        } = candidate;
         if let Some(base) = base {
             return self.fleet_commit(files, candidate, trigger, dry_run, changes, started, base);
         }
         let report = self.install(files, &candidate, trigger, dry_run)?;
         if !dry_run {
             crate::progress::set(format!("{trigger}: writing the state file"));
-            let committed = self.store.commit_api(candidate);
+            let persisting = Instant::now();
+            let committed = self.store.commit_change(candidate, &change);
             crate::progress::clear();
+            tracing::info!(
+                trigger,
+                persist_us = persisting.elapsed().as_micros() as u64,
+                prepare_us = (persisting - started).as_micros() as u64,
+                "rules persisted"
+            );
             if let Err(e) = committed {
                 // Kernel and disk must agree: put the previous rules back.
                 let previous = self.replaced.take().unwrap_or_default();

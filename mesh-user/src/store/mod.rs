@@ -3,8 +3,12 @@
 //! Two layers make up the rule set: the *files* layer (`meshd --config PATH`, re-read when the
 //! files change or on SIGHUP) and the *API* layer (`meshctl apply` / `delete`). A resource lives
 //! in exactly one layer: defining the same kind/namespace/name in both is an error, so a file can
-//! never be silently shadowed. The API layer is persisted to the state file (temp file, fsync,
-//! rename, fsync of the directory) and restored when meshd starts.
+//! never be silently shadowed. The API layer is persisted to the state file and restored when
+//! meshd starts: the state file is a snapshot (temp file, fsync, rename, fsync of the directory)
+//! and each acknowledged change after it is one fsynced record of its [`journal`], so a change
+//! costs what it touches. When the journal outgrows the snapshot, the snapshot is rewritten with
+//! the next *generation* and the journal restarts empty for it (a crash between the two leaves a
+//! journal of the old generation, which is then known to be in the snapshot already).
 //!
 //! The store never changes by itself: callers build a candidate, compile and apply it, and only
 //! then [`RuleStore::commit_api`] or [`RuleStore::commit_files`].
@@ -16,6 +20,14 @@ use std::{
 };
 
 use crate::config::{self, Resource, ResourceSet};
+
+pub mod journal;
+
+use journal::{Change, Journal};
+
+/// The journal is folded into a new snapshot when it grows past the snapshot's size or this,
+/// whichever is larger (so the journal never costs more to replay than the snapshot to read).
+const COMPACT_AFTER_BYTES: u64 = 64 << 10;
 
 /// Errors of the rule store.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +79,14 @@ pub struct RuleStore {
     files: ResourceSet,
     api: ResourceSet,
     state_file: Option<PathBuf>,
+    /// The snapshot's generation (see the module doc).
+    generation: u64,
+    /// Size of the snapshot on disk.
+    snapshot_bytes: u64,
+    /// Where changes after the snapshot go (opened on the first change).
+    journal: Option<Journal>,
+    /// Bytes of valid journal records found at open (0: start a fresh journal).
+    journal_valid: u64,
 }
 
 impl RuleStore {
@@ -76,7 +96,8 @@ impl RuleStore {
             state_file,
             ..Default::default()
         };
-        if let Some(path) = &store.state_file {
+        if let Some(path) = store.state_file.clone() {
+            let path = &path;
             let corrupt = |message: String| StoreError::Corrupt {
                 path: path.display().to_string(),
                 message,
@@ -89,14 +110,55 @@ impl RuleStore {
                             e.utf8_error().valid_up_to()
                         ))
                     })?;
+                    store.snapshot_bytes = text.len() as u64;
+                    store.generation = generation_of(&text);
                     store.api =
                         decode_state(&path.display().to_string(), &text).map_err(corrupt)?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(corrupt(e.to_string())),
             }
+            store.replay_journal(path)?;
         }
         Ok(store)
+    }
+
+    /// Applies the journal's records of this snapshot's generation to the restored API layer.
+    fn replay_journal(&mut self, state_file: &Path) -> Result<(), StoreError> {
+        let path = journal::path_of(state_file);
+        let label = path.display().to_string();
+        let corrupt = |message: String| StoreError::Corrupt {
+            path: label.clone(),
+            message: format!(
+                "{message}; meshd does not start rather than lose the rules it acknowledged: \
+                 repair the file or move it away"
+            ),
+        };
+        let replay = journal::read(&path, self.generation).map_err(corrupt)?;
+        if replay.torn_tail {
+            tracing::warn!(
+                journal = %label,
+                "the last journal record was cut short (meshd stopped while writing it, before \
+                 acknowledging it): dropped"
+            );
+        }
+        for change in replay.changes {
+            match change {
+                Change::Apply(yaml) => {
+                    let set = config::parse_own_state(&label, &yaml)
+                        .map_err(|e| corrupt(e.to_string()))?;
+                    self.api.merge(set);
+                }
+                Change::Delete(keys) => self.api.resources.retain(|r| {
+                    let (kind, namespace, name) = r.key();
+                    !keys
+                        .iter()
+                        .any(|(k, ns, n)| k == kind && ns == namespace && n == name)
+                }),
+            }
+        }
+        self.journal_valid = replay.bytes;
+        Ok(())
     }
 
     /// The API layer.
@@ -120,7 +182,14 @@ impl RuleStore {
     }
 
     /// The rule set that `files` and `api` layers give together, or a conflict.
-    pub fn combine(files: &ResourceSet, api: &ResourceSet) -> Result<ResourceSet, StoreError> {
+    pub fn combine<'a>(
+        files: &ResourceSet,
+        api: &'a ResourceSet,
+    ) -> Result<std::borrow::Cow<'a, ResourceSet>, StoreError> {
+        if files.resources.is_empty() {
+            // Only meshctl's rules (the usual case): nothing to copy.
+            return Ok(std::borrow::Cow::Borrowed(api));
+        }
         let in_files = files.index_by_key();
         for resource in &api.resources {
             let (kind, namespace, name) = resource.key();
@@ -135,7 +204,7 @@ impl RuleStore {
         }
         let mut all = files.clone();
         all.resources.extend(api.resources.iter().cloned());
-        Ok(all)
+        Ok(std::borrow::Cow::Owned(all))
     }
 
     /// The API layer as it would be after applying `incoming` (kubectl-apply semantics).
@@ -177,17 +246,70 @@ impl RuleStore {
         Ok(api)
     }
 
-    /// Makes `api` the API layer, persisting it first.
+    /// Makes `api` the API layer, persisting it first as a new snapshot.
     pub fn commit_api(&mut self, api: ResourceSet) -> Result<(), StoreError> {
-        if let Some(path) = &self.state_file {
-            write_atomically(path, encode_state(&api).as_bytes()).map_err(|source| {
-                StoreError::Write {
-                    path: path.display().to_string(),
-                    source,
-                }
-            })?;
-        }
+        self.write_snapshot(&api)?;
         self.api = api;
+        Ok(())
+    }
+
+    /// Makes `api` the API layer, where `api` is the current layer with `change` made: persists
+    /// only the change (one journal record), folding the journal into a new snapshot when it
+    /// has grown past the snapshot.
+    pub fn commit_change(&mut self, api: ResourceSet, change: &Change) -> Result<(), StoreError> {
+        let Some(path) = self.state_file.clone() else {
+            self.api = api;
+            return Ok(());
+        };
+        if self.snapshot_bytes == 0 {
+            // No snapshot yet: the first one holds the change.
+            self.write_snapshot(&api)?;
+            self.api = api;
+            return Ok(());
+        }
+        let write_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| StoreError::Write { path, source }
+        };
+        if self.journal.is_none() {
+            let journal_path = journal::path_of(&path);
+            let opened = Journal::open(&journal_path, self.generation, self.journal_valid)
+                .map_err(write_err(&journal_path))?;
+            self.journal = Some(opened);
+        }
+        let journal = self.journal.as_mut().expect("opened above");
+        journal.append(change).map_err(write_err(journal.path()))?;
+        let journal_bytes = journal.bytes();
+        self.api = api;
+        if journal_bytes > self.snapshot_bytes.max(COMPACT_AFTER_BYTES) {
+            // Acknowledged already (the record is on disk): a failure here only keeps the journal.
+            let api = std::mem::take(&mut self.api);
+            if let Err(e) = self.write_snapshot(&api) {
+                tracing::warn!("folding the journal into the state file: {e}; the journal stays");
+            }
+            self.api = api;
+        }
+        Ok(())
+    }
+
+    /// Writes `api` as the snapshot of the next generation and starts its empty journal.
+    fn write_snapshot(&mut self, api: &ResourceSet) -> Result<(), StoreError> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let generation = self.generation + 1;
+        let text = encode_state(api, generation);
+        write_atomically(path, text.as_bytes()).map_err(|source| StoreError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.generation = generation;
+        self.snapshot_bytes = text.len() as u64;
+        // The snapshot holds everything: a journal of the old generation is ignored from now on,
+        // so failing to reset it loses nothing.
+        let journal_path = journal::path_of(path);
+        self.journal = Journal::reset(&journal_path, generation).ok();
+        self.journal_valid = 0;
         Ok(())
     }
 
@@ -203,13 +325,25 @@ const STATE_HEADER: &str = "# mesh state file, format ";
 const STATE_FORMAT: u32 = 1;
 /// Last line of a state file; the resource count follows. Its absence means truncation.
 const STATE_TRAILER: &str = "# end of mesh state: ";
+/// Second line of a state file; the generation follows (a file without it is generation 0).
+const STATE_GENERATION: &str = "# generation ";
+
+/// The generation a state file says it is.
+fn generation_of(text: &str) -> u64 {
+    text.lines()
+        .nth(1)
+        .and_then(|l| l.strip_prefix(STATE_GENERATION))
+        .and_then(|g| g.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
 
 /// The API layer as a state file: a header with the format, the resources as multi-document
 /// YAML, and a trailer with their count, so a wrong version and a truncated file are told apart
 /// from valid content instead of being read as fewer rules.
-fn encode_state(api: &ResourceSet) -> String {
+fn encode_state(api: &ResourceSet, generation: u64) -> String {
     format!(
         "{STATE_HEADER}{STATE_FORMAT}: the rules applied with meshctl, written by meshd; do not edit\n\
+         {STATE_GENERATION}{generation} (changes after it are in the journal beside this file)\n\
          {}{STATE_TRAILER}{} resources\n",
         api.to_yaml(),
         api.len()
@@ -253,6 +387,10 @@ fn decode_state(label: &str, text: &str) -> Result<ResourceSet, String> {
             format!("truncated: the end line \"{STATE_TRAILER}N resources\" is missing; {KEEP}")
         })?;
     let body = body.split_once('\n').map(|(_, b)| b).unwrap_or("");
+    let body = match body.strip_prefix(STATE_GENERATION) {
+        Some(rest) => rest.split_once('\n').map(|(_, b)| b).unwrap_or(""),
+        None => body,
+    };
     if expected == 0 && body.trim().is_empty() {
         return Ok(ResourceSet::default());
     }
@@ -405,6 +543,60 @@ spec:
         let mut store = RuleStore::open(Some(path.clone())).unwrap();
         store.commit_api(ResourceSet::default()).unwrap();
         assert!(RuleStore::open(Some(path)).unwrap().api().is_empty());
+    }
+
+    #[test]
+    fn changes_go_to_the_journal_and_survive_reopen() {
+        let dir = Scratch::new("journal");
+        let path = dir.0.join("state.yaml");
+        let mut store = RuleStore::open(Some(path.clone())).unwrap();
+        store.commit_api(many(3, 10)).unwrap();
+        let snapshot = fs::read(&path).unwrap();
+        // One changed, one new, one deleted: the snapshot is not rewritten.
+        let mut incoming = many(4, 20);
+        incoming.resources.drain(..2);
+        let change = journal::Change::Apply(incoming.to_yaml());
+        let api = store.api_with_applied(incoming);
+        store.commit_change(api, &change).unwrap();
+        let keys = vec![("VirtualService".into(), "default".into(), "vs-0".into())];
+        let api = store.api_with_deleted(&keys).unwrap();
+        store
+            .commit_change(api, &journal::Change::Delete(keys))
+            .unwrap();
+        assert_eq!(fs::read(&path).unwrap(), snapshot);
+        let names = |store: &RuleStore| -> Vec<(String, usize)> {
+            store
+                .api()
+                .resources
+                .iter()
+                .map(|r| (r.meta.name.clone(), r.meta.annotations["note"].len()))
+                .collect()
+        };
+        let reopened = RuleStore::open(Some(path.clone())).unwrap();
+        let expected = vec![
+            ("vs-1".to_string(), 10),
+            ("vs-2".into(), 20),
+            ("vs-3".into(), 20),
+        ];
+        assert_eq!(names(&reopened), expected);
+        assert_eq!(names(&store), expected);
+        // A rewritten snapshot makes the old journal stale, also if it is left behind.
+        let old_journal = fs::read(journal::path_of(&path)).unwrap();
+        store.commit_api(many(1, 5)).unwrap();
+        fs::write(journal::path_of(&path), old_journal).unwrap();
+        let reopened = RuleStore::open(Some(path.clone())).unwrap();
+        assert_eq!(names(&reopened), vec![("vs-0".to_string(), 5)]);
+        // A damaged journal is refused.
+        let mut store = RuleStore::open(Some(path.clone())).unwrap();
+        let change = journal::Change::Apply(many(2, 7).to_yaml());
+        let api = store.api_with_applied(many(2, 7));
+        store.commit_change(api, &change).unwrap();
+        let mut bytes = fs::read(journal::path_of(&path)).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 1;
+        fs::write(journal::path_of(&path), bytes).unwrap();
+        let err = RuleStore::open(Some(path)).unwrap_err().to_string();
+        assert!(err.contains("journal") && err.contains("checksum"), "{err}");
     }
 
     #[test]
